@@ -1,0 +1,19 @@
+"""One module per modality, each declaring a `SPEC`; see `base.py`."""
+
+from .base import (
+    MODALITY_ORDER,
+    TOKENIZER_KINDS,
+    ModalityInput,
+    ModalitySpec,
+    all_modalities,
+    get_modality,
+)
+
+__all__ = [
+    "MODALITY_ORDER",
+    "TOKENIZER_KINDS",
+    "ModalityInput",
+    "ModalitySpec",
+    "all_modalities",
+    "get_modality",
+]

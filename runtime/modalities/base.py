@@ -1,0 +1,99 @@
+"""What a modality declares, and the registry that finds the declarations.
+
+Each module in this package defines one module-level `SPEC = ModalitySpec(...)`.
+`get_modality(name)` and `all_modalities()` discover them; nothing else in the code
+base branches on modality names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+# Tokenizer kinds the PyTorch side knows how to build (onellm.ref maps kind -> module).
+TOKENIZER_KINDS = ("clip_patch", "conv2d", "conv1d", "linear", "point_patch")
+
+
+@dataclasses.dataclass
+class ModalityInput:
+    """A preprocessed input, ready for the encoder graph of its modality."""
+
+    modality: str  # registry name, e.g. "imu"
+    array: np.ndarray  # exactly SPEC.input_shape (no batch dimension), SPEC.input_dtype
+    meta: dict[str, Any]  # JSON-serialisable facts: source file, sample rate, window, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalitySpec:
+    """Everything the runtime and the reference need to know about one modality."""
+
+    name: str  # checkpoint key suffix: image, video, audio, point, rgbd, rgbn, imu, fmri
+    cli_option: str  # the `onellm ask` option that takes its file, e.g. "--imu"
+    description: str  # one line for --help
+    file_types: tuple[str, ...]  # accepted file extensions, lower case, with the dot
+    input_shape: tuple[int, ...]  # tensor the encoder graph takes, without batch
+    tokenizer_kind: str  # one of TOKENIZER_KINDS
+    n_frames: int  # frames encoded by the CLIP trunk and averaged after it (1 = none)
+    n_tokens: int  # tokens leaving the tokenizer, CLS included
+    preprocess: Callable[..., ModalityInput]  # (source: path | array, **options) -> ModalityInput
+    dummy_input: Callable[[np.random.Generator], np.ndarray]  # a valid random input for tests
+    caption_prompt: str  # the evaluation question of spec section 8
+    input_dtype: str = "float32"  # numpy dtype name of the encoder input
+    requires_image: bool = False  # rgbd/rgbn: the map must come with its RGB photo
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_kind not in TOKENIZER_KINDS:
+            raise ConfigError(
+                f"modality {self.name!r}: unknown tokenizer kind {self.tokenizer_kind!r}; "
+                f"known: {', '.join(TOKENIZER_KINDS)}"
+            )
+
+
+_REGISTRY: dict[str, ModalitySpec] | None = None
+
+
+def _discover() -> dict[str, ModalitySpec]:
+    global _REGISTRY
+    if _REGISTRY is None:
+        from . import __name__ as pkg_name, __path__ as pkg_path
+
+        found: dict[str, ModalitySpec] = {}
+        for info in sorted(pkgutil.iter_modules(pkg_path), key=lambda i: i.name):
+            if info.name.startswith("_") or info.name == "base":
+                continue
+            module = importlib.import_module(f"{pkg_name}.{info.name}")
+            spec = getattr(module, "SPEC", None)
+            if isinstance(spec, ModalitySpec):
+                if spec.name in found:
+                    raise ConfigError(f"modality {spec.name!r} is declared twice")
+                found[spec.name] = spec
+        _REGISTRY = dict(sorted(found.items(), key=lambda kv: MODALITY_ORDER.index(kv[0])
+                                if kv[0] in MODALITY_ORDER else len(MODALITY_ORDER)))
+    return _REGISTRY
+
+
+# The release's order (checkpoint and upstream lists); new modalities sort after it.
+MODALITY_ORDER = ("image", "video", "audio", "point", "rgbd", "rgbn", "fmri", "imu")
+
+
+def all_modalities() -> dict[str, ModalitySpec]:
+    """Every registered modality, by name, in the release's order."""
+    return dict(_discover())
+
+
+def get_modality(name: str) -> ModalitySpec:
+    """The spec of one modality; an unknown name lists the known ones."""
+    registry = _discover()
+    try:
+        return registry[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown modality {name!r}; known modalities: {', '.join(registry)}"
+        ) from None

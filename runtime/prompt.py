@@ -1,0 +1,65 @@
+"""The `v1` conversation template the checkpoint was tuned on (spec section 8)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+ROLES = ("Human", "Assistant")
+SEP = "###"
+STOP_STRINGS = (SEP,)
+
+# Sampling defaults of the release demo.
+DEFAULT_TEMPERATURE = 0.1
+DEFAULT_TOP_P = 0.75
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclasses.dataclass
+class Conversation:
+    """A multi-turn `v1` conversation: (role, message) pairs, the last answer open."""
+
+    messages: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
+
+    def add_question(self, question: str) -> None:
+        self.messages.append((ROLES[0], question))
+        self.messages.append((ROLES[1], None))
+
+    def set_answer(self, answer: str) -> None:
+        role, msg = self.messages[-1]
+        assert role == ROLES[1] and msg is None, "no open answer to fill"
+        self.messages[-1] = (role, answer)
+
+    def render(self) -> str:
+        """The prompt text, encoded with BOS and no EOS.
+
+        Earlier turns are `role + ": " + msg + "\\n###"`; the open answer is `role + ":"`.
+        """
+        out = SYSTEM + "\n\n" + SEP
+        for role, msg in self.messages:
+            if msg is None:
+                out += role + ":"
+            else:
+                out += role + ": " + msg + "\n" + SEP
+        return out
+
+
+def render_prompt(question: str, history: list[tuple[str, str]] | None = None) -> str:
+    """One question (after optional earlier question/answer pairs) as prompt text."""
+    conv = Conversation()
+    for q, a in history or []:
+        conv.add_question(q)
+        conv.set_answer(a)
+    conv.add_question(question)
+    return conv.render()
+
+
+def cut_answer(text: str) -> tuple[str, bool]:
+    """Cut generated text at the first stop string; returns (answer, stopped)."""
+    idx = text.find(SEP)
+    if idx >= 0:
+        return text[:idx].strip(), True
+    return text.strip(), False
