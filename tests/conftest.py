@@ -1,0 +1,51 @@
+"""Session-wide fixtures: a tiny seeded random OneLLM, its checkpoint and tokenizer.
+
+Everything is built once per test session from the `tiny` preset (every input shape
+and token count of the release, small widths). The checkpoint is written in the
+release's own key format and read back through the real loader, so every test that
+uses `tiny_model` also exercises `onellm.ref.checkpoint`. torch is imported inside
+the fixtures: collecting the torch-free tests does not need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SEED = 1234  # the seed of the tiny random checkpoint every test shares
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The `tiny` preset's ModelConfig."""
+    from onellm.ref.config import load_preset
+
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_config, tmp_path_factory) -> Path:
+    """Path of a SentencePiece model with the tiny decoder's vocabulary size."""
+    from onellm.ref.testing import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), vocab_size=tiny_config.decoder.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config, tmp_path_factory) -> Path:
+    """Path of `consolidated.00-of-01.pth` holding the seeded random tiny model (fp32, `llma.` keys)."""
+    from onellm.ref.testing import save_random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "consolidated.00-of-01.pth"
+    save_random_checkpoint(tiny_config, path, seed=TINY_SEED)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config, tiny_checkpoint):
+    """The tiny model loaded through `load_model` (fp32, eval mode). Shared: do not modify it."""
+    from onellm.ref.checkpoint import load_model
+
+    model, _ = load_model(tiny_config, tiny_checkpoint, dtype="fp32")
+    return model
