@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 import zipfile
@@ -453,13 +454,18 @@ def load_model(
 
     source_dtypes: dict[str, int] = {}
     cast_tensors = cast_bytes = 0
+    pages = _FilePages(files) if any(
+        t.is_floating_point() and t.dtype != target for t in sd.values()
+    ) else _FilePages([])
     state: dict[str, torch.Tensor] = {}
     for key in expected:  # one tensor at a time: at most one cast copy is in flight
         t = sd.pop(key)
         name = dtype_name(t.dtype)
         source_dtypes[name] = source_dtypes.get(name, 0) + 1
         if t.is_floating_point() and t.dtype != target:
-            t = t.to(target)
+            cast = t.to(target)
+            pages.release(t)  # the file pages just read for the cast are not needed again
+            t = cast
             cast_tensors += 1
             cast_bytes += t.numel() * t.element_size()
         state[key] = t
@@ -487,6 +493,54 @@ def load_model(
     )
     log.info(report.summary())
     return model, report
+
+
+class _FilePages:
+    """Drops the resident pages behind memory-mapped tensors once they have been cast.
+
+    Casting reads every source page; without this, those clean file-backed pages stay
+    counted in the process's RSS until the whole mapping goes away, so the peak would be
+    the cast copies *plus* the file. Only whole pages inside a tensor's bytes that lie in
+    a private/shared mapping of one of `files` are advised away (MADV_DONTNEED): such
+    pages are re-read from the file if touched again, so nothing can be lost. Linux only;
+    anywhere else (or on any failure) this does nothing.
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, files: list[Path]) -> None:
+        self.spans: list[tuple[int, int]] = []
+        self.madvise = None
+        if not files or not sys.platform.startswith("linux"):
+            return
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.madvise = libc.madvise
+            self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self.page = os.sysconf("SC_PAGE_SIZE")
+            real = {os.path.realpath(f) for f in files}
+            with open("/proc/self/maps") as fh:
+                for line in fh:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip() in real:
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        self.spans.append((lo, hi))
+        except (OSError, AttributeError, ValueError):
+            self.spans = []
+
+    def release(self, t: torch.Tensor) -> None:
+        if not self.spans or self.madvise is None:
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.spans):
+            return
+        lo = -(-start // self.page) * self.page
+        hi = end // self.page * self.page
+        if hi > lo:
+            self.madvise(lo, hi - lo, self.MADV_DONTNEED)
 
 
 def _materialize_leftovers(model: torch.nn.Module) -> None:
