@@ -197,7 +197,27 @@ class _ModalityOptionsCommand(click.Command):
         return super().get_params(ctx)
 
 
-def _read_modality_input(files: dict[str, str | None], input_npy: str | None, modality: str | None):
+def _parse_reader_options(items: tuple[str, ...]) -> dict:
+    """KEY=VALUE strings -> keyword arguments (numbers become float, true/false bool)."""
+    from onellm.runtime.errors import InputError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError("--reader-option", "KEY=VALUE", repr(item))
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _read_modality_input(files: dict[str, str | None], input_npy: str | None, modality: str | None,
+                         options: dict | None = None):
     """(modality name, preprocessed array) from the modality options, or None for text only."""
     from onellm.runtime.errors import InputError
     from onellm.runtime.modalities import all_modalities, get_modality
@@ -235,11 +255,17 @@ def _read_modality_input(files: dict[str, str | None], input_npy: str | None, mo
     spec = specs[name]
     if spec.requires_image and not photo:
         raise InputError(spec.cli_option, f"its RGB photo too (--image) for {name}", "no --image")
+    options = dict(options or {})
+    if paired:
+        options["image"] = photo
+    import inspect
+
     try:
-        if paired:
-            result = spec.preprocess(given[name], image=photo)
-        else:
-            result = spec.preprocess(given[name])
+        inspect.signature(spec.preprocess).bind(given[name], **options)
+    except TypeError as exc:  # an option this reader does not take
+        raise InputError("--reader-option", f"options the {name} reader takes", str(exc)) from None
+    try:
+        result = spec.preprocess(given[name], **options)
     except NotImplementedError:
         raise InputError(given[name], f"a file the {name} reader can read",
                          f"no {name} reader yet; pass a preprocessed array with --input-npy FILE --modality {name}") from None
@@ -259,6 +285,8 @@ def _read_modality_input(files: dict[str, str | None], input_npy: str | None, mo
 @click.option("--input-npy", type=click.Path(dir_okay=False),
               help="An already-preprocessed input array (.npy of the modality's input shape); needs --modality.")
 @click.option("--modality", default=None, help="Modality of --input-npy (see `onellm modalities`).")
+@click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the modality reader, e.g. rate=100 (IMU without timestamps), start=3.5. Repeatable.")
 @click.option("--max-tokens", default=256, show_default=True, help="Most new tokens to generate.")
 @click.option("--temperature", default=0.1, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", default=0.75, show_default=True, help="Nucleus sampling mass.")
@@ -268,7 +296,7 @@ def _read_modality_input(files: dict[str, str | None], input_npy: str | None, mo
 @click.argument("question", required=False)
 @handle_errors
 def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, config_path, dtype, input_npy, modality,
-                      max_tokens, temperature, top_p, seed, greedy, as_json, question, **modality_files) -> None:
+                      reader_options, max_tokens, temperature, top_p, seed, greedy, as_json, question, **modality_files) -> None:
     """Answer QUESTION about one input with the PyTorch reference model (slow; for checking).
 
     Give at most one input (--image, --video, --audio, --point, --depth/--normal with
@@ -291,7 +319,7 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
         raise InputError(tokenizer_path, f"a tokenizer of {cfg.decoder.vocab_size} pieces (config {cfg.name!r})",
                          f"{tokenizer.vocab_size} pieces")
     t0 = time.perf_counter()
-    inputs = _read_modality_input(modality_files, input_npy, modality)
+    inputs = _read_modality_input(modality_files, input_npy, modality, _parse_reader_options(reader_options))
     preprocess_s = time.perf_counter() - t0
     if inputs is not None and inputs[0] not in cfg.modalities:
         raise InputError(inputs[0], f"one of the config's modalities ({', '.join(cfg.modalities)})", inputs[0])

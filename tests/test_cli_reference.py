@@ -169,3 +169,36 @@ def test_ask_errors_are_one_line(tiny_checkpoint, tiny_tokenizer, tmp_path):
     _one_line_error(_ask(tmp_path / "nope.pth", tiny_tokenizer, "q"), 1, "nope.pth", "not found")
     _one_line_error(run("ask", "--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tiny_tokenizer),
                         "--preset", "7b", "q"), 2, "512 pieces")
+
+
+def _imu_csv(path, with_time: bool) -> None:
+    rng = np.random.default_rng(5)
+    rows = ["time,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z" if with_time else "acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"]
+    for i in range(250):  # 2.5 s at 100 Hz
+        values = rng.standard_normal(6) * 0.3 + np.array([0, 0, 9.81, 0, 0, 0])
+        rows.append(",".join(([f"{i / 100:.2f}"] if with_time else []) + [f"{v:.4f}" for v in values]))
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_ask_imu_file_and_reader_options(tiny_model, tiny_checkpoint, tiny_tokenizer, tmp_path):
+    from onellm.runtime.modalities import get_modality
+
+    spec = get_modality("imu")
+    timed, untimed = tmp_path / "timed.csv", tmp_path / "untimed.csv"
+    _imu_csv(timed, True)
+    _imu_csv(untimed, False)
+    try:
+        x = spec.preprocess(timed).array
+    except NotImplementedError:
+        pytest.skip("imu reader not written yet")
+    result = _ask(tiny_checkpoint, tiny_tokenizer, "--imu", str(timed), "--greedy", "--max-tokens", "6", "--json")
+    assert result.exit_code == 0, result.output
+    expected = _reference_answer(tiny_model, tiny_tokenizer, spec.caption_prompt, ("imu", x), 6)
+    assert json.loads(result.stdout)["answer"] == expected.text
+    # no timestamps: the reader needs the rate, given through --reader-option
+    assert _ask(tiny_checkpoint, tiny_tokenizer, "--imu", str(untimed), "q").exit_code == 2
+    ok = _ask(tiny_checkpoint, tiny_tokenizer, "--imu", str(untimed), "--reader-option", "rate=100",
+              "--greedy", "--max-tokens", "6", "--json")
+    assert ok.exit_code == 0, ok.output
+    _one_line_error(_ask(tiny_checkpoint, tiny_tokenizer, "--imu", str(untimed), "--reader-option", "bogus=1", "q"),
+                    2, "--reader-option", "bogus")
