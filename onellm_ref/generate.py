@@ -120,7 +120,7 @@ class ChatSession:
         max_seq_len: int | None = None,
     ) -> None:
         self.model = model
-        self.tokenizer = tokenizer if hasattr(tokenizer, "encode") else Tokenizer(tokenizer)
+        self.tokenizer = Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         if self.tokenizer.bos_id < 0:
             raise BundleError(f"{getattr(self.tokenizer, 'source', 'tokenizer')}: the model needs a BOS token")
         self.block = _resolve_block(model, inputs)

@@ -75,8 +75,8 @@ def test_modality_input_equals_precomputed_block(tiny_model, tok, blocks):
     torch.testing.assert_close(a.step_logits, b.step_logits, rtol=0, atol=0)
 
 
-def test_text_only_cached_decoding_equals_uncached_forward(tiny_model, tok):
-    r = generate(tiny_model, tok, "What is this?", None, max_new_tokens=8, greedy=True, return_logits=True, **NO_STOP)
+def test_text_only_cached_decoding_equals_uncached_forward(tiny_model, tiny_tokenizer):
+    r = generate(tiny_model, str(tiny_tokenizer), "What is this?", None, max_new_tokens=8, greedy=True, return_logits=True, **NO_STOP)
     full = full_forward_logits(tiny_model, r.prompt_ids, r.token_ids, None)
     torch.testing.assert_close(r.step_logits, full, rtol=0, atol=ATOL)
 
