@@ -49,3 +49,16 @@ def tiny_model(tiny_config, tiny_checkpoint):
 
     model, _ = load_model(tiny_config, tiny_checkpoint, dtype="fp32")
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_export(tiny_model, tiny_config, tmp_path_factory):
+    """The tiny model's encoder graphs, every modality, fp32/fp16/int8, traced once.
+
+    Returns (directory, {precision: entries}) where entries is what
+    `onellm.export.onnx_encoder.export_encoder` returns (file paths relative to the directory).
+    """
+    from onellm.export.onnx_encoder import export_encoders
+
+    out = tmp_path_factory.mktemp("encoder")
+    return out, export_encoders(tiny_model, tiny_config, out, precisions=("fp32", "fp16", "int8"))

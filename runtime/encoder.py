@@ -1,0 +1,343 @@
+"""The encoder chain on onnxruntime, without torch: modality array -> [32, n_embd] block.
+
+In: the encoder part of a bundle manifest (the dict `onellm.export.onnx_encoder.
+export_encoder` returns: graph entries and, per modality, its chain of graph names)
+and the bundle directory. Out: `Encoder.encode(modality, array)`, a view of ONE
+preallocated float32 [n_inserted, n_embd] host buffer that onnxruntime writes directly
+(the output is bound to the buffer's pointer) and that every call reuses.
+
+Per modality the chain is tokenizer -> trunk -> pre -> upm -> post; the point modality
+first groups its cloud in numpy (`point_grouping`); the modality's folded routing
+weights (from its entry) are a constant input of the shared upm graph. Between stages nothing is copied:
+each stage's outputs are preallocated OrtValues (on the session's device) bound as the
+next stage's inputs through IOBinding, all created once per modality on first use.
+
+Providers: `device="cpu"` (default), `"cuda"`, `"tensorrt"` or `"auto"` (CUDA when the
+installed onnxruntime has it, else CPU). A GPU device that is not available raises
+BackendError; nothing GPU-specific is imported or touched on CPU. CPU sessions use one
+intra-op thread per physical core of the cores this process may run on.
+
+The returned array is overwritten by the next `encode` call: copy it to keep it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError, BundleError, InputError
+from .point_grouping import group_points
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (hyper-threads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((base.joinpath("physical_package_id").read_text().strip(),
+                       base.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("?", str(cpu)))
+    return max(1, len(cores))
+
+
+def select_providers(device: str) -> tuple[list[Any], str, int]:
+    """(providers for InferenceSession, OrtValue device type, device id) for a device name."""
+    import onnxruntime as ort
+
+    name, _, index = device.partition(":")
+    device_id = int(index) if index.isdigit() else 0
+    if name not in DEVICES:
+        raise BackendError(f"unknown encoder device {device!r}; known: {', '.join(DEVICES)} (optionally ':<id>')")
+    available = ort.get_available_providers()
+    if name == "auto":
+        name = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if name == "cpu":
+        return ["CPUExecutionProvider"], "cpu", 0
+    if "CUDAExecutionProvider" not in available:
+        raise BackendError(
+            f"encoder device {device!r} needs onnxruntime's CUDAExecutionProvider; this onnxruntime has "
+            f"{', '.join(available)} (install the `gpu` extra: onnxruntime-gpu)"
+        )
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if name == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise BackendError(f"encoder device {device!r} needs onnxruntime's TensorrtExecutionProvider; found "
+                               f"{', '.join(available)}")
+        trt = ("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": True})
+        return [trt, cuda, "CPUExecutionProvider"], "cuda", device_id
+    return [cuda, "CPUExecutionProvider"], "cuda", device_id
+
+
+class _Stage:
+    """One graph run inside one modality's chain: its session and a persistent IOBinding."""
+
+    def __init__(self, name: str, session, entry: dict[str, Any]) -> None:
+        self.name = name
+        self.session = session
+        self.entry = entry
+        self.binding = session.io_binding()
+
+    def run(self) -> None:
+        self.binding.synchronize_inputs()
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+
+
+class _Plan:
+    """A modality's chain with every buffer allocated once: stages, intermediate OrtValues, input staging."""
+
+    def __init__(self, enc: Encoder, modality: str) -> None:
+        import onnxruntime as ort
+
+        entry = enc.modalities[modality]
+        self.modality = modality
+        self.input_shape = tuple(entry["input_shape"])
+        self.frames = int(entry.get("frames", 1))
+        self.grouping = entry.get("point_grouping")
+        chain = entry["chain"]
+        if len(chain) < 2:
+            raise BundleError(f"encoder modality {modality!r}: chain {chain} is too short")
+        self.stages = [_Stage(g, enc.session(g), enc.graph(g)) for g in chain]
+        self.values: list[Any] = []  # keeps the preallocated OrtValues alive
+
+        # the first stage's input: a host staging buffer (CPU) or a device OrtValue
+        first = self.stages[0]
+        (inp,) = first.entry["inputs"]
+        n = self.frames  # batch 1: N = frames
+        self.feed_shape = (n, *entry["tokenizer_input_shape"])
+        self.feed_name = inp["name"]
+        self.staging = np.empty(self.feed_shape, dtype=_NP_DTYPES[inp["dtype"]])
+        if enc.device_type == "cpu":
+            first.binding.bind_input(self.feed_name, "cpu", 0, self.staging.dtype, list(self.feed_shape),
+                                     self.staging.ctypes.data)
+            self.device_feed = None
+        else:
+            self.device_feed = ort.OrtValue.ortvalue_from_numpy(self.staging, enc.device_type, enc.device_id)
+            first.binding.bind_ortvalue_input(self.feed_name, self.device_feed)
+
+        # every intermediate output: a preallocated OrtValue, bound as the next stage's input;
+        # the folded routing weights are a constant input (from the modality entry)
+        produced: dict[str, Any] = {}
+        if "routing_weights" in entry:
+            self.routing = np.ascontiguousarray(entry["routing_weights"], dtype=np.float32)
+            produced["routing"] = ort.OrtValue.ortvalue_from_numpy(self.routing, enc.device_type, enc.device_id)
+            self.values.append(produced["routing"])
+        shapes = _chain_shapes(entry, enc)
+        for k, stage in enumerate(self.stages):
+            for spec in stage.entry["inputs"]:
+                if k == 0:
+                    continue
+                name = spec["name"]
+                if name not in produced:
+                    raise BundleError(
+                        f"encoder chain of {modality!r}: input {name!r} of graph {stage.name!r} is not an output "
+                        f"of an earlier graph ({', '.join(produced) or 'none'})"
+                    )
+                stage.binding.bind_ortvalue_input(name, produced[name])
+            last = k == len(self.stages) - 1
+            for spec in stage.entry["outputs"]:
+                name = spec["name"]
+                if last:
+                    continue
+                shape = shapes[(stage.name, name)]
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, _NP_DTYPES[spec["dtype"]], enc.device_type, enc.device_id
+                )
+                stage.binding.bind_ortvalue_output(name, value)
+                produced[name] = value
+                self.values.append(value)
+        # the final block goes straight into the encoder's one host buffer
+        out_spec = self.stages[-1].entry["outputs"]
+        if len(out_spec) != 1 or out_spec[0]["dtype"] != "float32":
+            raise BundleError(f"encoder chain of {modality!r}: the last graph must have one float32 output")
+        out = enc.buffer
+        self.stages[-1].binding.bind_output(out_spec[0]["name"], "cpu", 0, np.float32, list(out.shape),
+                                            out.ctypes.data)
+
+    def feed(self, array: np.ndarray) -> None:
+        if self.grouping is not None:
+            g = self.grouping
+            group_points(array, int(g["groups"]), int(g["k"]), g.get("tie_break", "cuda"), out=self.staging[0])
+        else:
+            np.copyto(self.staging, array.reshape(self.feed_shape), casting="same_kind")
+        if self.device_feed is not None:
+            self.device_feed.update_inplace(self.staging)
+
+    def run(self) -> None:
+        for stage in self.stages:
+            stage.run()
+
+
+def _chain_shapes(entry: dict[str, Any], enc: Encoder) -> dict[tuple[str, str], list[int]]:
+    """Concrete shapes of every stage output for one sample of a modality."""
+    width, n_out = enc.width, enc.n_inserted - 2
+    frames, tokens = int(entry.get("frames", 1)), int(entry["tokens"])
+    shapes: dict[tuple[str, str], list[int]] = {}
+    c = entry["chain"]
+    shapes[(c[0], enc.graph(c[0])["outputs"][0]["name"])] = [frames, tokens, width]
+    shapes[(c[1], enc.graph(c[1])["outputs"][0]["name"])] = [frames, tokens, width]
+    shapes[(c[2], enc.graph(c[2])["outputs"][0]["name"])] = [1, n_out + tokens, width]
+    shapes[(c[3], enc.graph(c[3])["outputs"][0]["name"])] = [1, n_out, width]
+    return shapes
+
+
+class Encoder:
+    """Runs exported encoder chains with onnxruntime; one reused output buffer.
+
+    `entries`: the encoder dict (graphs + modalities + n_embd + n_inserted + width).
+    `bundle_dir`: where the entries' relative file paths start.
+    `device`: cpu | cuda | tensorrt | auto, optionally `:<id>`.
+    `threads`: intra-op threads for CPU sessions (default: physical cores).
+    `verify`: check each graph file's sha256 before loading it (the bundle loader may
+    already have done so).
+    `spin`: let onnxruntime's idle CPU threads spin-wait (faster hand-offs inside a run,
+    but they keep cores busy after it; off by default, see notes/encoder.md).
+    """
+
+    def __init__(
+        self,
+        entries: dict[str, Any],
+        bundle_dir: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        spin: bool = False,
+    ) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise BackendError(f"onnxruntime is not importable ({exc})") from None
+        for key in ("graphs", "modalities", "n_embd", "n_inserted", "width"):
+            if key not in entries:
+                raise BundleError(f"encoder entries: missing {key!r} (found {', '.join(sorted(entries))})")
+        self.graphs: dict[str, dict[str, Any]] = entries["graphs"]
+        self.modalities: dict[str, dict[str, Any]] = entries["modalities"]
+        self.n_embd = int(entries["n_embd"])
+        self.n_inserted = int(entries["n_inserted"])
+        self.width = int(entries["width"])
+        self.precision = entries.get("precision", "fp32")
+        self.bundle_dir = Path(bundle_dir)
+        self.device = device
+        self.providers, self.device_type, self.device_id = select_providers(device)
+        self.threads = threads or physical_cores()
+        self.verify = verify
+        self.spin = spin
+        # THE output buffer: onnxruntime writes every block here; encode returns a view of it.
+        self.buffer = np.zeros((1, self.n_inserted, self.n_embd), dtype=np.float32)
+        self._sessions: dict[str, Any] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ---------------------------------------------------------------- lookups
+    def graph(self, name: str) -> dict[str, Any]:
+        try:
+            return self.graphs[name]
+        except KeyError:
+            raise BundleError(f"encoder: graph {name!r} is not in the bundle (it has {', '.join(self.graphs)})") from None
+
+    def session(self, name: str):
+        """The onnxruntime session of a graph, created on first use and shared by every chain."""
+        if name in self._sessions:
+            return self._sessions[name]
+        import onnxruntime as ort
+
+        entry = self.graph(name)
+        path = self.bundle_dir / entry["file"]
+        if not path.is_file():
+            raise BundleError(f"{path}: encoder graph {name!r} is missing from the bundle")
+        if self.verify and entry.get("sha256"):
+            from .bundle import sha256_file
+
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise BundleError(f"{path}: expected sha256 {entry['sha256']}, found {digest}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if not self.spin:
+            # idle worker threads sleep instead of spinning: the decoder (llama.cpp) runs right
+            # after the encoder on the same cores and must not compete with spinning threads
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{path}: onnxruntime could not load encoder graph {name!r} ({exc})") from None
+        self._sessions[name] = sess
+        return sess
+
+    @property
+    def available(self) -> list[str]:
+        return list(self.modalities)
+
+    # ---------------------------------------------------------------- encode
+    def _plan(self, modality: str) -> _Plan:
+        plan = self._plans.get(modality)
+        if plan is None:
+            if modality not in self.modalities:
+                raise InputError(
+                    "encoder", f"one of the bundle's modalities ({', '.join(self.modalities)})", repr(modality)
+                )
+            plan = self._plans[modality] = _Plan(self, modality)
+        return plan
+
+    def encode(self, modality: str, array: np.ndarray) -> np.ndarray:
+        """Preprocessed input (the modality's input_shape) -> [n_inserted, n_embd] float32 view of `buffer`."""
+        if self._closed:
+            raise BackendError("encoder: used after close()")
+        arr = np.asarray(array)
+        plan = self._plan(modality)
+        if arr.shape != plan.input_shape:
+            raise InputError(f"{modality} input", f"an array of shape {list(plan.input_shape)}",
+                             f"shape {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"{modality} input", "a floating-point array", f"dtype {arr.dtype}")
+        with self._lock:
+            plan.feed(arr)
+            try:
+                plan.run()
+            except Exception as exc:  # onnxruntime's own error types
+                raise BackendError(f"encoder ({modality}): onnxruntime failed ({exc})") from None
+        return self.buffer[0]
+
+    def warmup(self, modalities: list[str] | None = None) -> None:
+        """Build sessions and plans (and run each chain once on zeros) ahead of the first request."""
+        for m in modalities or list(self.modalities):
+            plan = self._plan(m)
+            with self._lock:
+                plan.staging[...] = 0
+                if plan.device_feed is not None:
+                    plan.device_feed.update_inplace(plan.staging)
+                plan.run()
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release sessions, bindings and buffers' OrtValues."""
+        self._plans.clear()
+        self._sessions.clear()
+        self._closed = True
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
