@@ -8,8 +8,10 @@ code. Heavy imports (torch, onnxruntime, llama.cpp) happen inside the commands, 
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -46,7 +48,8 @@ def main(verbose: int) -> None:
     Every option can also be set through an ONELLM_<COMMAND>_<OPTION> environment variable.
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    fmt = "onellm: %(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
 
 
 @main.command("presets")
@@ -192,7 +195,8 @@ class _ModalityOptionsCommand(click.Command):
                              help=f"{spec.description} [{' '.join(spec.file_types)}]")
                 for spec in all_modalities().values()
             ]
-            at = next(i for i, p in enumerate(self.params) if p.name == "clip_checkpoint") + 1
+            anchor = getattr(self, "insert_after", "clip_checkpoint")
+            at = next(i for i, p in enumerate(self.params) if p.name == anchor) + 1
             self.params[at:at] = extra  # after the checkpoint options
         return super().get_params(ctx)
 
@@ -349,6 +353,437 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
     else:
         click.echo(result.text)
 
+
+
+# ------------------------------------------------------------------------ bundles
+
+
+class _Progress:
+    """A one-line progress bar on stderr for (what, done, total) callbacks.
+
+    On a terminal it redraws in place; elsewhere (CI logs, pipes) it prints a line per
+    step name so logs stay short.
+    """
+
+    def __init__(self, title: str) -> None:
+        import time
+
+        self.title = title
+        self.tty = sys.stderr.isatty()
+        self.last_what = None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        import time
+
+        total = max(total, 1)
+        frac = min(max(done / total, 0.0), 1.0)
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
+            width = 24
+            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+            line = f"\r{self.title} [{bar}] {done}/{total} {elapsed:5.1f}s {what[:48]:48s}"
+            click.echo(line, err=True, nl=False)
+            if done >= total and what == "done":
+                click.echo("", err=True)
+        else:
+            step = what.split(":")[0]
+            if step != self.last_what:
+                click.echo(f"{self.title}: {what} ({elapsed:.1f}s)", err=True)
+                self.last_what = step
+
+    def finish(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
+def _echo_random_notice(manifest: dict) -> None:
+    if manifest.get("random_weights"):
+        click.secho("onellm: note: this bundle has RANDOM weights (the tiny demo model); its answers are "
+                    "meaningless text. Export the real checkpoint with `onellm export` for real answers.",
+                    err=True, fg="yellow")
+
+
+@main.command("export")
+@click.option("--checkpoint", type=click.Path(), help="consolidated.00-of-01.pth, one of its ten .s{0..9}.pth shards, or their directory.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="LLaMA SentencePiece tokenizer.model.")
+@click.option("--clip-checkpoint", type=click.Path(dir_okay=False),
+              help="OpenAI or open_clip ViT-L/14 weights, when the checkpoint has no clip.visual.* keys.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to create.")
+@_model_options
+@click.option("--modalities", default=None, help="Comma-separated modalities to export (default: all in the config).")
+@click.option("--encoder-precision", default="fp32,int8", show_default=True,
+              help="Comma-separated encoder precisions: fp32, fp16 (GPUs), int8 (CPUs). The runtime picks per device.")
+@click.option("--decoder-quant", default=None,
+              help="Comma-separated GGUF types: f32, f16, q8_0, q4_k_m; the first is the bundle's default "
+                   "[default: q8_0; f32 for --demo].")
+@click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
+@click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@handle_errors
+def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
+               encoder_precision, decoder_quant, trt, demo, force) -> None:
+    """Export a OneLLM checkpoint into a bundle the runtime runs without torch.
+
+    Writes staged ONNX encoder graphs (per-modality tokenizers, one shared CLIP trunk,
+    one shared UPM, per-modality projections) and a GGUF decoder, validates each against
+    the PyTorch reference, and records checksums and parity figures in manifest.json.
+    Needs the export extra: pip install "onellm[export]".
+    """
+    from onellm.runtime.errors import ConfigError
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("`onellm export` needs the export extra (torch, onnx, gguf): "
+                          "pip install torch==2.13.0 && pip install 'onellm[export]'") from None
+    from onellm.export.bundle import build_bundle, build_demo_bundle
+
+    progress = _Progress("export")
+    if demo:
+        if checkpoint or tokenizer_path:
+            raise ConfigError("--demo builds a random-weight model; do not pass --checkpoint/--tokenizer with it")
+        manifest = build_demo_bundle(out_dir, force=force, progress=progress, decoder_quant=decoder_quant or "f32",
+                                     encoder_precision=encoder_precision)
+    else:
+        if not checkpoint or not tokenizer_path:
+            raise ConfigError("pass --checkpoint and --tokenizer (or --demo for the random-weight demo bundle)")
+        from onellm.ref.config import resolve_config
+
+        cfg = resolve_config(preset, config_path)
+        manifest = build_bundle(out_dir, cfg, checkpoint, tokenizer_path, clip_checkpoint=clip_checkpoint,
+                                modalities=modalities, encoder_precision=encoder_precision,
+                                decoder_quant=decoder_quant or "q8_0", trt=trt, force=force, progress=progress)
+    progress.finish()
+    _print_summary(manifest, out_dir)
+    _echo_random_notice(manifest)
+
+
+def _print_summary(manifest: dict, where) -> None:
+    total = 0
+    for rel in manifest["files"]:
+        total += (Path(where) / rel).stat().st_size
+    click.echo(f"bundle {where}: preset {manifest['preset']}, {len(manifest['modalities'])} modalities, "
+               f"{len(manifest['files'])} files, {total / 2**20:.1f} MiB")
+    for prec, enc in manifest["encoder"]["precisions"].items():
+        worst = min(m["parity"]["cosine"] for m in enc["modalities"].values()) if enc["modalities"] else float("nan")
+        click.echo(f"  encoder {prec:5s}: {len(enc['graphs'])} graphs, worst modality cosine vs torch {worst:.6f}")
+    for quant, dec in manifest["decoder"]["quants"].items():
+        p = dec["parity"]
+        click.echo(f"  decoder {quant:6s}: {dec['bytes'] / 2**20:.1f} MiB, logits cosine (min) {p['cos_min']:.6f}, "
+                   f"top-1 agreement {p['top1']:.3f}")
+
+
+@main.command("inspect")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@handle_errors
+def inspect_cmd(bundle_dir: str, as_json: bool) -> None:
+    """Show what a bundle holds: model, files, graphs, parity figures, tool versions."""
+    import json as _json
+
+    from onellm.runtime.bundle import load_manifest
+
+    m = load_manifest(bundle_dir, verify=False)
+    m.pop("_dir", None)
+    if as_json:
+        click.echo(_json.dumps(m, indent=2))
+        return
+    cfg = m["config"]
+    d = cfg["decoder"]
+    click.echo(f"bundle      {bundle_dir}  (schema {m['schema']} v{m['schema_version']}, created {m['created']})")
+    if m.get("random_weights"):
+        click.secho("weights     RANDOM (tiny demo model; answers are meaningless)", fg="yellow")
+    click.echo(f"model       preset {m['preset']}: decoder {d['n_layers']} layers x {d['dim']}, vocab {d['vocab_size']}, "
+               f"context {d['max_seq_len']}; CLIP {cfg['clip']['layers']} x {cfg['clip']['width']}; "
+               f"UPM {cfg['upm']['n_experts']} experts x {cfg['upm']['depth']}")
+    click.echo(f"source      {', '.join(m['source']['checkpoint'])} sha256 {m['source']['sha256'][:16]}…  "
+               f"CLIP from {m['source']['clip_source']}")
+    click.echo(f"inserted    {m['n_inserted']} rows of {m['n_embd']} after BOS; stop strings {m['prompt']['stop']}")
+    click.echo(f"modalities  {', '.join(m['modalities'])}")
+    click.echo(f"encoder     default {m['encoder']['default']}")
+    for prec, enc in m["encoder"]["precisions"].items():
+        click.echo(f"  {prec}: {len(enc['graphs'])} graphs")
+        for name, me in enc["modalities"].items():
+            par = me["parity"]
+            click.echo(f"    {name:6s} cosine {par['cosine']:.7f}  max-abs {par['max_abs']:.3g}")
+    click.echo(f"decoder     default {m['decoder']['default']}")
+    for quant, dec in m["decoder"]["quants"].items():
+        p = dec["parity"]
+        click.echo(f"  {quant:6s} {dec['file']}  {dec['bytes'] / 2**20:.1f} MiB  logits cos_min {p['cos_min']:.6f}  "
+                   f"max-abs {p['max_abs']:.3g}  top-1 {p['top1']:.3f}")
+    trt = m.get("tensorrt")
+    click.echo(f"tensorrt    {'none' if not trt else trt.get('fingerprint')}")
+    click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in m["tools"].items()))
+
+
+@main.command("verify")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(), help="The checkpoint the bundle was exported from.")
+@click.option("--clip-checkpoint", type=click.Path(dir_okay=False), help="Separate CLIP weights, as at export.")
+@handle_errors
+def verify_cmd(bundle_dir: str, checkpoint: str, clip_checkpoint: str | None) -> None:
+    """Re-check a bundle: file checksums, then parity of every graph and GGUF vs the checkpoint."""
+    from onellm.export.verify import verify_bundle
+
+    report = verify_bundle(bundle_dir, checkpoint, clip_checkpoint=clip_checkpoint, progress=_Progress("verify"))
+    for line in report["lines"]:
+        click.echo(line)
+    if not report["ok"]:
+        from onellm.runtime.errors import ParityError
+
+        raise ParityError(f"{bundle_dir}: {report['failures']} check(s) failed")
+    click.echo(f"{bundle_dir}: all {report['checks']} checks passed")
+
+
+# ------------------------------------------------------------------------ asking
+
+
+class _RuntimeInputCommand(_ModalityOptionsCommand):
+    insert_after = "bundle"
+
+
+def _runtime_options(func):
+    opts = [
+        click.option("--bundle", type=click.Path(file_okay=False), default=None,
+                     help="Bundle directory (default: the demo bundle in the cache, built on first use)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where the encoder runs; llama.cpp offloads to the GPU when built with CUDA."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+                     help="Encoder precision to run (default: int8 on CPU, fp16 on CUDA, when exported)."),
+        click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's)."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+        click.option("--imu-rate", type=float, default=None, help="IMU sample rate in Hz when the file has no timestamps."),
+        click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
+        click.option("--accel-units", type=click.Choice(["auto", "g", "m/s2"]), default=None,
+                     help="Accelerometer units of the IMU file (default: detected)."),
+        click.option("--audio-start", type=float, default=None, help="Start of the 10.24 s audio window, seconds."),
+        click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
+                     help="Any other option of the modality's reader (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _sampling_options(func):
+    opts = [
+        click.option("--max-tokens", default=256, show_default=True, help="Most new tokens."),
+        click.option("--temperature", default=0.1, show_default=True, help="Sampling temperature."),
+        click.option("--top-p", default=0.75, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens first (0: off)."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, help="Repeat penalty (1: off)."),
+        click.option("--seed", default=0, show_default=True, help="Sampling seed."),
+        click.option("--greedy", is_flag=True, help="Always take the most likely token."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy):
+    from onellm.runtime.decoder import Sampling
+
+    if greedy:
+        return Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=repeat_penalty, seed=seed,
+                        max_new_tokens=max_tokens)
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
+                    max_new_tokens=max_tokens)
+
+
+def _reader_kwargs(modality_files: dict, imu_rate, imu_start, accel_units, audio_start, reader_options) -> dict:
+    opts = _parse_reader_options(reader_options)
+    if modality_files.get("imu"):
+        for key, value in (("rate", imu_rate), ("start", imu_start), ("accel_units", accel_units)):
+            if value is not None:
+                opts[key] = value
+    if modality_files.get("audio") and audio_start is not None:
+        opts["start"] = audio_start
+    return opts
+
+
+def _open_pipeline(bundle, device, precision, quant, threads):
+    from onellm.runtime.bundle import MANIFEST
+    from onellm.runtime.errors import BundleError
+    from onellm.runtime.pipeline import Pipeline, default_bundle_dir
+
+    path = Path(bundle) if bundle else default_bundle_dir()
+    if not bundle and not (path / MANIFEST).is_file():
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise BundleError(
+                f"no --bundle given and no demo bundle at {path}; build one where the export extra is installed "
+                f"(`onellm export --demo --out {path}`) or pass --bundle DIR") from None
+        from onellm.export.bundle import build_demo_bundle
+
+        click.secho(f"onellm: building the demo bundle (tiny model, RANDOM weights) in {path} - once", err=True,
+                    fg="yellow")
+        progress = _Progress("demo bundle")
+        build_demo_bundle(path, progress=progress, force=True)
+        progress.finish()
+    pipe = Pipeline.load(path, device=device, precision=precision, quant=quant, threads=threads)
+    _echo_random_notice(pipe.manifest)
+    return pipe
+
+
+def _split_inputs(kwargs: dict) -> dict:
+    from onellm.runtime.modalities import all_modalities
+
+    return {name: kwargs.pop(name, None) for name in list(all_modalities())}
+
+
+@main.command("ask", cls=_RuntimeInputCommand)
+@_runtime_options
+@click.option("--embeddings", type=click.Path(dir_okay=False), help="A [32, n_embd] block from `onellm encode` instead of an input file.")
+@click.option("--modality", default=None, help="Modality the --embeddings block was encoded from.")
+@_sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, token ids, timings, input facts.")
+@click.option("--logprobs", type=int, default=0, help="With --json: the top-K log-probabilities of each step.")
+@click.argument("question", required=False)
+@handle_errors
+def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
+            reader_options, embeddings, modality, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy,
+            as_json, logprobs, **kwargs) -> None:
+    """Ask a question about one input and stream the answer.
+
+    \b
+    Examples:
+      onellm ask --imu examples/imu/walk.csv "What is the person doing?"
+      onellm ask --depth examples/depth/depth.png --image examples/image/photo.jpg "What is in the room?"
+      onellm ask --bundle my-bundle --audio clip.wav --json "Describe the sound."
+    Without a question the modality's evaluation prompt is used.
+    """
+    import json as _json
+
+    import numpy as np
+
+    from onellm.runtime.errors import InputError
+    from onellm.runtime.modalities import get_modality
+
+    files = _split_inputs(kwargs)
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    block = None
+    if embeddings:
+        if not modality:
+            raise InputError(embeddings, "--modality NAME naming what the block encodes", "no --modality")
+        get_modality(modality)
+        try:
+            block = np.load(embeddings, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(embeddings, "a .npy array from `onellm encode`", f"an unreadable file ({exc})") from None
+    if question is None:
+        chosen = modality or next((n for n, f in files.items() if f and n != "image"), None) or (
+            "image" if files.get("image") else None)
+        if chosen is None:
+            raise InputError("question", "a question (or an input file, to use its caption prompt)", "neither")
+        question = get_modality(chosen).caption_prompt
+    sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads)
+    with pipe:
+        stream = pipe.ask(question, stream=True, embeddings=block, modality=modality, options=options,
+                          sampling=sampling, logprobs=logprobs if as_json else 0,
+                          **{k: v for k, v in files.items() if v})
+        try:
+            for chunk in stream:
+                if not as_json:
+                    click.echo(chunk, nl=False)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            pipe.cancel()
+            stream.close()
+            click.echo("", err=True)
+            raise
+        answer = stream.answer
+        if as_json:
+            out = answer.to_json(pipe.tokenizer)
+            out["question"] = question
+            out["bundle"] = str(pipe.bundle_dir)
+            out["random_weights"] = pipe.random_weights
+            out["encoder_precision"], out["decoder_quant"] = pipe.precision, pipe.quant
+            click.echo(_json.dumps(out, indent=2))
+        else:
+            click.echo("")
+
+
+@main.command("encode", cls=_RuntimeInputCommand)
+@_runtime_options
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npy block.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@handle_errors
+def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
+               reader_options, out_path, force, **kwargs) -> None:
+    """Encode one input into the float32 [32, n_embd] block that would be injected after BOS.
+
+    Decode it elsewhere with `onellm ask --embeddings FILE --modality NAME "question"`.
+    """
+    import numpy as np
+
+    from onellm.runtime.errors import InputError
+
+    files = _split_inputs(kwargs)
+    target = Path(out_path)
+    if target.exists() and not force:
+        raise InputError(target, "a new file (pass --force to overwrite)", "an existing file")
+    chosen = [n for n, f in files.items() if f and n != "image"] or (["image"] if files.get("image") else [])
+    if len(chosen) != 1:
+        raise InputError("options", "exactly one input file to encode", f"{len(chosen)}")
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads)
+    with pipe:
+        image = files.get("image") if chosen[0] != "image" else None
+        block, meta = pipe.encode(chosen[0], files[chosen[0]], image=image, options=options)
+        tmp = target.with_name(f".{target.name}.partial.npy")
+        np.save(tmp, np.ascontiguousarray(block, dtype=np.float32))
+        os.replace(tmp, target)
+    click.echo(f"wrote {target}: {chosen[0]} block {list(block.shape)} float32")
+
+
+@main.command("chat", cls=_RuntimeInputCommand)
+@_runtime_options
+@_sampling_options
+@handle_errors
+def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
+             reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
+    """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
+
+    The input is encoded once; follow-up questions reuse the KV cache, so only the new
+    turn is prefilled.
+    """
+    files = _split_inputs(kwargs)
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover
+        pass
+    with pipe:
+        chat = pipe.chat(options=options, **{k: v for k, v in files.items() if v})
+        click.echo("onellm chat: type a question; Ctrl-C stops an answer, Ctrl-D quits.", err=True)
+        while True:
+            try:
+                question = input("you> ")
+            except EOFError:
+                click.echo("", err=True)
+                break
+            except KeyboardInterrupt:
+                click.echo("", err=True)
+                continue
+            if not question.strip():
+                continue
+            stream = chat.ask(question, stream=True, sampling=sampling)
+            click.echo("onellm> ", nl=False)
+            try:
+                for chunk in stream:
+                    click.echo(chunk, nl=False)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                pipe.cancel()
+                for _ in stream:  # let the turn finish cleanly (cancelled)
+                    pass
+                click.echo(" [stopped]", nl=False)
+            click.echo("")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,307 @@
+"""Checkpoint -> bundle: the one command users run once per model.
+
+In: the release checkpoint (`consolidated.00-of-01.pth` or its ten shards), the LLaMA
+SentencePiece `tokenizer.model`, optionally a separate CLIP ViT-L/14 file, a model
+config. Out: a directory with
+
+    manifest.json                 the contract with the runtime (schema `onellm-bundle` v1)
+    tokenizer.model               copied verbatim
+    encoder/*.onnx                staged encoder graphs per precision (export/onnx_encoder.py)
+    decoder-<quant>.gguf          the LLaMA decoder per quantization (export/gguf.py)
+
+Everything is written into a hidden staging directory next to the target and moved
+into place only when every validation passed, so a failed export never leaves a
+half-written bundle and never touches an existing one (replacing a non-empty target
+needs `force`). `build_demo_bundle` makes the `tiny` random-weight bundle the README
+and `onellm ask` use when no real bundle is given; its manifest says the weights are random.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onellm.runtime import __version__
+from onellm.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
+from onellm.runtime.errors import ConfigError, OneLLMError
+from onellm.runtime.modalities import get_modality
+from onellm.runtime.prompt import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    ROLES,
+    SEP,
+    STOP_STRINGS,
+    SYSTEM,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
+DECODER_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+DEMO_SEED = 1234
+RANDOM_WEIGHTS_NOTICE = (
+    "This bundle has RANDOM weights (the `tiny` demo model): it exercises the whole "
+    "pipeline, but its answers are meaningless text."
+)
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {"onellm": __version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "gguf", "llama-cpp-python", "sentencepiece", "tensorrt"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _split_list(value: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    if value is None:
+        return []
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    bad = [v for v in items if v not in known]
+    if bad:
+        raise ConfigError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(items))
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    """Refuse to replace a non-empty directory (or any file) unless forced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConfigError(f"{out_dir}: directory is not empty; pass --force to replace it, or choose another --out")
+
+
+def _checkpoint_digest(files: Sequence[str]) -> str:
+    """sha256 over the checkpoint file digests, in order (one file: its own sha256)."""
+    digests = [sha256_file(f) for f in files]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def build_bundle(
+    out_dir: str | os.PathLike,
+    cfg,
+    checkpoint: str | os.PathLike | Sequence[str],
+    tokenizer: str | os.PathLike,
+    *,
+    clip_checkpoint: str | os.PathLike | None = None,
+    modalities: str | Sequence[str] | None = None,
+    encoder_precision: str | Sequence[str] = "fp32",
+    decoder_quant: str | Sequence[str] = "f16",
+    trt: bool = False,
+    force: bool = False,
+    random_weights: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it."""
+    import torch
+
+    from onellm.ref.checkpoint import load_model, open_checkpoint
+
+    from .gguf import export_gguf, validate_gguf
+    from .onnx_encoder import export_encoders
+
+    out_dir = Path(out_dir)
+    check_target(out_dir, force)
+    mods = _split_list(modalities, cfg.modalities, "modality") or list(cfg.modalities)
+    precisions = _split_list(encoder_precision, ENCODER_PRECISIONS, "encoder precision") or ["fp32"]
+    quants = _split_list(decoder_quant, DECODER_QUANTS, "decoder quantization") or ["f16"]
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_file():
+        raise ConfigError(f"{tokenizer}: tokenizer file not found (expected the LLaMA tokenizer.model)")
+
+    def step(what: str, done: int, total: int) -> None:
+        if progress:
+            progress(what, done, total)
+
+    started = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    stage.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
+    try:
+        step("load checkpoint", 0, 1)
+        model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint, dtype="fp32")
+        step("load checkpoint", 1, 1)
+        src_digest = _checkpoint_digest(report.files)
+
+        enc = export_encoders(model, cfg, stage / "encoder", mods, precisions,
+                              progress=lambda w, d, t: step(f"encoder: {w}", d, t), relative_to=stage)
+
+        shutil.copyfile(tokenizer, stage / "tokenizer.model")
+        tensors = open_checkpoint(checkpoint)
+        decoders: dict[str, Any] = {}
+        # Validate the decoder on a real encoder block (the first exported modality's dummy input).
+        rng = np.random.default_rng(0)
+        probe = mods[0]
+        x = torch.from_numpy(get_modality(probe).dummy_input(rng)[None])
+        with torch.no_grad():
+            block = model.encode(probe, x)[0].float().numpy()
+        for quant in quants:
+            name = f"decoder-{quant}.gguf"
+            info = export_gguf(tensors, cfg, stage / "tokenizer.model", stage / name, quant=quant,
+                               progress=lambda d, t, w, q=quant: step(f"decoder {q}: {w}", d, t))
+            step(f"decoder {quant}: validate", 0, 1)
+            parity = validate_gguf(model, cfg, stage / name, quant, block=block)
+            step(f"decoder {quant}: validate", 1, 1)
+            decoders[quant] = {
+                "file": name,
+                "quant": quant,
+                "bytes": info["bytes"],
+                "n_ctx": cfg.decoder.max_seq_len,
+                "parity": {"probe_modality": probe, **_jsonable(parity)},
+            }
+        del tensors
+
+        trt_entry: dict[str, Any] | None = None
+        if trt:
+            trt_entry = _maybe_build_trt(stage, enc)
+
+        manifest = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "random_weights": bool(random_weights),
+            "notice": RANDOM_WEIGHTS_NOTICE if random_weights else "",
+            "preset": cfg.name,
+            "config": cfg.to_dict(),
+            "source": {
+                "checkpoint": [Path(f).name for f in report.files],
+                "sha256": src_digest,
+                "clip_source": report.clip_source,
+                "tokenizer_sha256": sha256_file(tokenizer),
+            },
+            "n_embd": cfg.decoder.dim,
+            "n_inserted": cfg.n_inserted,
+            "modalities": mods,
+            "tokenizer": {"file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "unk_id": 0,
+                          "vocab_size": cfg.decoder.vocab_size},
+            "prompt": {
+                "template": "v1",
+                "system": SYSTEM,
+                "roles": list(ROLES),
+                "sep": SEP,
+                "stop": list(STOP_STRINGS),
+                "defaults": {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
+                             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
+            },
+            "preprocessing": {m: _preprocessing_entry(m) for m in mods},
+            "encoder": {"default": _default_precision(precisions), "precisions": enc},
+            "decoder": {"default": quants[0], "quants": decoders},
+            "tensorrt": trt_entry,
+            "tools": _tool_versions(),
+            "export_seconds": None,
+        }
+        files = {}
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                files[path.relative_to(stage).as_posix()] = sha256_file(path)
+        manifest["files"] = files
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        (stage / MANIFEST).write_text(_dumps(manifest))
+
+        # Move into place only now: the target is replaced whole or not at all.
+        if out_dir.exists():
+            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(trash)
+            stage.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            stage.rename(out_dir)
+        log.info("bundle written to %s in %.1fs", out_dir, manifest["export_seconds"])
+        return manifest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progress: Progress | None = None,
+                      decoder_quant: str | Sequence[str] = "f32",
+                      encoder_precision: str | Sequence[str] = "fp32,int8") -> dict[str, Any]:
+    """The `tiny` random-weight demo bundle (seeded, so every machine builds the same one)."""
+    from onellm.ref.config import load_preset
+    from onellm.ref.testing import save_random_checkpoint, train_tiny_tokenizer
+
+    cfg = load_preset("tiny")
+    check_target(Path(out_dir), force)
+    with tempfile.TemporaryDirectory(prefix="onellm-demo-") as tmp:
+        if progress:
+            progress("random tiny checkpoint", 0, 1)
+        ckpt = Path(tmp) / "consolidated.00-of-01.pth"
+        save_random_checkpoint(cfg, ckpt, seed=DEMO_SEED)
+        tok = train_tiny_tokenizer(tmp, vocab_size=cfg.decoder.vocab_size)
+        if progress:
+            progress("random tiny checkpoint", 1, 1)
+        return build_bundle(out_dir, cfg, ckpt, tok, encoder_precision=encoder_precision,
+                            decoder_quant=decoder_quant, force=force, random_weights=True, progress=progress)
+
+
+def _default_precision(precisions: Sequence[str]) -> str:
+    # The runtime picks per device; this is the CPU default: int8 when exported, else fp32.
+    for p in ("int8", "fp32", "fp16"):
+        if p in precisions:
+            return p
+    return precisions[0]
+
+
+def _preprocessing_entry(modality: str) -> dict[str, Any]:
+    spec = get_modality(modality)
+    return {
+        "cli_option": spec.cli_option,
+        "file_types": list(spec.file_types),
+        "input_shape": list(spec.input_shape),
+        "input_dtype": spec.input_dtype,
+        "n_frames": spec.n_frames,
+        "n_tokens": spec.n_tokens,
+        "requires_image": spec.requires_image,
+        "constants": dict(getattr(spec, "constants", None) or {}),
+    }
+
+
+def _maybe_build_trt(stage: Path, enc: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        from .tensorrt import build_engines
+    except ImportError:
+        build_engines = None
+    if build_engines is None:
+        log.warning("--trt: TensorRT engine building is not available in this installation; "
+                    "the ONNX bundle works on its own (onnxruntime CPU/CUDA)")
+        return None
+    try:
+        return build_engines(stage, enc)
+    except OneLLMError as exc:
+        log.warning("--trt: %s; the ONNX bundle works on its own", exc)
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
