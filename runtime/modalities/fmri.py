@@ -1,18 +1,70 @@
-"""The fmri modality: NSD subject-1 nsdgeneral fMRI betas (.npy, length 15724)."""
+"""The fmri modality: NSD subject-1 nsdgeneral fMRI betas (.npy, length 15724).
+
+Reading: `.npy` [15724] or [R,15724] (R repeats of the same stimulus, averaged, as
+the reference), float16/32/64 (integers accepted too). Only subject 1 of the Natural
+Scenes Dataset, masked with its "nsdgeneral" ROI, has 15724 voxels; other subjects'
+masks have other lengths and other voxels, so any other length is an error.
+
+Preprocessing (spec section 7, fmri): mean over repeats, no normalisation ->
+[1,15724] float32.
+
+In-memory input: an array [15724] or [R,15724].
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import numpy as np
 
+from ..errors import InputError
+from ._io import Source, is_array, load_npy, require_file, require_finite, require_finite_output, source_label
 from .base import ModalityInput, ModalitySpec
 
+N_VOXELS = 15724
+EXPECTED = f'NSD subject-1 "nsdgeneral" fMRI betas: a .npy of {N_VOXELS} values or [repeats, {N_VOXELS}]'
 
-def preprocess(source, **options) -> ModalityInput:
-    raise NotImplementedError("fmri reader: pending")
+
+def preprocess(source: Source) -> ModalityInput:
+    """fMRI betas -> [1,15724] float32 (spec section 7, fmri)."""
+    t0 = time.perf_counter()
+    label = source_label(source)
+    if is_array(source):
+        arr = source
+        meta: dict[str, Any] = {"source": label}
+    else:
+        path = require_file(source, EXPECTED)
+        arr = load_npy(path, EXPECTED)
+        label = str(path)
+        meta = {"source": label}
+    if arr.dtype.kind not in "biuf":
+        raise InputError(label, EXPECTED, f"an array of dtype {arr.dtype}")
+    if arr.ndim == 2 and arr.shape[0] == N_VOXELS and arr.shape[1] != N_VOXELS:
+        raise InputError(label, EXPECTED, f"shape {list(arr.shape)} (voxels first: transpose it to "
+                         f"[repeats, {N_VOXELS}])")
+    if arr.ndim not in (1, 2) or arr.shape[-1] != N_VOXELS:
+        other = arr.shape[-1] if arr.ndim in (1, 2) else None
+        hint = (f"; {other} voxels is another subject or mask: the model was trained on subject 1 only"
+                if other and other != N_VOXELS else "")
+        raise InputError(label, EXPECTED, f"shape {list(arr.shape)}{hint}")
+    rows = arr.reshape(-1, N_VOXELS)
+    if rows.shape[0] == 0:
+        raise InputError(label, EXPECTED, "0 repeats")
+    require_finite(label, rows, EXPECTED)
+    meta.update(dtype=str(arr.dtype), repeats=int(rows.shape[0]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = rows.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
+    require_finite_output(label, array, EXPECTED)
+    meta["preprocess_s"] = round(time.perf_counter() - t0, 4)
+    return ModalityInput("fmri", array, meta)
 
 
 def dummy_input(rng: np.random.Generator) -> np.ndarray:
-    return rng.standard_normal((1, 15724)).astype(np.float32)
+    """Betas with the spread of z-scored NSD responses and some spatial smoothness."""
+    x = rng.standard_normal(N_VOXELS + 8)
+    x = np.convolve(x, np.ones(9) / 3.0, mode="valid")[:N_VOXELS]
+    return x[None].astype(np.float32)
 
 
 SPEC = ModalitySpec(
