@@ -62,3 +62,22 @@ def tiny_encoder_export(tiny_model, tiny_config, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("encoder")
     return out, export_encoders(tiny_model, tiny_config, out, precisions=("fp32", "fp16", "int8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path_factory):
+    """quant -> path of the tiny decoder exported as GGUF (each quant written once per session)."""
+    from onellm.export.gguf import export_gguf
+    from onellm.ref.checkpoint import open_checkpoint
+
+    out_dir = tmp_path_factory.mktemp("gguf")
+    written: dict[str, Path] = {}
+
+    def get(quant: str = "f32") -> Path:
+        if quant not in written:
+            path = out_dir / f"tiny-{quant}.gguf"
+            export_gguf(open_checkpoint(tiny_checkpoint), tiny_config, tiny_tokenizer, path, quant=quant)
+            written[quant] = path
+        return written[quant]
+
+    return get

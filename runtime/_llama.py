@@ -1,0 +1,509 @@
+"""Thin owners of llama.cpp's native objects (through llama-cpp-python's ctypes layer).
+
+One class per C resource, each with `close()`, a context manager and a finaliser, the
+way llama-cpp-python's `_internals.py` shapes them: `LlamaModel` (llama_model*),
+`LlamaContext` (llama_context*), `LlamaBatch` (the arrays a `llama_batch` points at) and
+`LlamaSampler` (a llama_sampler chain). Every native return code is checked and turned
+into a `BackendError` that names the call and the code. llama.cpp's own log lines are
+routed to the `onellm.runtime.llama_cpp` logger (INFO lines at DEBUG level).
+
+Embeddings go in by pointer: `LlamaBatch.embd_view(rows, pos0)` returns a `llama_batch`
+struct whose `embd` field points at the caller's C-contiguous float32 array, so nothing
+is copied on the Python side (llama.cpp copies the rows once into its own ubatch buffer
+inside `llama_decode`, whatever the caller does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+_native_log = logging.getLogger("onellm.runtime.llama_cpp")
+
+try:  # llama-cpp-python is a core dependency, but keep the import error readable
+    import llama_cpp as _C
+except ImportError as _exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    _IMPORT_ERROR = _exc
+else:
+    _IMPORT_ERROR = None
+
+# ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR) -> logging level; llama.cpp's INFO is
+# chatty (every tensor at load), so it goes to DEBUG
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_CONT = 5  # GGML_LOG_LEVEL_CONT: continues the previous line
+
+_init_lock = threading.Lock()
+_initialised = False
+_log_state = {"level": logging.DEBUG, "buf": ""}
+_log_capture: list[list[str]] = []  # stacks of active `capture_native_log()` lists
+
+
+def lib():
+    """The llama_cpp ctypes module, or a BackendError saying it is missing."""
+    if _C is None:
+        raise BackendError(f"llama-cpp-python is not importable ({_IMPORT_ERROR}); install llama-cpp-python>=0.3.2")
+    return _C
+
+
+def _on_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    try:
+        msg = text.decode("utf-8", errors="replace") if text else ""
+        if level != _CONT:
+            _log_state["level"] = _LEVELS.get(level, logging.DEBUG)
+        buf = _log_state["buf"] + msg
+        *lines, rest = buf.split("\n")
+        _log_state["buf"] = rest
+        for line in lines:
+            for sink in _log_capture:
+                sink.append(line)
+            if line.strip():
+                _native_log.log(_log_state["level"], "%s", line)
+    except Exception:  # never let an exception cross back into C
+        pass
+
+
+_log_callback = None  # keeps the ctypes trampoline alive for the process lifetime
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process and route its log to Python logging."""
+    global _initialised, _log_callback
+    if _initialised:
+        return
+    C = lib()
+    with _init_lock:
+        if _initialised:
+            return
+        _log_callback = C.llama_log_callback(_on_native_log)
+        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _initialised = True
+
+
+@contextlib.contextmanager
+def capture_native_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines (all levels) emitted inside the block."""
+    ensure_backend()
+    lines: list[str] = []
+    _log_capture.append(lines)
+    try:
+        yield lines
+    finally:
+        _log_capture.remove(lines)
+
+
+def supports_gpu_offload() -> bool:
+    ensure_backend()
+    return bool(lib().llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    ensure_backend()
+    return lib().llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of the extra weight buffer types llama.cpp's CPU device offers (e.g. AMX, CPU_REPACK).
+
+    These are what `use_extra_bufts=True` lets the loader pick, in this order.
+    """
+    ensure_backend()
+    from llama_cpp._ggml import libggml as g
+
+    vp = ctypes.c_void_p
+    g.ggml_backend_dev_count.restype = ctypes.c_size_t
+    g.ggml_backend_dev_get.argtypes, g.ggml_backend_dev_get.restype = [ctypes.c_size_t], vp
+    g.ggml_backend_dev_type.argtypes, g.ggml_backend_dev_type.restype = [vp], ctypes.c_int
+    g.ggml_backend_dev_backend_reg.argtypes, g.ggml_backend_dev_backend_reg.restype = [vp], vp
+    g.ggml_backend_reg_get_proc_address.argtypes, g.ggml_backend_reg_get_proc_address.restype = [vp, ctypes.c_char_p], vp
+    g.ggml_backend_buft_name.argtypes, g.ggml_backend_buft_name.restype = [vp], ctypes.c_char_p
+    names: list[str] = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) != 0:  # GGML_BACKEND_DEVICE_TYPE_CPU
+            continue
+        fn = g.ggml_backend_reg_get_proc_address(g.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+        if not fn:
+            continue
+        arr = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(fn)(dev)
+        j = 0
+        while arr and arr[j]:
+            names.append(g.ggml_backend_buft_name(arr[j]).decode())
+            j += 1
+    return names
+
+
+def default_threads() -> int:
+    """Threads for generation: every core we may run on, halved above 4 (SMT siblings)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    return max(1, n if n <= 4 else n // 2)
+
+
+class _Owner:
+    """close() once, from close(), `with`, or the finaliser."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_Owner):
+    """A loaded GGUF model (`llama_model*`) and its vocabulary."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_gpu_layers: int | None = None,
+        use_extra_bufts: bool = False,
+        vocab_only: bool = False,
+    ) -> None:
+        ensure_backend()
+        C = lib()
+        self.ptr = None
+        self.path = Path(path)
+        params = C.llama_model_default_params()
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if C.llama_supports_gpu_offload() else 0
+        params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = bool(use_extra_bufts)
+        params.vocab_only = bool(vocab_only)
+        self.n_gpu_layers = n_gpu_layers
+        self.use_extra_bufts = bool(use_extra_bufts)
+        ptr = C.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
+        if not ptr:
+            raise BackendError(f"{self.path}: llama.cpp could not load the model (llama_model_load_from_file returned NULL; see -vv log)")
+        self.ptr = ptr
+        self.vocab = C.llama_model_get_vocab(ptr)
+        if not self.vocab:
+            self.close()
+            raise BackendError(f"{self.path}: llama_model_get_vocab returned NULL")
+        self.n_embd = int(C.llama_model_n_embd(ptr))
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
+        self.bos = int(C.llama_vocab_bos(self.vocab))
+        self.eos = int(C.llama_vocab_eos(self.vocab))
+        self._pieces: list[bytes] | None = None
+        self._eog: frozenset[int] | None = None
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lib().llama_model_free(self.ptr)
+            self.ptr = None
+            self.vocab = None
+
+    def _check_open(self) -> None:
+        if not self.ptr:
+            raise BackendError(f"{self.path}: model is closed")
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as text (llama_model_meta_val_str), None when absent."""
+        self._check_open()
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = lib().llama_model_meta_val_str(self.ptr, key.encode("utf-8"), buf, len(buf))
+        if n < 0:
+            return None
+        return buf.value.decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation (EOS, EOT, ...), from a table built once."""
+        if self._eog is None:
+            self._build_tables()
+        return token in self._eog
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Text -> token ids with llama.cpp's tokenizer (special tokens not parsed)."""
+        self._check_open()
+        C = lib()
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        while True:
+            out = (C.llama_token * cap)()
+            n = C.llama_tokenize(self.vocab, raw, len(raw), out, cap, add_bos, False)
+            if n >= 0:
+                return list(out[:n])
+            if -n <= cap:
+                raise BackendError(f"llama_tokenize failed with code {n}")
+            cap = -n
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token renders to (control tokens render to b'')."""
+        if self._pieces is None:
+            self._build_tables()
+        return self._pieces[token]
+
+    def _build_tables(self) -> None:
+        """Every token's piece and the end-of-generation set (one pass, so decoding makes no calls)."""
+        self._check_open()
+        C = lib()
+        self._eog = frozenset(t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t))
+        self._pieces = self._all_pieces()
+
+    def _all_pieces(self) -> list[bytes]:
+        C = lib()
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        for tok in range(self.n_vocab):
+            n = C.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, tok, big, len(big), 0, False)
+                if n < 0:
+                    raise BackendError(f"llama_token_to_piece({tok}) failed with code {n}")
+                pieces.append(big.raw[:n])
+            else:
+                pieces.append(buf.raw[:n])
+        return pieces
+
+
+class LlamaBatch(_Owner):
+    """The arrays of a `llama_batch` for up to `capacity` entries of sequence 0.
+
+    Backed by numpy arrays we own (filled with vectorised writes, no per-token ctypes
+    calls). `tokens(...)` and `embd_view(...)` return `llama_batch` structs that point
+    into these arrays, and for embeddings into the caller's float32 buffer.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("batch capacity must be positive")
+        C = lib()
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_store = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq_store.ctypes.data
+        self.seq_ptrs = (i32p * capacity)(*[ctypes.cast(base + 4 * i, i32p) for i in range(capacity)])
+        self._p_token = self.token.ctypes.data_as(i32p)
+        self._p_pos = self.pos.ctypes.data_as(i32p)
+        self._p_nseq = self.n_seq_id.ctypes.data_as(i32p)
+        self._p_seq = ctypes.cast(self.seq_ptrs, ctypes.POINTER(i32p))
+        self._p_logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._struct_type = C.llama_batch
+        self._closed = False
+
+    def close(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self.token = self.pos = self.n_seq_id = self.seq_store = self.logits = None
+            self.seq_ptrs = None
+
+    def _fill(self, n: int, pos0: int, logits: str) -> None:
+        if self._closed:
+            raise BackendError("batch is closed")
+        if not 0 < n <= self.capacity:
+            raise ValueError(f"batch of {n} entries exceeds its capacity {self.capacity}")
+        self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self.logits[:n] = 1 if logits == "all" else 0
+        if logits in ("all", "last"):
+            self.logits[n - 1] = 1
+
+    def tokens(self, ids: Sequence[int] | np.ndarray, pos0: int, logits: str = "last"):
+        """A token batch: ids at positions pos0.., outputs 'all', 'last' or 'none'."""
+        n = len(ids)
+        self._fill(n, pos0, logits)
+        self.token[:n] = ids
+        return self._struct_type(n, self._p_token, None, self._p_pos, self._p_nseq, self._p_seq, self._p_logits)
+
+    def embd_view(self, rows: np.ndarray, pos0: int, logits: str = "last"):
+        """An embedding batch whose `embd` points at `rows` ([n, n_embd] float32, C-contiguous).
+
+        The caller must keep `rows` alive until llama_decode returns.
+        """
+        if rows.dtype != np.float32 or rows.ndim != 2 or not rows.flags.c_contiguous:
+            raise ValueError("embedding rows must be a C-contiguous float32 [n, n_embd] array")
+        n = rows.shape[0]
+        self._fill(n, pos0, logits)
+        p_embd = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        return self._struct_type(n, None, p_embd, self._p_pos, self._p_nseq, self._p_seq, self._p_logits)
+
+
+_DECODE_CODES = {
+    1: "no KV-cache slot for the batch (context full: increase n_ctx or shorten the prompt)",
+    2: "aborted",
+    -1: "invalid input batch",
+}
+
+
+_KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache (llama.cpp's default: f16)
+
+
+class LlamaContext(_Owner):
+    """An inference context (`llama_context*`): KV cache, threads, logits."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+    ) -> None:
+        C = lib()
+        self.ptr = None
+        self.model = model  # keeps the model alive as long as the context
+        model._check_open()
+        params = C.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        self.n_threads = n_threads or default_threads()
+        params.n_threads = self.n_threads
+        params.n_threads_batch = n_threads_batch or self.n_threads
+        params.no_perf = True
+        if flash_attn is not None:
+            params.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        if kv_type not in _KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {kv_type!r}")
+        params.type_k = params.type_v = _KV_TYPES[kv_type]
+        ptr = C.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise BackendError(f"{model.path}: llama_init_from_model returned NULL (n_ctx={n_ctx}, n_batch={n_batch})")
+        self.ptr = ptr
+        self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.n_batch = int(C.llama_n_batch(ptr))
+        self.n_vocab = model.n_vocab
+        self._mem = C.llama_get_memory(ptr)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lib().llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch) -> None:
+        if not self.ptr:
+            raise BackendError("llama context is closed")
+        rc = lib().llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc}: {_DECODE_CODES.get(rc, 'fatal error')}")
+
+    def logits_ith(self, i: int) -> np.ndarray:
+        """A copy of the logits of output i of the last decode (negative: from the end)."""
+        p = lib().llama_get_logits_ith(self.ptr, i)
+        if not p:
+            raise BackendError(f"llama_get_logits_ith({i}) returned NULL (that entry produced no output)")
+        return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
+
+    def logits_all(self, n_outputs: int) -> np.ndarray:
+        """A copy of every output row of the last decode, [n_outputs, n_vocab]."""
+        p = lib().llama_get_logits(self.ptr)
+        if not p:
+            raise BackendError("llama_get_logits returned NULL")
+        return np.ctypeslib.as_array(p, shape=(n_outputs, self.n_vocab)).copy()
+
+    def memory_truncate(self, n_keep: int) -> None:
+        """Drop cached positions >= n_keep of sequence 0."""
+        ok = lib().llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+        if not ok:
+            raise BackendError(f"llama_memory_seq_rm(seq 0, from {n_keep}) failed")
+
+    def memory_clear(self) -> None:
+        lib().llama_memory_clear(self._mem, True)
+
+    def memory_pos_max(self) -> int:
+        """Largest cached position of sequence 0, -1 when empty."""
+        return int(lib().llama_memory_seq_pos_max(self._mem, 0))
+
+
+class LlamaSampler(_Owner):
+    """A llama.cpp sampler chain: penalties -> top-k -> temperature -> top-p -> draw, or greedy."""
+
+    def __init__(
+        self,
+        n_vocab: int,
+        *,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        repeat_penalty: float,
+        repeat_last_n: int,
+        seed: int,
+    ) -> None:
+        C = lib()
+        self.ptr = None
+        params = C.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = C.llama_sampler_chain_init(params)
+        if not chain:
+            raise BackendError("llama_sampler_chain_init returned NULL")
+        self.ptr = chain
+        self.greedy = temperature <= 0.0
+        if repeat_penalty != 1.0:
+            self._add(C.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0), "penalties")
+        if self.greedy:
+            self._add(C.llama_sampler_init_greedy(), "greedy")
+            return
+        if top_k > 0:
+            self._add(C.llama_sampler_init_top_k(top_k), "top_k")
+        self._add(C.llama_sampler_init_temp(temperature), "temp")
+        if top_p < 1.0:
+            self._add(C.llama_sampler_init_top_p(top_p, 1), "top_p")
+        self._add(C.llama_sampler_init_dist(seed & 0xFFFFFFFF), "dist")
+
+    def _add(self, smpl, name: str) -> None:
+        if not smpl:
+            raise BackendError(f"llama_sampler_init_{name} returned NULL")
+        lib().llama_sampler_chain_add(self.ptr, smpl)  # the chain owns it from here
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lib().llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def accept(self, token: int) -> None:
+        lib().llama_sampler_accept(self.ptr, token)
+
+    def sample(self, ctx: LlamaContext, idx: int = -1) -> int:
+        """Draw a token from output idx of the last decode (also accepts it into the chain)."""
+        return int(lib().llama_sampler_sample(self.ptr, ctx.ptr, idx))
+
+
+QUANT_FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype values
+
+
+def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n_threads: int | None = None) -> None:
+    """Rewrite an f16/f32 GGUF as `quant` with llama.cpp's own quantizer (llama_model_quantize)."""
+    ensure_backend()
+    C = lib()
+    if quant not in QUANT_FTYPES:
+        raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_FTYPES)}")
+    params = C.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[quant]
+    params.nthread = n_threads or default_threads()
+    rc = C.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), ctypes.byref(params))
+    if rc != 0:
+        raise BackendError(f"{src}: llama_model_quantize to {quant} failed with code {rc}")
