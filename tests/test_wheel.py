@@ -49,7 +49,8 @@ def test_wheel_uses_the_onellm_namespace_only(wheel_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wheel_installs_and_cli_runs_in_fresh_venv(wheel_path: Path, tmp_path: Path) -> None:
+def test_wheel_installs_and_cli_runs_in_fresh_venv(wheel_path: Path, tmp_path: Path, tiny_bundle: Path) -> None:
+    """The core install alone (no torch, no export extra) answers from a bundle built earlier."""
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -74,3 +75,10 @@ def test_wheel_installs_and_cli_runs_in_fresh_venv(wheel_path: Path, tmp_path: P
     presets = _run([str(exe), "presets"], cwd=tmp_path, env=clean_env)
     assert presets.returncode == 0, presets.stderr
     assert "7b" in presets.stdout and "tiny" in presets.stdout
+    no_torch = _run([str(py), "-c", "import importlib.util; print(importlib.util.find_spec('torch') is None)"],
+                    cwd=tmp_path, env=clean_env)
+    assert no_torch.stdout.strip() == "True", "the core install pulled in torch"
+    ask = _run([str(exe), "ask", "--bundle", str(tiny_bundle), "--imu", str(REPO / "examples" / "imu" / "walk.csv"),
+                "--greedy", "--max-tokens", "8", "What is the person doing?"], cwd=tmp_path, env=clean_env, timeout=300)
+    assert ask.returncode == 0, ask.stderr[-3000:]
+    assert ask.stdout.strip() and "RANDOM weights" in ask.stderr

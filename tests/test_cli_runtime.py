@@ -1,0 +1,143 @@
+"""`onellm ask / encode / export / inspect` as a user runs them, and the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onellm.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+IMU = str(EXAMPLES / "imu" / "walk.csv")
+
+
+def _run(*args: str, **kw):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False, **kw)
+
+
+def test_ask_streams_an_answer_and_says_weights_are_random(tiny_bundle):
+    res = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "12",
+               "What is the person doing?")
+    assert res.exit_code == 0, res.output
+    assert "RANDOM weights" in res.stderr
+    assert res.stdout.strip(), "no answer printed"
+
+
+def test_ask_json_has_answer_ids_and_timings(tiny_bundle):
+    res = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "8", "--json",
+               "What is the person doing?")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["modality"] == "imu" and out["random_weights"] is True
+    assert 0 < len(out["token_ids"]) <= 8
+    for key in ("bundle_load_s", "preprocess_s", "encode_s", "prefill_s", "first_token_s", "decode_tokens_per_s",
+                "peak_rss_mib"):
+        assert out["timings"][key] >= 0, key
+    assert out["input"]["window_start_s"] == 0.0 if "window_start_s" in out["input"] else True
+
+
+def test_encode_then_ask_embeddings_gives_the_same_answer(tiny_bundle, tmp_path):
+    emb = tmp_path / "emb.npy"
+    res = _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb))
+    assert res.exit_code == 0, res.output
+    block = np.load(emb)
+    assert block.shape == (32, 128) and block.dtype == np.float32
+    again = _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb))
+    assert again.exit_code == 2 and "--force" in again.stderr  # nothing overwritten without asking
+    a = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "10", "--json", "Q?")
+    b = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "--modality", "imu", "--greedy",
+             "--max-tokens", "10", "--json", "Q?")
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--imu", str(EXAMPLES / "fmri" / "betas.npy")], "betas.npy"),
+        (["--depth", str(EXAMPLES / "depth" / "depth.png")], "--image"),
+        (["--imu", "/nonexistent/walk.csv"], "walk.csv"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tiny_bundle, args, expect):
+    res = _run("ask", "--bundle", str(tiny_bundle), *args, "Q?")
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("onellm: error:")]
+    assert len(errors) == 1 and expect in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path):
+    res = _run("ask", "--bundle", str(tmp_path / "nope"), "--imu", IMU, "Q?")
+    assert res.exit_code == 1 and "no such directory" in res.stderr
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = _run("export", "--demo", "--out", str(out))
+    assert res.exit_code == 2 and "--force" in res.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_inspect_prints_parity_and_random_notice(tiny_bundle):
+    res = _run("inspect", str(tiny_bundle))
+    assert res.exit_code == 0, res.output
+    assert "RANDOM" in res.stdout and "cosine" in res.stdout and "imu" in res.stdout
+    raw = json.loads(_run("inspect", str(tiny_bundle), "--json").stdout)
+    assert raw["schema"] == "onellm-bundle"
+
+
+def test_verify_rechecks_parity(tiny_bundle, tiny_checkpoint):
+    res = _run("verify", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint))
+    assert res.exit_code == 0, res.output
+    assert "checks passed" in res.stdout and "FAIL" not in res.stdout
+
+
+BLOCK_TORCH = (
+    "import sys, importlib.abc\n"
+    "class _NoTorch(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+)
+
+
+def test_runtime_works_with_torch_unimportable(tiny_bundle, tmp_path):
+    """`onellm ask` and the Python API run with torch blocked (a user who never installed it)."""
+    script = BLOCK_TORCH + (
+        "from onellm.runtime.pipeline import Pipeline\n"
+        "from onellm.runtime.decoder import Sampling\n"
+        f"p = Pipeline.load({str(tiny_bundle)!r}, device='cpu')\n"
+        f"chunks = list(p.ask('Q?', imu={IMU!r}, stream=True, sampling=Sampling.greedy(6)))\n"
+        "assert 'torch' not in sys.modules\n"
+        "from onellm.cli import main\n"
+        f"sys.argv = ['onellm', 'ask', '--bundle', {str(tiny_bundle)!r}, '--imu', {IMU!r}, '--greedy',"
+        " '--max-tokens', '6', 'Q?']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "ONELLM_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch is blocked" not in proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_no_bundle_without_torch_says_how_to_get_one(tmp_path):
+    script = BLOCK_TORCH + (
+        "from onellm.cli import main\n"
+        f"sys.argv = ['onellm', 'ask', '--imu', {IMU!r}, 'Q?']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "ONELLM_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 1
+    assert "onellm export --demo" in proc.stderr and "Traceback" not in proc.stderr
