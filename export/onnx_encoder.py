@@ -443,6 +443,7 @@ def export_encoders(
             for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed).items():
                 graphs[p][job.name] = entry
     results = {}
+    references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # modality -> (input, torch output)
     done = len(jobs)
     for p in precisions:
         result = {
@@ -457,7 +458,7 @@ def export_encoders(
             "graphs": graphs[p],
             "modalities": {m: _modality_entry(ref, cfg, m) for m in modalities},
         }
-        _validate_chains(ref, result, root, p, modalities, progress, done, total, seed)
+        _validate_chains(ref, result, root, p, modalities, progress, done, total, seed, references)
         done += len(modalities)
         results[p] = result
     if progress:
@@ -694,19 +695,24 @@ def _modality_entry(ref: OneLLM, cfg: ModelConfig, m: str) -> dict[str, Any]:
 
 
 def _validate_chains(ref: OneLLM, result: dict, root: Path, precision: str, modalities: Sequence[str],
-                     progress: Progress | None, done: int, total: int, seed: int) -> None:
-    """Every modality's whole chain, run by the runtime's Encoder, vs `OneLLM.encode`."""
+                     progress: Progress | None, done: int, total: int, seed: int,
+                     references: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Every modality's whole chain, run by the runtime's Encoder, vs `OneLLM.encode`.
+
+    `references` caches (input, torch output) per modality across precisions.
+    """
     from onellm.runtime.encoder import Encoder
 
-    rng = np.random.default_rng(seed)
     floor = PARITY_MIN_COSINE[precision]
     with Encoder(result, root, device="cpu", verify=False) as enc:
         for i, m in enumerate(modalities):
             if progress:
                 progress(f"chain {m}", done + i, total)
-            x = get_modality(m).dummy_input(rng).astype(np.float32)
-            with torch.no_grad():
-                expected = ref.encode(m, torch.from_numpy(x)[None]).float().numpy()[0]
+            if m not in references:
+                x = get_modality(m).dummy_input(np.random.default_rng([seed, i])).astype(np.float32)
+                with torch.no_grad():
+                    references[m] = (x, ref.encode(m, torch.from_numpy(x)[None]).float().numpy()[0])
+            x, expected = references[m]
             got = enc.encode(m, x)
             fig = compare(expected, got)
             fig["against"] = "OneLLM.encode (torch fp32)"

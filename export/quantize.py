@@ -60,8 +60,16 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: tuple[str, ...] = ()) ->
 
 
 def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time)."""
+    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time).
+
+    Per-channel scales when every MatMul weight is a 2-D matrix; onnxruntime's
+    MatMulIntegerToFloat rejects per-channel zero points of stacked [E, in, out] weights
+    (the batched-experts UPM), which then gets per-tensor scales.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if per_channel and _has_stacked_matmul_weights(src):
+        per_channel = False
 
     # onnxruntime.quantization logs its advice through the root logger; keep it quiet here.
     root = logging.getLogger()
@@ -75,3 +83,9 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
         )
     finally:
         root.setLevel(level)
+
+
+def _has_stacked_matmul_weights(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: len(i.dims) for i in model.graph.initializer}
+    return any(n.op_type == "MatMul" and dims.get(n.input[1], 2) > 2 for n in model.graph.node)
