@@ -321,6 +321,10 @@ class LlamaBatch(_Owner):
             raise BackendError("batch is closed")
         if not 0 < n <= self.capacity:
             raise ValueError(f"batch of {n} entries exceeds its capacity {self.capacity}")
+        if n == 1:  # the decode loop's case: skip the numpy temporaries
+            self.pos[0] = pos0
+            self.logits[0] = 0 if logits == "none" else 1
+            return
         self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
         self.logits[:n] = 1 if logits == "all" else 0
         if logits in ("all", "last"):
