@@ -81,3 +81,24 @@ def tiny_gguf(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path_factory):
         return written[quant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A bundle exported from the tiny checkpoint: fp32 encoder, f32 GGUF (the parity setting)."""
+    from onellm.export.bundle import build_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    build_bundle(out, tiny_config, tiny_checkpoint, tiny_tokenizer, encoder_precision="fp32",
+                 decoder_quant="f32", random_weights=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_bundle):
+    """The runtime Pipeline on `tiny_bundle` (CPU). Shared: tests must not close it."""
+    from onellm.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    yield pipe
+    pipe.close()
