@@ -69,6 +69,8 @@ class Generation:
     tokens: list[int] = dataclasses.field(default_factory=list)  # sampled ids (the stop/EOS token included)
     stop_reason: str = ""  # "stop_string" | "eos" | "max_new_tokens" | "context_full" | "cancelled"
     seconds: float = 0.0
+    # with generate(logprobs=K): per sampled token, the K most likely (id, log-probability)
+    logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -336,6 +338,7 @@ class Session:
         *,
         cancel: threading.Event | None = None,
         stop: Sequence[str] = STOP_STRINGS,
+        logprobs: int = 0,
     ) -> Iterator[str]:
         """Stream answer text after a `prefill`; `self.last` holds the `Generation` when done.
 
@@ -370,6 +373,9 @@ class Session:
                     if cancel is not None and cancel.is_set():
                         reason = "cancelled"
                         break
+                    if logprobs > 0:
+                        result.logprobs = result.logprobs if result.logprobs is not None else []
+                        result.logprobs.append(_top_logprobs(ctx.logits_ith(-1), logprobs))
                     tok = sampler.sample(ctx, -1)
                     result.tokens.append(tok)
                     self.tokens_generated += 1
@@ -403,6 +409,17 @@ class Session:
             pass
         assert self.last is not None
         return self.last
+
+
+def _top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely ids of a logit row with their log-probabilities (log-softmax)."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    k = min(k, x.size)
+    idx = np.argpartition(-x, k - 1)[:k]
+    idx = idx[np.argsort(-x[idx], kind="stable")]
+    return [(int(i), float(x[i] - lse)) for i in idx]
 
 
 class Decoder:

@@ -312,7 +312,8 @@ class _AnswerStream:
             sampling = sampling or Sampling()
             first = None
             n0 = session.tokens_generated
-            for chunk in session.generate(sampling, cancel=stop_event, stop=tuple(pipe.manifest["prompt"]["stop"])):
+            for chunk in session.generate(sampling, cancel=stop_event, stop=tuple(pipe.manifest["prompt"]["stop"]),
+                                          logprobs=self.logprobs):
                 if first is None:
                     first = time.perf_counter()
                 yield chunk
@@ -328,7 +329,8 @@ class _AnswerStream:
             timings["total_s"] = t2 - t_start
             timings["peak_rss_mib"] = peak_rss_mib()
             self.answer = Answer(text=gen.text, modality=modality, token_ids=list(gen.tokens),
-                                 stop_reason=gen.stop_reason, timings=timings, inputs=meta)
+                                 stop_reason=gen.stop_reason, timings=timings, inputs=meta,
+                                 logprobs=gen.logprobs)
             if chat is not None:
                 conv.set_answer(gen.text)
 

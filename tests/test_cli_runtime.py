@@ -141,3 +141,38 @@ def test_no_bundle_without_torch_says_how_to_get_one(tmp_path):
                           cwd=tmp_path, env={**os.environ, "ONELLM_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 1
     assert "onellm export --demo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_logprobs_are_the_reference_log_softmax(tiny_bundle, tiny_model, tiny_tokenizer):
+    """--logprobs K: the K best ids per step with log-probabilities close to torch's log-softmax."""
+    import torch
+
+    from onellm.ref.generate import generate
+
+    res = _run("ask", "--bundle", str(tiny_bundle), "--fmri", str(EXAMPLES / "fmri" / "betas.npy"), "--greedy",
+               "--max-tokens", "6", "--json", "--logprobs", "3", "Q?")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    steps = out["logprobs"]
+    assert len(steps) == len(out["token_ids"])
+    from onellm.runtime.modalities import get_modality
+
+    x = get_modality("fmri").preprocess(str(EXAMPLES / "fmri" / "betas.npy")).array
+    ref = generate(tiny_model, str(tiny_tokenizer), "Q?", ("fmri", torch.from_numpy(x)), greedy=True,
+                   max_new_tokens=6, return_logits=True, stop_strings=())
+    ref_lp = torch.log_softmax(ref.step_logits.double(), dim=-1).numpy()
+    for i, step in enumerate(steps[: len(ref.token_ids)]):
+        assert len(step) == 3
+        assert step[0]["id"] == out["token_ids"][i]  # greedy picks the most likely
+        assert [s["logprob"] for s in step] == sorted((s["logprob"] for s in step), reverse=True)
+        for s in step:
+            assert abs(s["logprob"] - ref_lp[i, s["id"]]) < 1e-3, (i, s)
+
+
+def test_embedding_example_program_runs(tiny_bundle):
+    """examples/embed_pipeline.py (the desktop-app example) works against a bundle."""
+    example = EXAMPLES / "embed_pipeline.py"
+    proc = subprocess.run([sys.executable, str(example), str(tiny_bundle)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "turn 2:" in proc.stdout and "cancelled answer" in proc.stdout
