@@ -785,5 +785,72 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
                 click.echo(" [stopped]", nl=False)
             click.echo("")
 
+
+# --------------------------------------------------------------------------- bench
+
+
+@main.command("bench")
+@click.option("--preset", default="tiny", show_default=True,
+              help="tiny (seconds, CI), bench (release encoder + ~1B decoder) or 7b (needs --checkpoint).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Model config JSON instead of --preset.")
+@click.option("--modalities", default=None, help="Comma list (default image,imu).")
+@click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
+@click.option("--decoder-quants", default=None, help="Comma list of f32,f16,q8_0,q4_k_m (default f16,q8_0,q4_k_m).")
+@click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
+@click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
+@click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Where bench.json, bench.md and bench.png go.")
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="Reuse this exported bundle (must match the config) instead of the cached one.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="A real checkpoint (default: a seeded random one, synthesised once and cached).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), default=None,
+              help="The checkpoint's tokenizer.model.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Cache of the synthesised checkpoint and bundle (default $ONELLM_CACHE_DIR/bench/<preset>-<hash>).")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch reference rows.")
+@click.option("--no-baselines", is_flag=True, help="Skip llama-cpp-python / plain onnxruntime overhead rows.")
+@click.option("--no-footprint", is_flag=True, help="Skip the fresh-process load time / peak RSS probes.")
+@click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~30 GB on disk).")
+@click.option("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Also run GPU encoder rows when onnxruntime has CUDA (auto).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the Markdown table.")
+@handle_errors
+def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quants, repeats, warmup, new_tokens,
+              out_dir, bundle, checkpoint, tokenizer_path, work_dir, no_torch, no_baselines, no_footprint,
+              synthesize, threads, device, as_json) -> None:
+    """Measure the whole chain stage by stage: runtime vs the torch reference vs the machine's ceilings.
+
+    Writes bench.json (schema onellm-bench v1), bench.md and bench.png into --out. The
+    checkpoint (random unless --checkpoint) and the exported bundle are cached under
+    --work-dir, so a rerun does not export again.
+    """
+    import json
+
+    from onellm.benchmarks.bench import BenchOptions, run_bench
+    from onellm.benchmarks.report import validate, write_reports
+
+    opts = BenchOptions(
+        preset=None if config_path else preset, config_path=config_path,
+        modalities=modalities.split(",") if modalities else None,
+        encoder_precisions=encoder_precisions, decoder_quants=decoder_quants, repeats=repeats, warmup=warmup,
+        new_tokens=new_tokens, bundle=bundle, checkpoint=checkpoint, tokenizer=tokenizer_path, work_dir=work_dir,
+        torch_reference=not no_torch, synthesize=synthesize, threads=threads, footprint=not no_footprint,
+        plain_baselines=not no_baselines, device=device,
+    )
+    result = run_bench(opts, progress=lambda msg: click.echo(f"bench: {msg}", err=True))
+    paths = write_reports(result, out_dir)
+    problems = validate(json.loads(paths["json"].read_text()))
+    for p in problems:
+        click.echo(f"onellm: warning: bench.json schema: {p}", err=True)
+    if as_json:
+        click.echo(paths["json"].read_text(), nl=False)
+    else:
+        click.echo(paths["md"].read_text())
+    click.echo(f"bench: wrote {', '.join(str(p) for p in paths.values() if p)}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

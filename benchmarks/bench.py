@@ -1,0 +1,1131 @@
+"""`onellm bench`: the whole chain, stage by stage, against the PyTorch reference and the machine's ceilings.
+
+In: a preset (`tiny`, `bench`, `7b`) or a config, and optionally a checkpoint and a
+bundle. Without a checkpoint a seeded RANDOM one is synthesised (random weights are
+fine for timing; every report says so). The checkpoint, its tokenizer and the exported
+bundle are cached under a work directory (default `$ONELLM_CACHE_DIR/bench/<preset>-<hash>/`),
+so a rerun measures without exporting again.
+
+Out: one dict (schema `onellm-bench` v1, see `benchmarks/report.py`), written as JSON,
+a Markdown table and a PNG chart by `report.write_reports`.
+
+One run, in this order once the checkpoint and bundle exist (each backend on its own,
+so thread pools never alternate):
+ 1. the machine's ceilings: memory bandwidth (a large numpy copy) and peak matmul rate
+    (a square GEMM through torch fp32/bf16, numpy and onnxruntime's MLAS);
+ 2. the torch reference, eager fp32 and then bf16 (the model cast in place; the point
+    tokenizer stays fp32): encoder stages per modality, decoder prefill / first token /
+    greedy decode on the fp32 encoder block;
+ 3. the runtime's encoder per exported precision (onnxruntime, IOBinding chain), its
+    stages, output cosine vs torch fp32, and the same graphs run as plain
+    `session.run` calls (our chain's overhead);
+ 4. the runtime's decoder per GGUF quantization (llama.cpp through our Session), greedy
+    agreement with torch fp32, and llama-cpp-python's own `Llama.generate` on the same
+    GGUF and prompt (our decode loop's overhead);
+ 5. a two-turn chat through `Pipeline` (the follow-up's time to first token);
+ 6. per runtime configuration, a fresh subprocess that loads the bundle and answers once
+    (bundle load time and peak RSS, undisturbed by the rest of the run).
+Every timing is the median of `repeats` runs after `warmup` runs, with min and max.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onellm.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "onellm-bench"
+SCHEMA_VERSION = 1
+SEED = 1234  # of the synthesised checkpoint
+RANDOM_NOTICE = ("Weights are RANDOM (seeded): timings are those of the real architecture and sizes, "
+                 "but answers are meaningless text and agreement figures compare backends, not quality.")
+PRESET_DEFAULTS = {  # per preset: modalities, repeats, warmup, new tokens, GEMM size, copy size (MiB)
+    "tiny": {"modalities": ("image", "imu"), "repeats": 3, "warmup": 1, "new_tokens": 16, "gemm_n": 512, "copy_mib": 64},
+    "bench": {"modalities": ("image", "imu"), "repeats": 3, "warmup": 1, "new_tokens": 32, "gemm_n": 2048,
+              "copy_mib": 1024},
+    "7b": {"modalities": ("image", "imu"), "repeats": 2, "warmup": 1, "new_tokens": 32, "gemm_n": 2048, "copy_mib": 1024},
+}
+N_CTX = 1024  # decoder context of every measurement (or the model's, if shorter)
+ENCODER_STAGES = ("preprocess", "tokenizer", "clip_trunk", "upm_projection")
+QUESTION_2 = "Tell me more about it."
+# the example file of each modality in a source checkout (examples/), as reader keyword arguments
+EXAMPLES = {
+    "image": {"image": "image/photo.jpg"},
+    "video": {"video": "video/clip.mp4"},
+    "audio": {"audio": "audio/speech.wav"},
+    "point": {"point": "point/mug.ply"},
+    "rgbd": {"depth": "depth/depth.png", "image": "image/photo.jpg"},
+    "rgbn": {"normal": "normal/normal.png", "image": "image/photo.jpg"},
+    "imu": {"imu": "imu/walk.csv"},
+    "fmri": {"fmri": "fmri/betas.npy"},
+}
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """What `onellm bench` was asked to do."""
+
+    preset: str | None = "tiny"  # preset name (ignored with config_path)
+    config_path: str | None = None  # a model config JSON instead of a preset
+    modalities: Sequence[str] | None = None  # default: the preset's (image, imu)
+    encoder_precisions: Sequence[str] | None = None  # default fp32, int8 (+ fp16 when a GPU is used)
+    decoder_quants: Sequence[str] | None = None  # default f16, q8_0, q4_k_m
+    repeats: int | None = None  # timed runs per measurement
+    warmup: int | None = None  # untimed runs before them
+    new_tokens: int | None = None  # greedy tokens generated per decode measurement
+    bundle: str | None = None  # an exported bundle to reuse (must match the config)
+    checkpoint: str | None = None  # a real checkpoint (else a random one is synthesised)
+    tokenizer: str | None = None  # its tokenizer.model
+    work_dir: str | None = None  # cache of the synthesised checkpoint and bundle
+    torch_reference: bool = True  # run the torch rows (needs the checkpoint in RAM)
+    synthesize: bool = False  # allow synthesising a random checkpoint for the 7b preset
+    threads: int | None = None  # CPU threads for every backend (default: physical cores)
+    footprint: bool = True  # the subprocess load/peak-RSS probes
+    plain_baselines: bool = True  # llama-cpp-python and plain onnxruntime rows
+    device: str = "auto"  # encoder device for GPU rows: cpu | cuda | auto
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """{median, min, max, n} of a list of seconds (or any figure)."""
+    xs = [float(x) for x in samples]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def repeat(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[list[Any], Any]:
+    """Run fn warmup + repeats times; returns (the timed runs' results, the last result)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    results = []
+    for _ in range(max(1, repeats)):
+        out = fn()
+        results.append(out)
+    return results, out
+
+
+def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def _status_bytes(key: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process, MiB (Linux; else the peak)."""
+    cur = _status_bytes("VmRSS")
+    return cur / 2**20 if cur else peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def prefix_match(ref: Sequence[int], got: Sequence[int]) -> float:
+    """Fraction of `ref` reproduced before the first differing token."""
+    n = 0
+    for a, b in zip(ref, got):
+        if a != b:
+            break
+        n += 1
+    return n / max(1, len(ref))
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, library versions and llama.cpp's system info."""
+    from importlib import metadata
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu_model"] = fields.get("Model name", platform.processor())
+        info["cpu_vendor"] = fields.get("Vendor ID", "")
+        info["cpus"] = int(fields.get("CPU(s)", os.cpu_count() or 0))
+        info["threads_per_core"] = int(fields.get("Thread(s) per core", 1))
+        flags = fields.get("Flags", "").split()
+        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma", "f16c"))
+                                   or f in ("avx_vnni",))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        info["cpu_model"] = platform.processor()
+        info["cpus"] = os.cpu_count() or 0
+    from onellm.runtime.encoder import physical_cores
+
+    info["physical_cores"] = physical_cores()
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        info["memory_gib"] = round(mem["MemTotal"] / 2**30, 1)
+        info["memory_available_gib"] = round(mem.get("MemAvailable", 0) / 2**30, 1)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "llama-cpp-python", "torch", "numpy", "onnx", "gguf"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    try:
+        import llama_cpp
+
+        info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception as exc:  # noqa: BLE001 - informational only
+        info["llama_cpp_system_info"] = f"unavailable ({exc})"
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["torch_cuda"] = bool(torch.cuda.is_available())
+    except ImportError:
+        pass
+    return info
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512_BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read(1 << 16)
+    except OSError:
+        return False
+    return any(f in text.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def measure_bandwidth(size_mib: int, repeats: int) -> dict[str, Any]:
+    """Memory bandwidth from a large numpy copy: (read + write bytes) / time, GB/s."""
+    n = size_mib * 2**20 // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    times, _ = repeat(lambda: _clock(lambda: np.copyto(dst, src))[0], repeats, 1)
+    rates = [2 * src.nbytes / t / 1e9 for t in times]
+    del src, dst
+    return {"method": f"numpy copyto of {size_mib} MiB (bytes read + written / time)",
+            "gb_s": summarize(rates), "bytes": 2 * n * 8}
+
+
+def measure_gemm(n: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Peak matmul rate of an n x n x n GEMM through each math library the backends use, GFLOP/s."""
+    flops = 2.0 * n ** 3
+    out: dict[str, Any] = {"n": n}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+
+    def rate(fn) -> dict[str, float]:
+        times, _ = repeat(lambda: _clock(fn)[0], repeats, 1)
+        return summarize([flops / t / 1e9 for t in times])
+
+    out["numpy_fp32"] = {"library": f"numpy {np.__version__} BLAS", "gflop_s": rate(lambda: a @ b)}
+    try:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        with torch.inference_mode():
+            out["torch_fp32"] = {"library": "torch (oneDNN/MKL)", "gflop_s": rate(lambda: ta @ tb)}
+            if bf16_supported():
+                ha, hb = ta.bfloat16(), tb.bfloat16()
+                out["torch_bf16"] = {"library": "torch (oneDNN)", "gflop_s": rate(lambda: ha @ hb)}
+    except ImportError:
+        pass
+    try:
+        out["onnxruntime_fp32"] = {"library": "onnxruntime MatMul (MLAS)", "gflop_s": rate(_ort_matmul(a, b, threads))}
+    except Exception as exc:  # noqa: BLE001 - a missing ceiling must not stop the run
+        log.warning("onnxruntime GEMM ceiling skipped: %s", exc)
+    return out
+
+
+def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int) -> Callable[[], Any]:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = a.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        initializer=[numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(model)
+    return lambda: sess.run(None, {"a": a})
+
+
+# ----------------------------------------------------------------------------- cost models
+
+
+def encoder_flops(cfg, modality: str) -> dict[str, float]:
+    """Multiply-add count x2 of each encoder stage of one input (attention scores included)."""
+    from onellm.runtime.modalities import get_modality
+
+    spec = get_modality(modality)
+    c, u, t = cfg.clip, cfg.upm, cfg.tokenizers
+    w, kind, frames = c.width, spec.tokenizer_kind, spec.n_frames
+    n_patch = cfg.tokenizers.n_patch_tokens(kind, c)
+    length = n_patch + 1
+    tok = {
+        "clip_patch": frames * n_patch * 3 * c.patch_size ** 2 * w,
+        "conv2d": n_patch * t.audio_kernel ** 2 * w,
+        "conv1d": n_patch * t.imu_channels * t.imu_kernel * w,
+        "linear": t.fmri_voxels * w * t.fmri_tokens,
+        "point_patch": t.point_groups * t.point_k * t.point_channels * w,
+    }[kind]
+    trunk = frames * c.layers * (4 * length * w * w + 2 * length * length * w + 2 * length * w * c.mlp_dim)
+    rows = length + u.n_resample_tokens
+    block = 4 * rows * w * w + 2 * rows * rows * w + 3 * rows * w * cfg.upm_ffn_hidden
+    upm = length * w * w + u.n_experts * u.depth * block + u.n_resample_tokens * w * cfg.decoder.dim
+    return {"tokenizer": 2.0 * tok, "clip_trunk": 2.0 * trunk, "upm_projection": 2.0 * upm,
+            "total": 2.0 * (tok + trunk + upm)}
+
+
+def gguf_bytes_per_token(path: str | os.PathLike) -> int:
+    """Bytes of weights llama.cpp reads per decoded token: every tensor but the embedding table."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return int(sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight"))
+
+
+def torch_bytes_per_token(model) -> int:
+    return int(sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if n.split(".")[0] in ("layers", "norm", "output")))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def examples_dir() -> Path | None:
+    """`examples/` of the source checkout this package runs from, if any."""
+    here = Path(__file__).resolve().parent.parent / "examples"
+    return here if here.is_dir() else None
+
+
+def modality_sources(modalities: Sequence[str], work: Path) -> dict[str, dict[str, Any]]:
+    """Per modality, reader keyword arguments for a real input file (examples/ or synthesised)."""
+    ex = examples_dir()
+    out: dict[str, dict[str, Any]] = {}
+    for m in modalities:
+        files = EXAMPLES.get(m, {})
+        if ex is not None and files and all((ex / f).is_file() for f in files.values()):
+            out[m] = {k: str(ex / f) for k, f in files.items()}
+        elif m == "image":
+            out[m] = {"image": str(_synth_image(work))}
+        elif m == "imu":
+            out[m] = {"imu": str(_synth_imu(work))}
+    return out
+
+
+def _synth_image(work: Path) -> Path:
+    from PIL import Image
+
+    path = work / "inputs" / "photo.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _synth_imu(work: Path) -> Path:
+    path = work / "inputs" / "walk.csv"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = np.arange(400) / 100.0
+        cols = [t] + [np.sin(2 * np.pi * (1 + k) * t) for k in range(6)]
+        rows = ["time_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"]
+        rows += [",".join(f"{v:.5f}" for v in r) for r in np.stack(cols, 1)]
+        path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def read_source(modality: str, source: dict[str, Any]):
+    """Run the runtime reader on a source dict (as Pipeline.ask keyword arguments)."""
+    from onellm.runtime.pipeline import read_input
+
+    src = dict(source)
+    image = src.pop("image", None)
+    if not src:  # the image modality itself
+        return read_input(modality, image)
+    (_, path), = src.items()
+    return read_input(modality, path, image=image)
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+def bench_config(opts: BenchOptions):
+    """The model config, restricted to the benchmarked modalities."""
+    from onellm.ref.config import resolve_config
+
+    cfg = resolve_config(None if opts.config_path else (opts.preset or "tiny"), opts.config_path)
+    mods = tuple(opts.modalities or PRESET_DEFAULTS.get(cfg.name, PRESET_DEFAULTS["tiny"])["modalities"])
+    bad = [m for m in mods if m not in cfg.modalities]
+    if bad:
+        raise ConfigError(f"modality {', '.join(bad)} not in config {cfg.name!r} (it has {', '.join(cfg.modalities)})")
+    return dataclasses.replace(cfg, modalities=mods)
+
+
+def _config_key(cfg) -> str:
+    d = cfg.to_dict()
+    d.pop("modalities")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_work_dir(cfg) -> Path:
+    from onellm.runtime.bundle import cache_dir
+
+    return cache_dir() / "bench" / f"{cfg.name}-{_config_key(cfg)}"
+
+
+def prepare_artifacts(cfg, opts: BenchOptions, precisions: Sequence[str], quants: Sequence[str],
+                      progress: Callable[[str], None]) -> dict[str, Any]:
+    """Checkpoint, tokenizer and bundle paths; synthesises and exports what the cache lacks."""
+    work = Path(opts.work_dir) if opts.work_dir else default_work_dir(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    random_weights = opts.checkpoint is None
+    bundle = Path(opts.bundle) if opts.bundle else work / "bundle"
+    reason = _bundle_mismatch(bundle, cfg, precisions, quants)
+    if reason and opts.bundle:
+        raise ConfigError(f"{bundle}: cannot reuse this bundle: {reason}")
+    if opts.checkpoint:
+        ckpt, tok = Path(opts.checkpoint), opts.tokenizer
+        if not tok:
+            raise ConfigError("--checkpoint needs --tokenizer (the LLaMA tokenizer.model)")
+        tok = Path(tok)
+    else:
+        if cfg.name == "7b" and not opts.synthesize:
+            raise ConfigError("the 7b preset needs --checkpoint and --tokenizer (the release), or --synthesize "
+                              "to write a random 7B checkpoint (~30 GB fp32 on disk)")
+        ckpt = work / "checkpoint" / "consolidated.00-of-01.pth"
+        tok = work / "tokenizer" / "tokenizer.model"
+        if not tok.is_file():
+            from onellm.ref.testing import train_tiny_tokenizer
+
+            train_tiny_tokenizer(tok.parent, vocab_size=min(512, cfg.decoder.vocab_size))
+        if not ckpt.is_file():
+            from onellm.ref.testing import save_random_checkpoint
+
+            progress(f"synthesising a random {cfg.name} checkpoint (seed {SEED}) in {ckpt.parent}")
+            t0 = time.perf_counter()
+            save_random_checkpoint(cfg, ckpt, seed=SEED, modalities=tuple(cfg.modalities))
+            progress(f"checkpoint written in {time.perf_counter() - t0:.0f}s")
+    exported = False
+    if reason:
+        from onellm.export.bundle import build_bundle
+
+        progress(f"exporting the bundle to {bundle} ({reason}): encoder {','.join(precisions)}, "
+                 f"decoder {','.join(quants)}")
+        t0 = time.perf_counter()
+        last = [0.0]
+
+        def step(what: str, done: int, total: int) -> None:
+            if time.perf_counter() - last[0] > 20:
+                last[0] = time.perf_counter()
+                progress(f"  export: {what} ({done}/{total})")
+
+        native = logging.getLogger("onellm.runtime.llama_cpp")
+        level = native.level
+        native.setLevel(logging.ERROR)  # the quantizer's per-tensor fallback notices (tiny widths)
+        try:
+            build_bundle(bundle, cfg, ckpt, tok, encoder_precision=list(precisions), decoder_quant=list(quants),
+                         force=True, random_weights=random_weights, progress=step)
+        finally:
+            native.setLevel(level)
+        progress(f"bundle exported in {time.perf_counter() - t0:.0f}s")
+        exported = True
+    from onellm.runtime.bundle import load_manifest
+
+    manifest = load_manifest(bundle, verify=True)
+    return {"work_dir": work, "checkpoint": ckpt, "tokenizer": tok, "bundle": bundle, "manifest": manifest,
+            "random_weights": bool(manifest.get("random_weights", random_weights)), "exported_now": exported}
+
+
+def _bundle_mismatch(bundle: Path, cfg, precisions, quants) -> str | None:
+    mf = bundle / "manifest.json"
+    if not mf.is_file():
+        return "no bundle yet"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest ({exc})"
+    have = manifest.get("config", {})
+    want = cfg.to_dict()
+    for part in ("clip", "upm", "tokenizers", "decoder"):
+        if have.get(part) != want[part]:
+            return f"its {part} config differs from {cfg.name!r}"
+    missing = [m for m in cfg.modalities if m not in manifest.get("modalities", [])]
+    missing += [p for p in precisions if p not in manifest.get("encoder", {}).get("precisions", {})]
+    missing += [q for q in quants if q not in manifest.get("decoder", {}).get("quants", {})]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    return None
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def bench_torch(cfg, ckpt: Path, inputs: dict[str, np.ndarray], prompt: dict[str, list[int]], new_tokens: int,
+                repeats: int, warmup: int, dtypes: Sequence[str], bpt_model: dict) -> dict[str, Any]:
+    """Torch eager rows (encoder stages, decoder prefill/decode) for each dtype, fp32 first.
+
+    Returns {"encoder": rows, "decoder": rows, "blocks": {modality: fp32 block},
+    "greedy": {modality: fp32 greedy tokens}, "load_s", "bytes_per_token"}.
+    """
+    import torch
+
+    from onellm.ref.checkpoint import load_model
+
+    t0 = time.perf_counter()
+    rss0 = rss_mib()
+    model, _ = load_model(cfg, ckpt, dtype="fp32")
+    model.eval()
+    load_s = time.perf_counter() - t0
+    enc_rows, dec_rows = [], []
+    blocks: dict[str, np.ndarray] = {}
+    greedy: dict[str, list[int]] = {}
+    for dtype in dtypes:
+        if dtype == "bf16":
+            t0 = time.perf_counter()
+            model.to(torch.bfloat16)
+            if "point" in model.conv1:
+                model.conv1["point"].float()  # the point tokenizer runs in fp32 (spec section 4)
+            load_s = time.perf_counter() - t0  # the cast
+        bytes_per_token = torch_bytes_per_token(model)
+        bpt_model[f"torch_{dtype}"] = bytes_per_token
+        resident = rss_mib() - rss0
+        with torch.inference_mode():
+            for m, arr in inputs.items():
+                x = torch.from_numpy(arr)[None]
+
+                def encode(m=m, x=x):
+                    t = [time.perf_counter()]
+                    h = model.tokenize(m, x)
+                    t.append(time.perf_counter())
+                    h = model.mean_frames(model.clip_trunk(h), 1)
+                    t.append(time.perf_counter())
+                    out = model.project(m, model.upm(m, h))
+                    t.append(time.perf_counter())
+                    return [t[i + 1] - t[i] for i in range(3)], out
+
+                runs, (_, block) = repeat(encode, repeats, warmup)
+                runs = [r[0] for r in runs]
+                block = block[0].float().numpy()
+                if dtype == "fp32":
+                    blocks[m] = block
+                enc_rows.append(_encoder_row(
+                    m, "torch", dtype, "cpu", cfg, runs, cosine(block, blocks[m]), load_s=load_s, resident_mib=resident))
+
+                ids = prompt[m]
+                ref_block = torch.from_numpy(blocks[m])[None]  # every decoder gets the same rows
+                runs, (_, _, tokens) = repeat(lambda: _torch_generate(model, ids, ref_block, new_tokens),
+                                              repeats, warmup)
+                if dtype == "fp32":
+                    greedy[m] = tokens
+                n_prefill = len(ids) + cfg.n_inserted
+                dec_rows.append(_decoder_row(
+                    m, "torch", dtype, runs, n_prefill, len(tokens), greedy[m], tokens, None,
+                    load_s=load_s, bytes_per_token=bytes_per_token, resident_mib=resident))
+    del model
+    return {"encoder": enc_rows, "decoder": dec_rows, "blocks": blocks, "greedy": greedy}
+
+
+def _torch_generate(model, ids: list[int], block, n_new: int) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds, greedy tokens): no stop conditions, exactly n_new tokens."""
+    import torch
+
+    t0 = time.perf_counter()
+    h = model.build_sequence(torch.tensor([ids]), block)
+    cache = model.new_cache(1, h.shape[1] + n_new)
+    logits = model.forward_decoder(h, 0, cache, last_only=True)[0, -1]
+    tok = int(logits.argmax())
+    t1 = time.perf_counter()
+    tokens = [tok]
+    pos = h.shape[1]
+    for _ in range(n_new - 1):
+        logits = model.forward_decoder(model.embed_tokens(torch.tensor([[tok]])), pos, cache)[0, -1]
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        pos += 1
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, tokens
+
+
+def _encoder_row(modality, backend, precision, device, cfg, runs, cos, **extra) -> dict[str, Any]:
+    """runs: per repetition [tokenizer_s, trunk_s, upm_s] (+ optional total_s)."""
+    stages = {name: summarize([r[i] for r in runs]) for i, name in enumerate(ENCODER_STAGES[1:])}
+    totals = [sum(r[:3]) if len(r) < 4 else r[3] for r in runs]
+    flops = encoder_flops(cfg, modality)
+    total = summarize(totals)
+    return {
+        "modality": modality, "backend": backend, "precision": precision, "device": device,
+        "stages_s": stages, "encode_s": total, "flops": flops["total"],
+        "gflop_s": flops["total"] / total["median"] / 1e9 if total["median"] > 0 else 0.0,
+        "cosine_vs_torch_fp32": cos, **extra,
+    }
+
+
+def _decoder_row(modality, backend, precision, runs, n_prefill, n_tokens, ref_tokens, tokens, top1, **extra):
+    """runs: per repetition (prefill_s, decode_s, tokens)."""
+    prefill = summarize([r[0] for r in runs])
+    decode = summarize([r[1] for r in runs])
+    steps = max(1, n_tokens - 1)  # decode_s covers the tokens after the first
+    return {
+        "modality": modality, "backend": backend, "precision": precision, "device": "cpu",
+        "prefill_positions": n_prefill, "new_tokens": n_tokens,
+        "prefill_s": prefill, "prefill_tokens_per_s": n_prefill / prefill["median"] if prefill["median"] else 0.0,
+        "decode_s": decode, "decode_tokens_per_s": steps / decode["median"] if decode["median"] else 0.0,
+        "greedy_prefix_match": prefix_match(ref_tokens, tokens), "top1_agreement": top1, **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- runtime encoder
+
+
+def bench_runtime_encoder(manifest, bundle: Path, precision: str, device: str, cfg, inputs, blocks,
+                          repeats: int, warmup: int, threads: int, plain: bool) -> list[dict[str, Any]]:
+    from onellm.runtime.encoder import Encoder
+
+    rows = []
+    rss0 = rss_mib()
+    t0 = time.perf_counter()
+    enc = Encoder(manifest["encoder"]["precisions"][precision], bundle, device=device, threads=threads, verify=False)
+    enc.warmup(list(inputs))
+    load_s = time.perf_counter() - t0
+    resident = rss_mib() - rss0
+    try:
+        for m, arr in inputs.items():
+            plan = enc._plan(m)
+            stages = plan.stages
+
+            def run_staged(plan=plan, stages=stages, arr=arr):
+                t = [time.perf_counter()]
+                plan.feed(arr)
+                stages[0].run()
+                t.append(time.perf_counter())
+                stages[1].run()
+                t.append(time.perf_counter())
+                for s in stages[2:]:
+                    s.run()
+                t.append(time.perf_counter())
+                return [t[i + 1] - t[i] for i in range(3)]
+
+            staged, _ = repeat(run_staged, repeats, warmup)
+            whole, _ = repeat(lambda m=m, arr=arr: _clock(lambda: enc.encode(m, arr))[0], repeats, warmup)
+            block = np.array(enc.encode(m, arr), copy=True)
+            runs = [s + [w] for s, w in zip(staged, whole)]
+            cos = cosine(block, blocks[m]) if m in blocks else None
+            row = _encoder_row(m, "onnxruntime", precision, device, cfg, runs, cos, load_s=load_s,
+                               resident_mib=resident)
+            if plain:
+                plain_runs, _ = repeat(lambda enc=enc, m=m, arr=arr: _clock(lambda: _plain_chain(enc, m, arr))[0],
+                                       repeats, warmup)
+                row["plain_sessions_encode_s"] = summarize(plain_runs)
+            rows.append(row)
+    finally:
+        enc.close()
+    return rows
+
+
+def _plain_chain(enc, modality: str, arr: np.ndarray) -> np.ndarray:
+    """The same graphs as one `session.run` per graph with numpy in and out (no IOBinding)."""
+    from onellm.runtime.point_grouping import group_points
+
+    plan = enc._plan(modality)
+    entry = enc.modalities[modality]
+    if plan.grouping is not None:
+        g = plan.grouping
+        x = group_points(arr, int(g["groups"]), int(g["k"]), g.get("tie_break", "cuda"))[None]
+    else:
+        x = np.ascontiguousarray(arr.reshape(plan.feed_shape), dtype=plan.staging.dtype)
+    values: dict[str, np.ndarray] = {plan.feed_name: x}
+    if "routing_weights" in entry:
+        values["routing"] = np.asarray(entry["routing_weights"], dtype=np.float32)
+    out = None
+    for stage in plan.stages:
+        feeds = {i["name"]: values[i["name"]] for i in stage.entry["inputs"]}
+        names = [o["name"] for o in stage.entry["outputs"]]
+        results = stage.session.run(names, feeds)
+        values.update(zip(names, results))
+        out = results[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- runtime decoder
+
+
+def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, greedy, new_tokens: int,
+                          repeats: int, warmup: int, threads: int, plain: bool) -> dict[str, Any]:
+    from onellm.runtime.decoder import Decoder, Sampling
+
+    entry = manifest["decoder"]["quants"][quant]
+    path = bundle / entry["file"]
+    n_ctx = min(int(entry.get("n_ctx", 2048)), N_CTX)
+    from onellm.runtime import _llama
+
+    rss0 = rss_mib()
+    t0 = time.perf_counter()
+    with _llama.capture_native_log() as native:
+        dec = Decoder(path, n_ctx=n_ctx, n_threads=threads)
+        dec.session().prefill([dec.bos_id])  # flash attention is resolved on the first graph
+    flash = _flash_attn_from_log(native)
+    load_s = time.perf_counter() - t0
+    resident = rss_mib() - rss0
+    bpt = gguf_bytes_per_token(path)
+    rows, overhead = [], []
+    sampling = Sampling.greedy(new_tokens)
+    try:
+        for m, block in blocks.items():
+            ids = prompt[m]
+            block = np.ascontiguousarray(block, dtype=np.float32)
+
+            def run(ids=ids, block=block):
+                s = dec.session()
+                t0 = time.perf_counter()
+                s.prefill(ids, block)
+                t1 = time.perf_counter()
+                gen = s.generate_text(sampling, stop=())
+                return t1 - t0, gen.seconds, list(gen.tokens)
+
+            runs, (_, _, tokens) = repeat(run, repeats, warmup)
+            top1 = None
+            ref = greedy.get(m)
+            if ref:
+                logits = dec.logits_for(block, list(ids[1:]) + ref[:-1])
+                top1 = float(np.mean(logits[-len(ref):].argmax(-1) == np.asarray(ref)))
+            rows.append(_decoder_row(m, "llama.cpp", quant, runs, len(ids) + block.shape[0], len(tokens),
+                                     ref or tokens, tokens, top1, load_s=load_s, bytes_per_token=bpt,
+                                     resident_mib=resident, file_bytes=int(entry.get("bytes", path.stat().st_size))))
+        if plain:
+            first = next(iter(prompt.values()))
+            overhead.append(_decode_overhead(dec, path, first, new_tokens, repeats, warmup, threads, quant, n_ctx, flash))
+    finally:
+        dec.close()
+    return {"rows": rows, "overhead": overhead}
+
+
+@contextlib.contextmanager
+def _no_extra_bufts(enabled: bool):
+    """Make llama-cpp-python's `Llama` load with our Decoder's weight-buffer setting."""
+    import llama_cpp
+
+    original = llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = enabled
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = original
+
+
+def _decode_overhead(dec, path: Path, ids: list[int], new_tokens: int, repeats: int, warmup: int, threads: int,
+                     quant: str, n_ctx: int, ctx_flash: bool) -> dict[str, Any]:
+    """Our Session vs llama-cpp-python's `Llama.generate`: same GGUF, text-only prompt, greedy."""
+    import llama_cpp
+
+    from onellm.runtime.decoder import Sampling
+
+    sampling = Sampling.greedy(new_tokens)
+
+    def ours():
+        s = dec.session()
+        t0 = time.perf_counter()
+        s.prefill(ids)
+        t1 = time.perf_counter()
+        gen = s.generate_text(sampling, stop=())
+        return t1 - t0, gen.seconds, len(gen.tokens)
+
+    extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
+    with _no_extra_bufts(extra):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, flash_attn=ctx_flash, verbose=False, seed=0)
+
+    def plain():
+        t0 = time.perf_counter()
+        t_first = None
+        n = 0
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            if n >= new_tokens:
+                break
+        t2 = time.perf_counter()
+        return t_first - t0, t2 - t_first, n
+
+    try:
+        # interleaved, so a drifting machine load hits both alike
+        a_runs, b_runs = [], []
+        for i in range(warmup + max(1, repeats)):
+            a, b = ours(), plain()
+            if i >= warmup:
+                a_runs.append(a)
+                b_runs.append(b)
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+        del llm
+    ours_rate = (a_runs[0][2] - 1) / statistics.median(r[1] for r in a_runs)
+    # ours' decode time holds n samples and n-1 decodes; plain's (from the first token) n-1 of each
+    plain_rate = (b_runs[0][2] - 1) / statistics.median(r[1] for r in b_runs)
+    return {
+        "quant": quant, "prompt_tokens": len(ids), "new_tokens": new_tokens, "flash_attn": ctx_flash,
+        "ours": {"prefill_s": summarize([r[0] for r in a_runs]), "decode_s": summarize([r[1] for r in a_runs]),
+                 "decode_tokens_per_s": ours_rate, "tokens": a_runs[0][2]},
+        "llama_cpp_python": {"prefill_s": summarize([r[0] for r in b_runs]),
+                             "decode_s": summarize([r[1] for r in b_runs]),
+                             "decode_tokens_per_s": plain_rate, "tokens": b_runs[0][2]},
+        "ratio": ours_rate / plain_rate if plain_rate else 0.0,
+    }
+
+
+def _flash_attn_from_log(lines: Sequence[str]) -> bool:
+    """Whether llama.cpp resolved flash attention to enabled (so the plain baseline can match it)."""
+    for line in lines:
+        if "Flash Attention" in line:
+            return "enabled" in line
+        if "flash_attn" in line and "=" in line:
+            value = line.split("=", 1)[1].strip()
+            if value in ("1", "enabled", "true"):
+                return True
+            if value in ("0", "disabled", "false"):
+                return False
+    return False
+
+
+# ----------------------------------------------------------------------------- chat and footprint
+
+
+def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: dict[str, Any], new_tokens: int,
+               repeats: int, warmup: int, threads: int, n_ctx: int) -> dict[str, Any]:
+    """Two-turn chat through Pipeline: time to first token of turn 1 and of the follow-up."""
+    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.modalities import get_modality
+    from onellm.runtime.pipeline import Pipeline
+
+    sampling = Sampling.greedy(new_tokens)
+    question = get_modality(modality).caption_prompt
+    with Pipeline.load(bundle, device="cpu", precision=precision, quant=quant, threads=threads,
+                       n_ctx=n_ctx, verify=False) as pipe:
+        def turn_pair():
+            chat = pipe.chat(**source)
+            a1 = chat.ask(question, sampling=sampling)
+            a2 = chat.ask(QUESTION_2, sampling=sampling)
+            return a1.timings, a2.timings
+
+        runs, _ = repeat(turn_pair, repeats, warmup)
+
+    def ttft(t: dict) -> float:
+        return t["preprocess_s"] + t["encode_s"] + t["prefill_s"]
+
+    first = summarize([ttft(a) for a, _ in runs])
+    follow = summarize([ttft(b) for _, b in runs])
+    return {
+        "modality": modality, "precision": precision, "quant": quant,
+        "definition": "time to first token = preprocess + encode + prefill (the first sample is in decode)",
+        "turn1_ttft_s": first, "turn2_ttft_s": follow,
+        "turn1_prefill_positions": runs[-1][0]["prefill_positions"],
+        "turn2_prefill_positions": runs[-1][1]["prefill_positions"],
+        "turn1_first_chunk_s": summarize([a["first_token_s"] for a, _ in runs]),
+        "turn2_first_chunk_s": summarize([b["first_token_s"] for _, b in runs]),
+        "ratio": follow["median"] / first["median"] if first["median"] else 0.0,
+    }
+
+
+FOOTPRINT_PROBE = r"""
+import json, sys, time
+from onellm.runtime.decoder import Sampling
+from onellm.runtime.pipeline import Pipeline, peak_rss_mib
+bundle, precision, quant, modality, source, threads, n_ctx = sys.argv[1:8]
+source = json.loads(source)
+base = peak_rss_mib()
+t0 = time.perf_counter()
+pipe = Pipeline.load(bundle, device="cpu", precision=precision, quant=quant, threads=int(threads),
+                     n_ctx=int(n_ctx), verify=False)
+load_s = time.perf_counter() - t0
+after_load = peak_rss_mib()
+ans = pipe.ask("What is this?", sampling=Sampling.greedy(4), **source)
+print(json.dumps({"load_s": load_s, "baseline_rss_mib": base, "after_load_peak_rss_mib": after_load,
+                  "peak_rss_mib": peak_rss_mib(), "first_chunk_s": ans.timings["first_token_s"]}))
+"""
+
+
+def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, source: dict[str, Any],
+                      threads: int, n_ctx: int) -> dict[str, Any]:
+    """Bundle load time and peak RSS of a fresh process that loads the bundle and answers once."""
+    cmd = [sys.executable, "-c", FOOTPRINT_PROBE, str(bundle), precision, quant, modality, json.dumps(source),
+           str(threads), str(n_ctx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"precision": precision, "quant": quant, "error": proc.stderr.strip().splitlines()[-1:]}
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"precision": precision, "quant": quant, "modality": modality, **data}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Everything in the module docstring; returns the result dict (schema `onellm-bench` v1)."""
+    from onellm.export.bundle import DECODER_QUANTS, ENCODER_PRECISIONS, _split_list
+    from onellm.runtime.encoder import physical_cores
+    from onellm.runtime.modalities import get_modality
+    from onellm.runtime.prompt import Conversation
+    from onellm.runtime.tokenizer import Tokenizer
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    started = time.perf_counter()
+    cfg = bench_config(opts)
+    defaults = PRESET_DEFAULTS.get(cfg.name, PRESET_DEFAULTS["bench"])
+    repeats = opts.repeats if opts.repeats is not None else defaults["repeats"]
+    warmup = opts.warmup if opts.warmup is not None else defaults["warmup"]
+    new_tokens = opts.new_tokens or defaults["new_tokens"]
+    if repeats < 1 or warmup < 0 or new_tokens < 2:
+        raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
+    threads = opts.threads or physical_cores()
+    gpu = _gpu_encoder_device(opts.device)
+    precisions = _split_list(opts.encoder_precisions, ENCODER_PRECISIONS, "encoder precision") or (
+        ["fp32", "int8"] + (["fp16"] if gpu else []))
+    quants = _split_list(opts.decoder_quants, DECODER_QUANTS, "decoder quantization") or ["f16", "q8_0", "q4_k_m"]
+
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "preset": cfg.name, "config": cfg.to_dict(),
+        "settings": {"modalities": list(cfg.modalities), "encoder_precisions": precisions, "decoder_quants": quants,
+                     "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "threads": threads,
+                     "gpu_device": gpu, "statistic": "median over repeats after warm-up; min and max beside it"},
+        "machine": machine_info(),
+    }
+    say(f"machine: {result['machine'].get('cpu_model')}, {result['machine'].get('physical_cores')} cores, "
+        f"load {result['machine'].get('load_average', ['?'])[0]}")
+
+    art = prepare_artifacts(cfg, opts, precisions, quants, say)
+    manifest, bundle = art["manifest"], art["bundle"]
+    result["random_weights"] = art["random_weights"]
+    result["notice"] = RANDOM_NOTICE if art["random_weights"] else ""
+    result["artifacts"] = {"work_dir": str(art["work_dir"]), "bundle": str(bundle), "checkpoint": str(art["checkpoint"]),
+                           "exported_this_run": art["exported_now"],
+                           "bundle_export_s": manifest.get("export_seconds")}
+
+    say("ceilings: memory bandwidth and GEMM")
+    result["ceilings"] = {"bandwidth": measure_bandwidth(defaults["copy_mib"], max(3, repeats)),
+                          "gemm": measure_gemm(defaults["gemm_n"], max(3, repeats), threads)}
+
+    tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
+    sources = modality_sources(cfg.modalities, art["work_dir"])
+    inputs, prompt = {}, {}
+    rng = np.random.default_rng(0)
+    for m in cfg.modalities:
+        spec = get_modality(m)
+        arr = read_source(m, sources[m]).array if m in sources else spec.dummy_input(rng)
+        inputs[m] = np.ascontiguousarray(arr, dtype=np.float32)
+        conv = Conversation()
+        conv.add_question(spec.caption_prompt)
+        prompt[m] = tokenizer.encode(conv.render(), bos=True, eos=False)
+    result["inputs"] = {m: {"source": sources.get(m, "dummy_input"), "prompt_tokens": len(prompt[m])} for m in inputs}
+    readers = logging.getLogger("onellm.runtime.modalities")
+    readers_level = readers.level
+    readers.setLevel(logging.ERROR)  # their notices were shown once above
+    # the readers are numpy code shared by every backend (the reference has none of its own): timed once
+    preprocess = {m: summarize(repeat(lambda m=m: _clock(lambda: read_source(m, sources[m]))[0], repeats, warmup)[0])
+                  for m in sources}
+
+    n_ctx = min(cfg.decoder.max_seq_len, N_CTX)
+    bpt: dict[str, int] = {}
+    enc_rows: list[dict] = []
+    dec_rows: list[dict] = []
+    blocks: dict[str, np.ndarray] = {}
+    greedy: dict[str, list[int]] = {}
+    if opts.torch_reference:
+        dtypes = ["fp32"] + (["bf16"] if bf16_supported() else [])
+        say(f"torch reference ({', '.join(dtypes)}): encoder and decoder")
+        tr = bench_torch(cfg, art["checkpoint"], inputs, prompt, new_tokens, repeats, warmup, dtypes, bpt)
+        enc_rows += tr["encoder"]
+        dec_rows += tr["decoder"]
+        blocks, greedy = tr["blocks"], tr["greedy"]
+    else:
+        # no reference: the decoders get the runtime's fp32 (else first) encoder block
+        from onellm.runtime.encoder import Encoder
+
+        p0 = "fp32" if "fp32" in precisions else precisions[0]
+        with Encoder(manifest["encoder"]["precisions"][p0], bundle, threads=threads, verify=False) as enc:
+            blocks = {m: np.array(enc.encode(m, a), copy=True) for m, a in inputs.items()}
+
+    devices = [("cpu", p) for p in precisions if p != "fp16"]
+    if gpu:
+        devices += [(gpu, p) for p in precisions if p in ("fp16", "fp32")]
+    for device, p in devices:
+        say(f"runtime encoder {p} on {device}")
+        enc_rows += bench_runtime_encoder(manifest, bundle, p, device, cfg, inputs, blocks, repeats, warmup,
+                                          threads, opts.plain_baselines)
+    overhead = []
+    for q in quants:
+        say(f"runtime decoder {q} (llama.cpp)" + (" and llama-cpp-python's plain generate" if opts.plain_baselines else ""))
+        dr = bench_runtime_decoder(manifest, bundle, q, blocks, prompt, greedy, new_tokens, repeats, warmup, threads,
+                                   opts.plain_baselines)
+        dec_rows += dr["rows"]
+        overhead += dr["overhead"]
+        bpt[f"gguf_{q}"] = dr["rows"][0]["bytes_per_token"] if dr["rows"] else 0
+    bw = result["ceilings"]["bandwidth"]["gb_s"]["median"] * 1e9
+    for row in dec_rows:
+        b = row.get("bytes_per_token") or 0
+        ceiling = bw / b if b else 0.0
+        row["bandwidth_ceiling_tokens_per_s"] = ceiling
+        row["fraction_of_bandwidth_ceiling"] = row["decode_tokens_per_s"] / ceiling if ceiling else 0.0
+    for r in enc_rows:
+        if r["modality"] in preprocess:
+            r["stages_s"] = {"preprocess": preprocess[r["modality"]], **r["stages_s"]}
+    _attach_peak_fractions(enc_rows, result["ceilings"]["gemm"])
+    _attach_ttft(enc_rows, dec_rows)
+    result["encoder"] = enc_rows
+    result["decoder"] = dec_rows
+    result["overhead"] = {"decode_loop": overhead, "encoder_chain": [
+        {"modality": r["modality"], "precision": r["precision"], "device": r["device"],
+         "ours_s": r["encode_s"]["median"], "plain_sessions_s": r["plain_sessions_encode_s"]["median"],
+         "ratio": r["plain_sessions_encode_s"]["median"] / r["encode_s"]["median"]}
+        for r in enc_rows if "plain_sessions_encode_s" in r]}
+
+    best_p = _best_runtime_precision(enc_rows) or precisions[0]
+    chat_q = "q8_0" if "q8_0" in quants else quants[0]
+    chat_m = next((m for m in cfg.modalities if m in sources), None)
+    if chat_m is not None:
+        say(f"chat: two turns through Pipeline ({best_p} encoder, {chat_q} decoder, {chat_m})")
+        result["chat"] = bench_chat(bundle, best_p, chat_q, chat_m, sources[chat_m], new_tokens, repeats, warmup,
+                                    threads, n_ctx)
+    else:
+        result["chat"] = None
+    result["footprint"] = []
+    if opts.footprint and chat_m is not None:
+        combos = list(dict.fromkeys([(p, chat_q) for p in precisions if p != "fp16"] + [(best_p, q) for q in quants]))
+        for p, q in combos:
+            say(f"footprint: fresh process loading the bundle with {p} encoder, {q} decoder")
+            result["footprint"].append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], threads, n_ctx))
+    from .report import evaluate_targets
+
+    result["targets"] = evaluate_targets(result)
+    readers.setLevel(readers_level)
+    result["wall_s"] = time.perf_counter() - started
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def _gpu_encoder_device(device: str) -> str | None:
+    if device == "cpu":
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    have = ort.get_available_providers()
+    if "CUDAExecutionProvider" in have:
+        return "cuda"
+    if device == "cuda":
+        raise ConfigError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider ({', '.join(have)})")
+    return None
+
+
+def _attach_peak_fractions(rows: list[dict], gemm: dict) -> None:
+    peaks = {("torch", "fp32"): "torch_fp32", ("torch", "bf16"): "torch_bf16",
+             ("onnxruntime", "fp32"): "onnxruntime_fp32", ("onnxruntime", "int8"): "onnxruntime_fp32"}
+    for r in rows:
+        key = peaks.get((r["backend"], r["precision"]))
+        if r["device"] != "cpu" or key not in gemm:
+            r["peak_gemm"], r["fraction_of_peak"] = None, None
+            continue
+        peak = gemm[key]["gflop_s"]["median"]
+        r["peak_gemm"] = key
+        r["fraction_of_peak"] = r["gflop_s"] / peak if peak else None
+
+
+def _attach_ttft(enc_rows: list[dict], dec_rows: list[dict]) -> None:
+    """Time to first token of each decoder row with the matching encoder (sum of stage medians)."""
+    enc = {(r["modality"], r["backend"], r["precision"]): r for r in enc_rows if r["device"] == "cpu"}
+    runtime = [r for r in enc_rows if r["backend"] == "onnxruntime" and r["device"] == "cpu"]
+    for d in dec_rows:
+        if d["backend"] == "torch":
+            e = enc.get((d["modality"], "torch", d["precision"]))
+        else:
+            cands = [r for r in runtime if r["modality"] == d["modality"]]
+            e = min(cands, key=lambda r: r["encode_s"]["median"]) if cands else None
+        pre = e["stages_s"].get("preprocess", {}).get("median", 0.0) if e else 0.0
+        enc_s = e["encode_s"]["median"] if e else 0.0
+        d["encoder_used"] = f"{e['backend']} {e['precision']}" if e else None
+        d["ttft_s"] = pre + enc_s + d["prefill_s"]["median"]
+
+
+def _best_runtime_precision(rows: list[dict]) -> str | None:
+    """The CPU encoder precision with the lowest median over modalities, cosine >= 0.99."""
+    by_p: dict[str, list[float]] = {}
+    for r in rows:
+        if r["backend"] == "onnxruntime" and r["device"] == "cpu" and (r["cosine_vs_torch_fp32"] or 1.0) >= 0.99:
+            by_p.setdefault(r["precision"], []).append(r["encode_s"]["median"])
+    return min(by_p, key=lambda p: sum(by_p[p])) if by_p else None
