@@ -547,8 +547,10 @@ def _runtime_options(func):
     opts = [
         click.option("--bundle", type=click.Path(file_okay=False), default=None,
                      help="Bundle directory (default: the demo bundle in the cache, built on first use)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where the encoder runs; llama.cpp offloads to the GPU when built with CUDA."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+                     show_default=True,
+                     help="Where the encoder runs (auto: the bundle's TensorRT engines, else CUDA, else CPU); "
+                          "llama.cpp offloads to the GPU when built with CUDA."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
                      help="Encoder precision to run (default: int8 on CPU, fp16 on CUDA, when exported)."),
         click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's)."),

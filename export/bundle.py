@@ -172,7 +172,7 @@ def build_bundle(
 
         trt_entry: dict[str, Any] | None = None
         if trt:
-            trt_entry = _maybe_build_trt(stage, enc)
+            trt_entry = _maybe_build_trt(stage, enc, step)
 
         manifest = {
             "schema": SCHEMA,
@@ -275,19 +275,15 @@ def _preprocessing_entry(modality: str) -> dict[str, Any]:
     }
 
 
-def _maybe_build_trt(stage: Path, enc: dict[str, Any]) -> dict[str, Any] | None:
+def _maybe_build_trt(stage: Path, enc: dict[str, Any], progress: Progress | None = None) -> dict[str, Any] | None:
+    """TensorRT engines when TensorRT, onnxruntime's provider and a GPU are here; else a notice."""
+    from .tensorrt import build_engines
+
     try:
-        from .tensorrt import build_engines
-    except ImportError:
-        build_engines = None
-    if build_engines is None:
-        log.warning("--trt: TensorRT engine building is not available in this installation; "
-                    "the ONNX bundle works on its own (onnxruntime CPU/CUDA)")
-        return None
-    try:
-        return build_engines(stage, enc)
+        return build_engines(stage, enc, progress)
     except OneLLMError as exc:
-        log.warning("--trt: %s; the ONNX bundle works on its own", exc)
+        log.warning("--trt: no TensorRT engines built: %s. The ONNX bundle works on its own "
+                    "(onnxruntime CPU or CUDA).", exc)
         return None
 
 

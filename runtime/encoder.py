@@ -56,8 +56,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def select_providers(device: str) -> tuple[list[Any], str, int]:
-    """(providers for InferenceSession, OrtValue device type, device id) for a device name."""
+def select_providers(device: str, trt_options: dict[str, Any] | None = None) -> tuple[list[Any], str, int]:
+    """(providers for InferenceSession, OrtValue device type, device id) for a device name.
+
+    trt_options: extra TensorRT provider options (engine/timing cache; see runtime/trt.py).
+    """
     import onnxruntime as ort
 
     name, _, index = device.partition(":")
@@ -79,7 +82,7 @@ def select_providers(device: str) -> tuple[list[Any], str, int]:
         if "TensorrtExecutionProvider" not in available:
             raise BackendError(f"encoder device {device!r} needs onnxruntime's TensorrtExecutionProvider; found "
                                f"{', '.join(available)}")
-        trt = ("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": True})
+        trt = ("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": True, **(trt_options or {})})
         return [trt, cuda, "CPUExecutionProvider"], "cuda", device_id
     return [cuda, "CPUExecutionProvider"], "cuda", device_id
 
@@ -218,6 +221,7 @@ class Encoder:
         threads: int | None = None,
         verify: bool = True,
         spin: bool = False,
+        provider_options: dict[str, Any] | None = None,
     ) -> None:
         try:
             import onnxruntime  # noqa: F401
@@ -234,7 +238,7 @@ class Encoder:
         self.precision = entries.get("precision", "fp32")
         self.bundle_dir = Path(bundle_dir)
         self.device = device
-        self.providers, self.device_type, self.device_id = select_providers(device)
+        self.providers, self.device_type, self.device_id = select_providers(device, provider_options)
         self.threads = threads or physical_cores()
         self.verify = verify
         self.spin = spin

@@ -123,8 +123,9 @@ class Pipeline:
     ) -> Pipeline:
         """Load a bundle (default: the demo bundle in the cache, which must exist).
 
-        device: cpu | cuda | auto (CUDA for the encoder when onnxruntime has it; llama.cpp
-        offloads every layer when it was built with GPU support).
+        device: cpu | cuda | tensorrt | auto (auto: the bundle's TensorRT engines when they were
+        built and onnxruntime's TensorRT provider is here, else CUDA when onnxruntime has it,
+        else CPU; llama.cpp offloads every layer when it was built with GPU support).
         precision: encoder precision to run (default: fp16 on CUDA when exported, else the
         bundle's CPU default). quant: which exported GGUF to run (default: the bundle's).
         """
@@ -136,7 +137,25 @@ class Pipeline:
         bundle = Path(path) if path is not None else default_bundle_dir()
         manifest = load_manifest(bundle, verify=verify)
         enc_all = manifest["encoder"]["precisions"]
-        _providers, device_type, _ = select_providers(device)
+        trt_options = None
+        trt_entry = manifest.get("tensorrt")
+        if device in ("auto", "tensorrt") and trt_entry:
+            from .errors import BackendError
+            from .trt import engine_cache_for, tensorrt_options
+
+            try:
+                trt_options = tensorrt_options(engine_cache_for(bundle, trt_entry, cache_dir()))
+                device = "tensorrt"
+                precision = precision or trt_entry.get("source_precision")
+            except BackendError as exc:
+                if device == "tensorrt":
+                    raise
+                log.info("not using the bundle's TensorRT engines: %s", exc)
+        elif device == "tensorrt":
+            from .trt import TRT_DIR, tensorrt_options
+
+            trt_options = tensorrt_options(cache_dir() / TRT_DIR / bundle.resolve().name)
+        _providers, device_type, _ = select_providers(device, trt_options)
         if precision is None:
             if device_type == "cuda" and "fp16" in enc_all:
                 precision = "fp16"
@@ -151,7 +170,8 @@ class Pipeline:
         if quant not in quants:
             raise ConfigError(f"{bundle}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
         tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
-        encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False)
+        encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False,
+                          provider_options=trt_options)
         decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads)
         pipe = cls(manifest, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant
