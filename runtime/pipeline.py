@@ -107,6 +107,7 @@ class Pipeline:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._session = None  # the decoder session of the last request
+        self._plan_error: BaseException | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -220,7 +221,21 @@ class Pipeline:
         The view is overwritten by the next encode: copy it to keep it.
         """
         t0 = time.perf_counter()
-        item = read_input(modality, source, options, image=image)
+        # First use of a modality: build its onnxruntime sessions on another thread while the
+        # reader parses the file (both take real time on a cold start: session creation for
+        # large graphs, and the reader's first imports, e.g. scipy.signal ~0.8 s).
+        builder = None
+        if modality not in self.encoder._plans:
+            builder = threading.Thread(target=self._build_plan, args=(modality,), daemon=True)
+            builder.start()
+        try:
+            item = read_input(modality, source, options, image=image)
+        finally:
+            if builder is not None:
+                builder.join()
+        if self._plan_error is not None:
+            err, self._plan_error = self._plan_error, None
+            raise err
         t1 = time.perf_counter()
         with self._lock:
             block = self.encoder.encode(modality, item.array)
@@ -229,6 +244,12 @@ class Pipeline:
             timings["preprocess_s"] = t1 - t0
             timings["encode_s"] = t2 - t1
         return block, dict(item.meta)
+
+    def _build_plan(self, modality: str) -> None:
+        try:
+            self.encoder._plan(modality)
+        except BaseException as exc:  # re-raised on the caller's thread
+            self._plan_error = exc
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
         return self.tokenizer.encode(conversation.render(), bos=True, eos=False)
