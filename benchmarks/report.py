@@ -171,7 +171,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Settings: {st['repeats']} timed runs after {st['warmup']} warm-up; {st['new_tokens']} greedy tokens; "
         f"{st['threads']} threads. Times in ms: median (min-max).", "",
         "## Ceilings", "",
-        f"- memory bandwidth: {_f(ceil['bandwidth']['gb_s']['median'], 1)} GB/s ({ceil['bandwidth']['method']})",
+        f"- memory bandwidth: {_f(ceil['bandwidth']['gb_s']['median'], 1)} GB/s read ({ceil['bandwidth']['method']}); "
+        f"copy {_f((ceil['bandwidth'].get('copy_gb_s') or {}).get('median'), 1)} GB/s (read + write), "
+        f"one-thread copy {_f((ceil['bandwidth'].get('single_thread_copy_gb_s') or {}).get('median'), 1)} GB/s",
     ]
     for key, g in ceil["gemm"].items():
         if isinstance(g, dict):
@@ -202,8 +204,12 @@ def to_markdown(result: dict[str, Any]) -> str:
               "| what | ours | plain | ours / plain |", "|---|---|---|---|"]
     for o in result["overhead"]["decode_loop"]:
         lines.append(f"| decode loop, {o['quant']}: tok/s | {_f(o['ours']['decode_tokens_per_s'], 1)} | "
-                     f"{_f(o['llama_cpp_python']['decode_tokens_per_s'], 1)} (llama-cpp-python) | "
+                     f"{_f(o['llama_cpp_python']['decode_tokens_per_s'], 1)} (llama-cpp-python, our settings) | "
                      f"{_f(o['ratio'], 3)} |")
+        if "llama_cpp_python_defaults" in o:
+            lines.append(f"| decode loop, {o['quant']}: tok/s | {_f(o['ours']['decode_tokens_per_s'], 1)} | "
+                         f"{_f(o['llama_cpp_python_defaults']['decode_tokens_per_s'], 1)} (llama-cpp-python "
+                         f"defaults: extra CPU buffer types on) | {_f(o['ratio_vs_defaults'], 3)} |")
     for o in result["overhead"]["encoder_chain"]:
         lines.append(f"| encoder chain, {o['modality']} {o['precision']}: ms | {_f(o['ours_s'] * 1e3, 1)} | "
                      f"{_f(o['plain_sessions_s'] * 1e3, 1)} (one session.run per graph) | "
