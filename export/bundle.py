@@ -37,6 +37,7 @@ from onellm.runtime import __version__
 from onellm.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
 from onellm.runtime.errors import ConfigError, OneLLMError
 from onellm.runtime.modalities import get_modality
+from onellm.runtime.modalities.base import reader_constants
 from onellm.runtime.prompt import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -277,8 +278,10 @@ def _preprocessing_entry(modality: str) -> dict[str, Any]:
         "n_frames": spec.n_frames,
         "n_tokens": spec.n_tokens,
         "requires_image": spec.requires_image,
-        "constants": dict(getattr(spec, "constants", None) or {}),
+        "constants": reader_constants(modality),
     }
+
+
 
 
 def _maybe_build_trt(stage: Path, enc: dict[str, Any], progress: Progress | None = None) -> dict[str, Any] | None:

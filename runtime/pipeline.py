@@ -174,6 +174,7 @@ class Pipeline:
         encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False,
                           provider_options=trt_options)
         decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads)
+        _check_reader_constants(manifest)
         pipe = cls(manifest, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant
         if pipe.random_weights:
@@ -416,6 +417,19 @@ class ChatSession:
         for _ in gen:
             pass
         return gen.answer
+
+
+def _check_reader_constants(manifest: dict[str, Any]) -> None:
+    """Warn when this onellm's readers differ from those the bundle was exported for."""
+    from .modalities.base import reader_constants
+
+    for m, entry in manifest.get("preprocessing", {}).items():
+        want = entry.get("constants") or {}
+        have = reader_constants(m)
+        diff = sorted(k for k in want if k in have and not np.allclose(np.asarray(want[k]), np.asarray(have[k])))
+        if diff:
+            log.warning("%s: the bundle was exported with different %s preprocessing constants (%s); "
+                        "re-export it with this onellm version", manifest.get("_dir"), m, ", ".join(diff))
 
 
 class _AnyEvent:

@@ -256,3 +256,22 @@ def test_bundle_checksum_mismatch_is_a_bundle_error(tiny_bundle, tmp_path):
     manifest.write_text(manifest.read_text().replace('"schema_version": 1', '"schema_version": 99'))
     with pytest.raises(BundleError, match="schema version"):
         load_manifest(copy)
+
+
+def test_manifest_records_preprocessing_constants_and_load_warns_on_drift(tiny_bundle, tmp_path, caplog):
+    import json
+    import shutil
+
+    from onellm.runtime.pipeline import Pipeline
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["preprocessing"]["audio"]["constants"]["NORM_MEAN"] == -4.2677393
+    assert manifest["preprocessing"]["imu"]["constants"]["TARGET_RATE"] == 200
+    assert manifest["preprocessing"]["image"]["constants"]["CLIP_SIZE"] == 224
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    manifest["preprocessing"]["imu"]["constants"]["TARGET_RATE"] = 100
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"), Pipeline.load(copy, device="cpu", verify=False):
+        pass
+    assert any("TARGET_RATE" in r.getMessage() for r in caplog.records)

@@ -97,3 +97,28 @@ def get_modality(name: str) -> ModalitySpec:
         raise ConfigError(
             f"unknown modality {name!r}; known modalities: {', '.join(registry)}"
         ) from None
+
+
+def reader_constants(modality: str) -> dict[str, Any]:
+    """The numeric module-level constants of a modality's reader (and CLIP's for image kinds).
+
+    Recorded so a bundle says exactly which preprocessing it was exported for
+    (normalisation statistics, sample rates, window lengths, point counts).
+    """
+    import importlib
+
+    modules = [importlib.import_module(f"onellm.runtime.modalities.{modality}")]
+    if get_modality(modality).tokenizer_kind == "clip_patch":
+        modules.append(importlib.import_module("onellm.runtime.modalities._imaging"))
+    out: dict[str, Any] = {}
+    for mod in modules:
+        for name, value in vars(mod).items():
+            if not name.isupper() or name.startswith("_"):
+                continue
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                out[name] = value
+            elif isinstance(value, np.ndarray) and value.size <= 16 and value.dtype.kind in "fiu":
+                out[name] = value.tolist()
+    return out
