@@ -762,6 +762,7 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
         pass
     with pipe:
         chat = pipe.chat(options=options, **{k: v for k, v in files.items() if v})
+        chat.prepare()  # read and encode the input before the first prompt (its notices come first)
         click.echo("onellm chat: type a question; Ctrl-C stops an answer, Ctrl-D quits.", err=True)
         while True:
             try:

@@ -390,6 +390,21 @@ class ChatSession:
         self._session = None
         self.turns = 0
 
+    def prepare(self) -> dict[str, Any]:
+        """Read and encode the conversation's input now (otherwise the first question does)."""
+        if self.block is None and self.turns == 0:
+            pipe = self.pipe
+            with pipe._lock:
+                if self._embeddings is not None:
+                    self.block = _check_embeddings(self._embeddings, pipe.manifest).copy()
+                    self.meta = {"source": "embeddings"}
+                else:
+                    m, source, image = pipe._pick_input(self._inputs)
+                    if m is not None:
+                        block, self.meta = pipe.encode(m, source, image=image, options=self._options)
+                        self.block, self.modality = np.array(block, copy=True), m
+        return self.meta
+
     def session(self):
         dec = self.pipe.decoder
         if self._session is None or dec._owner is not self._session:

@@ -275,3 +275,17 @@ def test_manifest_records_preprocessing_constants_and_load_warns_on_drift(tiny_b
     with caplog.at_level("WARNING"), Pipeline.load(copy, device="cpu", verify=False):
         pass
     assert any("TARGET_RATE" in r.getMessage() for r in caplog.records)
+
+
+def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch):
+    calls = []
+    original = tiny_pipeline.encoder.encode
+    monkeypatch.setattr(tiny_pipeline.encoder, "encode", lambda m, a: calls.append(m) or original(m, a))
+    chat = tiny_pipeline.chat(imu=str(EXAMPLES / "imu" / "walk.csv"))
+    meta = chat.prepare()
+    assert calls == ["imu"] and meta["source"].endswith("walk.csv")
+    a = chat.ask("What is the person doing?", sampling=_greedy(6))
+    chat.ask("Is it fast?", sampling=_greedy(6))
+    assert calls == ["imu"]
+    plain = tiny_pipeline.ask("What is the person doing?", imu=str(EXAMPLES / "imu" / "walk.csv"), sampling=_greedy(6))
+    assert a.token_ids == plain.token_ids
