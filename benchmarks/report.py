@@ -289,7 +289,7 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
                 label="bandwidth / bytes per token")
     ax2.invert_yaxis()
     ax2.set_xlabel("decode tokens/s")
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
     ax2.set_title("Decode speed vs the bandwidth ceiling")
     title = f"onellm bench, preset {result['preset']} - {result['machine'].get('cpu_model')}"
     if result.get("random_weights"):
