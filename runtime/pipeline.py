@@ -82,6 +82,28 @@ class Answer:
         return out
 
 
+def extra_bufts_for(quant: str) -> bool | None:
+    """Whether to let llama.cpp repack weights into its extra CPU buffer types for this GGUF.
+
+    Off by default (quantized GGUFs crash on their first decode with the AMX buffer type
+    of this llama.cpp; see tests/test_llama_bufts.py). On for q4_k_m where the CPU offers
+    no AMX buffer type: CPU_REPACK's Q4_K kernels measured 1.29x faster decoding there,
+    while they made q8_0 1.41x slower (benchmarks/RESULTS.md). ONELLM_LLAMA_EXTRA_BUFTS
+    (0/1) overrides: None is returned and the decoder reads it.
+    """
+    if os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "") != "":
+        return None
+    if quant != "q4_k_m":
+        return False
+    from . import _llama
+
+    try:
+        return "AMX" not in _llama.cpu_extra_buffer_types()
+    except (OSError, AttributeError) as exc:  # an older llama.cpp without the device API
+        log.debug("cannot list llama.cpp's extra buffer types (%s); leaving them off", exc)
+        return False
+
+
 def read_input(modality: str, source: Any, options: dict[str, Any] | None = None, image: Any = None) -> ModalityInput:
     """Run the modality's reader on a path or an in-memory array (same validation either way)."""
     spec = get_modality(modality)
@@ -173,7 +195,8 @@ class Pipeline:
         tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
         encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False,
                           provider_options=trt_options)
-        decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads)
+        decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads,
+                          use_extra_bufts=extra_bufts_for(quant))
         _check_reader_constants(manifest)
         pipe = cls(manifest, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant

@@ -289,3 +289,17 @@ def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch):
     assert calls == ["imu"]
     plain = tiny_pipeline.ask("What is the person doing?", imu=str(EXAMPLES / "imu" / "walk.csv"), sampling=_greedy(6))
     assert a.token_ids == plain.token_ids
+
+
+def test_extra_buffer_types_only_for_q4_k_m_without_amx(monkeypatch):
+    from onellm.runtime import _llama
+    from onellm.runtime.pipeline import extra_bufts_for
+
+    monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
+    monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
+    assert extra_bufts_for("q4_k_m") is True
+    assert extra_bufts_for("q8_0") is False and extra_bufts_for("f16") is False
+    monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
+    assert extra_bufts_for("q4_k_m") is False  # the crashing configuration stays off
+    monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "1")
+    assert extra_bufts_for("q8_0") is None  # the user's explicit choice wins
