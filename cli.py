@@ -371,6 +371,7 @@ class _Progress:
         self.title = title
         self.tty = sys.stderr.isatty()
         self.last_what = None
+        self.last_print = 0.0
         self.t0 = time.perf_counter()
 
     def __call__(self, what: str, done: int, total: int) -> None:
@@ -387,10 +388,13 @@ class _Progress:
             if done >= total and what == "done":
                 click.echo("", err=True)
         else:
+            # Not a terminal (logs, pipes): a line when the stage changes, and at most one
+            # every 3 s within a stage, so long steps still show they are moving.
             step = what.split(":")[0]
-            if step != self.last_what:
-                click.echo(f"{self.title}: {what} ({elapsed:.1f}s)", err=True)
+            if step != self.last_what or elapsed - self.last_print >= 3.0:
+                click.echo(f"{self.title}: [{done}/{total}] {what} ({elapsed:.1f}s)", err=True)
                 self.last_what = step
+                self.last_print = elapsed
 
     def finish(self) -> None:
         if self.tty:
