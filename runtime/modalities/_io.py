@@ -195,3 +195,28 @@ def number_option(label: str, name: str, value: Any) -> float | None:
     if not np.isfinite(v):
         raise InputError(label, f"a finite number for the option {name}", repr(value))
     return v
+
+
+def open_media(path: Path, expected: str):
+    """Open a file with FFmpeg (PyAV); a file it refuses is an InputError saying what it looks like."""
+    import av
+
+    try:
+        return av.open(str(path), mode="r")
+    except Exception as err:  # noqa: BLE001 - FFmpeg errors of every kind on bad files
+        found = describe_content(path)
+        if not found.startswith(("text", "blank", "binary data", "an empty")):
+            found = f"{found} that FFmpeg cannot read ({type(err).__name__}: {err})"
+        raise InputError(path, expected, found) from None
+
+
+def first_stream(container, kind: str, path: Path, expected: str):
+    """The container's first `kind` ("audio" or "video") stream that FFmpeg can decode."""
+    streams = getattr(container.streams, kind)
+    if not streams:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise InputError(path, expected, f"no {kind} stream (streams: {', '.join(kinds)})")
+    stream = streams[0]
+    if stream.codec_context is None:
+        raise InputError(path, expected, f"a {kind} stream in a format FFmpeg has no decoder for")
+    return stream

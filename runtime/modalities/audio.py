@@ -43,8 +43,9 @@ from ..errors import InputError
 from ..resample import aligned_offset, resample_rate
 from ._io import (
     Source,
-    describe_content,
+    first_stream,
     is_array,
+    open_media,
     number_option,
     require_file,
     require_finite,
@@ -163,24 +164,10 @@ def _pcm_to_float(arr: np.ndarray, fmt: str) -> np.ndarray:
 def read_audio_file(path: Path, start_s: float) -> tuple[np.ndarray, int, int, dict[str, Any]]:
     """Decode what the window needs: (channel-0 samples, source rate, offset of the
     first returned sample in the file, info). Stops decoding after the window."""
-    import av
-
     info: dict[str, Any] = {}
+    container = open_media(path, EXPECTED)
     try:
-        container = av.open(str(path), mode="r")
-    except Exception as e:  # noqa: BLE001 - FFmpeg errors of every kind on bad files
-        found = describe_content(path)
-        if not found.startswith(("text", "blank", "binary data")):
-            found = f"{found} that FFmpeg cannot read ({type(e).__name__}: {e})"
-        raise InputError(path, EXPECTED, found) from None
-    try:
-        streams = container.streams.audio
-        if not streams:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise InputError(path, EXPECTED, f"no audio stream (streams: {', '.join(kinds)})")
-        stream = streams[0]
-        if stream.codec_context is None:
-            raise InputError(path, EXPECTED, "an audio stream in a format FFmpeg has no decoder for")
+        stream = first_stream(container, "audio", path, EXPECTED)
         rate = int(stream.codec_context.sample_rate or stream.rate or 0)
         if not MIN_RATE <= rate <= MAX_RATE:
             raise InputError(path, f"{EXPECTED} with a sample rate of {MIN_RATE}-{MAX_RATE} Hz", f"{rate} Hz")

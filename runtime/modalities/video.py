@@ -47,8 +47,9 @@ from ._imaging import (
 )
 from ._io import (
     Source,
-    describe_content,
+    first_stream,
     is_array,
+    open_media,
     number_option,
     require_file,
     require_finite,
@@ -102,21 +103,8 @@ def _rotate(arr: np.ndarray, rotation: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(arr, k=k)) if k else arr
 
 
-def _unopenable(path: Path, err: Exception) -> str:
-    """'found' text for a file FFmpeg refuses: what it looks like, and FFmpeg's reason."""
-    found = describe_content(path)
-    if found.startswith(("text", "blank", "binary data", "an empty")):
-        return found
-    return f"{found} that FFmpeg cannot read ({type(err).__name__}: {err})"
-
-
 def _open(path: Path):
-    import av
-
-    try:
-        return av.open(str(path), mode="r")
-    except Exception as e:  # noqa: BLE001 - FFmpeg errors of every kind on bad files
-        raise InputError(path, EXPECTED, _unopenable(path, e)) from None
+    return open_media(path, EXPECTED)
 
 
 def _frame_times(path: Path) -> tuple[np.ndarray, list[int | None], dict[str, Any]]:
@@ -124,13 +112,7 @@ def _frame_times(path: Path) -> tuple[np.ndarray, list[int | None], dict[str, An
     info: dict[str, Any] = {}
     container = _open(path)
     try:
-        streams = container.streams.video
-        if not streams:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise InputError(path, EXPECTED, f"no video stream (streams: {', '.join(kinds)})")
-        vs = streams[0]
-        if vs.codec_context is None:
-            raise InputError(path, EXPECTED, "a video stream in a format FFmpeg has no decoder for")
+        vs = first_stream(container, "video", path, EXPECTED)
         tb = vs.time_base or Fraction(1, 1)
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         info.update(codec=vs.codec_context.name, width=int(vs.codec_context.width or 0),
