@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onellm.runtime.bundle import load_manifest
+from onellm.runtime.bundle import load_manifest, record_verified, sha256_file
 from onellm.runtime.errors import ParityError
 from onellm.runtime.modalities import get_modality
 
@@ -39,19 +39,15 @@ def verify_bundle(bundle_dir: str | os.PathLike, checkpoint, *, clip_checkpoint=
     failures = 0
     checks = 0
     manifest = load_manifest(bundle_dir, verify=False)
-    from onellm.runtime.bundle import verify_files
-
-    # Always re-hash here (a verify run must not trust the cached stamp).
+    # Always re-hash here (a verify run must not trust the cached stamp), once per file.
     for rel, digest in manifest["files"].items():
-        from onellm.runtime.bundle import sha256_file
-
         checks += 1
         if sha256_file(bundle_dir / rel) != digest:
             failures += 1
             lines.append(f"FAIL checksum {rel}")
     if not failures:
         lines.append(f"ok   checksums of {len(manifest['files'])} files")
-        verify_files(bundle_dir, manifest["files"])
+        record_verified(bundle_dir, manifest["files"])
     cfg = ModelConfig.from_dict(manifest["config"], where=f"{bundle_dir}/manifest.json config")
     model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint, dtype="fp32")
     checks += 1

@@ -107,6 +107,14 @@ def verify_files(bundle_dir: Path, files: dict[str, str]) -> None:
                 f"{bundle_dir / rel}: checksum mismatch (expected sha256 {digest[:12]}…, found {actual[:12]}…); "
                 f"the file was changed or truncated - re-export the bundle"
             )
+    record_verified(bundle_dir, files, state)
+
+
+def record_verified(bundle_dir: Path, files: dict[str, str], state: dict[str, list[int]] | None = None) -> None:
+    """Remember that every file was just hashed and matched, so the next load skips re-hashing."""
+    if state is None:
+        state = {rel: _file_state(bundle_dir / rel) for rel in files}
+    stamp = _stamp_path(bundle_dir)
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps({"files": files, "state": state}))

@@ -20,7 +20,6 @@ requests. `cancel()` (or the `cancel` event passed to `ask`) may be called from 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import cache_dir, load_manifest
-from .errors import BundleError, ConfigError, InputError
+from .errors import ConfigError, InputError
 from .modalities import ModalityInput, get_modality
 from .prompt import Conversation
 
@@ -128,7 +127,6 @@ class Pipeline:
         self.bundle_dir = Path(manifest["_dir"])
         self._lock = threading.RLock()
         self._cancel = threading.Event()
-        self._session = None  # the decoder session of the last request
         self._plan_error: BaseException | None = None
 
     # ------------------------------------------------------------------ loading
@@ -490,8 +488,3 @@ def _check_embeddings(block: Any, manifest: dict[str, Any]) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise InputError("--embeddings", "finite values", "NaN or inf")
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _noop():
-    yield

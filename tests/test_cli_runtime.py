@@ -40,7 +40,7 @@ def test_ask_json_has_answer_ids_and_timings(tiny_bundle):
     for key in ("bundle_load_s", "preprocess_s", "encode_s", "prefill_s", "first_token_s", "decode_tokens_per_s",
                 "peak_rss_mib"):
         assert out["timings"][key] >= 0, key
-    assert out["input"]["window_start_s"] == 0.0 if "window_start_s" in out["input"] else True
+    assert out["input"]["window_s"] == [0.0, 2.0] and out["input"]["source_rate_hz"] == 100.0
 
 
 def test_encode_then_ask_embeddings_gives_the_same_answer(tiny_bundle, tmp_path):
