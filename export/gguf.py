@@ -21,7 +21,6 @@ checkpoint is not fp16) that is deleted afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from onellm.runtime import prompt as prompt_mod
+from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import CheckpointError, ConfigError, ParityError
 
 log = logging.getLogger(__name__)
@@ -287,14 +287,6 @@ def _source_is_fp16(tensors: Mapping[str, Any], cfg) -> bool:
     import torch
 
     return all(getattr(tensors[k], "dtype", None) == torch.float16 for k in decoder_keys(cfg) if k.endswith("w1.weight"))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_gguf(

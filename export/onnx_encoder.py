@@ -61,6 +61,7 @@ from onellm.ref.config import ModelConfig
 from onellm.ref.model import OneLLM
 from onellm.ref.tokenizers import tokenizer_features
 from onellm.ref.upm import run_expert
+from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import ConfigError, ParityError
 from onellm.runtime.modalities import get_modality
 
@@ -616,14 +617,6 @@ def graph_entry(path: Path, root: Path) -> dict[str, Any]:
         "inputs": sig(model.graph.input),
         "outputs": sig(model.graph.output),
     }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- parity

@@ -422,7 +422,7 @@ def _top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(x[i] - lse)) for i in idx]
 
 
-class Decoder:
+class Decoder(_llama._Owner):
     """A GGUF decoder loaded in llama.cpp, with one context (KV cache) for its sessions.
 
     Not thread-safe: one thread drives it (another may only set a cancel Event).
@@ -546,14 +546,3 @@ class Decoder:
                 obj.close()
                 setattr(self, name, None)
 
-    def __enter__(self) -> Decoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
