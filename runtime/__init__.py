@@ -13,7 +13,7 @@ from .errors import (
     ParityError,
 )
 
-__version__ = "0.1.0"
+from .. import __version__  # the one version source: onellm/__init__.py
 
 __all__ = [
     "BackendError",

@@ -16,6 +16,26 @@ import pytest
 TINY_SEED = 1234  # the seed of the tiny random checkpoint every test shares
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """Session fixtures (bundles, pipelines) write their cache files here, never to the user's cache."""
+    import os
+
+    before = os.environ.get("ONELLM_CACHE_DIR")
+    os.environ["ONELLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("session-cache"))
+    yield
+    if before is None:
+        os.environ.pop("ONELLM_CACHE_DIR", None)
+    else:
+        os.environ["ONELLM_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets a cache directory of its own (verified-bundle stamps, TensorRT engines, demo bundle)."""
+    monkeypatch.setenv("ONELLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """The `tiny` preset's ModelConfig."""
