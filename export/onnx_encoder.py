@@ -58,9 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onellm.ref.config import ModelConfig
+from onellm.ref import stages
 from onellm.ref.model import OneLLM
-from onellm.ref.tokenizers import tokenizer_features
-from onellm.ref.upm import run_expert
 from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import ConfigError, ParityError
 from onellm.runtime.modalities import get_modality
@@ -85,8 +84,9 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 # ---------------------------------------------------------------------------- modules
 # Each exported graph is one of these small modules. They hold references to the
-# reference model's own submodules and parameters (no copies) and recompute what the
-# reference computes, in an export-friendly form; parity checks prove the equality.
+# reference model's own submodules and parameters (no copies, and only those the graph
+# reads) and call the reference's stage functions (`onellm.ref.stages`) on them, so the
+# math exists once; parity checks prove the chain equals `OneLLM.encode`.
 
 
 class FusableAttention(nn.Module):
@@ -147,11 +147,10 @@ class ClipPatchTokenizer(nn.Module):
         super().__init__()
         self.conv1 = model.clip.visual.conv1
         self.pos = model.clip.visual.positional_embedding
+        self.width = model.cfg.clip.width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.conv1(x)
-        feats = feats.reshape(feats.shape[0], feats.shape[1], -1).permute(0, 2, 1)
-        return _with_position(feats, self.pos)
+        return stages.embed_patches("clip_patch", self.conv1, self.pos, x, self.width)
 
 
 class ModalityTokenizer(nn.Module):
@@ -166,17 +165,8 @@ class ModalityTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "point_patch":  # x: grouped neighbourhoods [N, groups, k, C]
-            feats = self.module.embed_groups(x.permute(0, 3, 1, 2))
-        else:
-            feats = tokenizer_features(self.kind, self.module, x, self.width)
-        feats = feats.reshape(feats.shape[0], feats.shape[1], -1).permute(0, 2, 1)
-        return _with_position(feats, self.pos)
-
-
-def _with_position(feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[N, L-1, width] patches -> [N, L, width]: row 0 = pos[0] (the trunk adds CLS), then patches + pos."""
-    head = pos[:1].expand(feats.shape[0], 1, -1)
-    return torch.cat([head, feats + pos[1:]], dim=1)
+            x = x.permute(0, 3, 1, 2)
+        return stages.embed_patches(self.kind, self.module, self.pos, x, self.width)
 
 
 class ClipTrunk(nn.Module):
@@ -191,11 +181,8 @@ class ClipTrunk(nn.Module):
         self.blocks = nn.ModuleList(FusableBlock(b) for b in blocks) if fusable_attention else blocks
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([tokens[:, :1] + self.class_embedding, tokens[:, 1:]], dim=1)
-        h = self.ln_pre(h)
-        for block in self.blocks:
-            h = block(h)
-        return self.ln_post(h)
+        return stages.run_trunk(stages.begin_trunk(tokens, self.class_embedding, self.ln_pre), self.blocks,
+                                self.ln_post)
 
 
 class PreUPM(nn.Module):
@@ -208,14 +195,11 @@ class PreUPM(nn.Module):
         self.tokens = model.resample_tokens[modality]
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.frames > 1:
-            feats = feats.reshape(-1, self.frames, *feats.shape[1:]).mean(dim=1)
-        h = self.proj1(feats)
-        return torch.cat([self.tokens.expand(h.shape[0], -1, -1), h], dim=1)
+        return stages.resample_input(stages.mean_frames(feats, self.frames), self.proj1, self.tokens)
 
 
 class UPMExperts(nn.Module):
-    """Σ_e routing[:, e] · expert_e(x)[:, :30], the last block computing only those 30 rows."""
+    """sum_e routing[:, e] * expert_e(x)[:, :30], the last block computing only those 30 rows."""
 
     def __init__(self, model: OneLLM) -> None:
         super().__init__()
@@ -223,11 +207,7 @@ class UPMExperts(nn.Module):
         self.n_out = model.cfg.upm.n_resample_tokens
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        out = None
-        for e, blocks in self.experts.items():
-            y = run_expert(blocks, x, self.n_out) * routing[:, int(e), None]
-            out = y if out is None else out + y
-        return out
+        return stages.mix_experts(self.experts, x, routing, self.n_out)
 
 
 class UPMExpertsBatched(nn.Module):
@@ -298,9 +278,7 @@ class PostUPM(nn.Module):
         self.end = model.end_tag[modality]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.proj2(h)
-        bsz = h.shape[0]
-        return torch.cat([self.start.expand(bsz, -1, -1), h, self.end.expand(bsz, -1, -1)], dim=1)
+        return stages.project(h, self.proj2, self.start, self.end)
 
 
 # ---------------------------------------------------------------------------- plan

@@ -6,9 +6,11 @@ takes the release as is. Only `cfg.modalities` get per-modality parameters. Noth
 `__init__` computes on the weights, so `with torch.device("meta"): OneLLM(cfg)` builds
 a shape-only model; the rotary tables are made lazily on the first decoder call.
 
-Encoding one input, stage by stage (each stage is a method, for export):
+Encoding one input, stage by stage (each method composes the stage functions of
+`onellm.ref.stages`, which the exported graphs call too):
 
-    tokenize(m, x)      [B, (T,) ...] -> [B*T, L, width]  tokenizer, CLS, pos-emb, ln_pre
+    patch_tokens(m, x)  [B, (T,) ...] -> [B*T, L, width]  tokenizer and pos-emb (row 0: pos[0])
+    tokenize(m, x)      [B, (T,) ...] -> [B*T, L, width]  the above, then CLS and ln_pre
     clip_trunk(h)       [N, L, width] -> [N, L, width]    CLIP blocks, ln_post on all rows
     mean_frames(h, B)   [B*T, L, width] -> [B, L, width]  frame mean (video, rgbd, rgbn)
     upm(m, h)           [B, L, width] -> [B, 30, width]   clip_proj1, resample tokens, experts
@@ -33,8 +35,10 @@ from onellm.runtime.modalities import get_modality
 from .clip import CLIP, LayerNorm
 from .config import ModelConfig
 from .decoder import KVCache, RMSNorm, TransformerBlock, rope_tables
-from .tokenizers import TOKENIZER_BUILDERS, expected_input_shape, tokenizer_features
-from .upm import Mlp, build_expert, build_projection, routing_weights, run_expert
+from . import stages
+from .point_utils import group_points
+from .tokenizers import TOKENIZER_BUILDERS, expected_input_shape
+from .upm import Mlp, build_expert, build_projection, routing_weights
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +130,8 @@ class OneLLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------ encoder stages
-    def tokenize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Modality input [B, *input_shape] -> [B*T, L, width] (CLS, pos-emb and ln_pre applied)."""
+    def patch_tokens(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Modality input [B, *input_shape] -> [B*T, L, width]: the tokenizer with positions, no CLS yet."""
         self._check_modality(modality)
         kind = self._kinds[modality]
         expected = self.input_shape(modality)
@@ -136,31 +140,33 @@ class OneLLM(nn.Module):
                 f"{modality} input", f"a tensor of shape [B, {', '.join(map(str, expected))}]", f"{list(x.shape)}"
             )
         visual = self.clip.visual
-        if kind != "point_patch":  # the point tokenizer keeps fp32 coordinates (spec section 4)
-            x = x.to(self.dtype)
         if kind == "clip_patch":
             if len(expected) == 4:  # frames: [B, T, 3, H, W] -> [B*T, 3, H, W]
                 x = x.reshape(-1, *x.shape[2:])
-            feats = visual.conv1(x)
-            pos = visual.positional_embedding
+            module, pos = visual.conv1, visual.positional_embedding
+            x = x.to(self.dtype)
         else:
-            feats = tokenizer_features(kind, self.conv1[modality], x, self.cfg.clip.width)
-            pos = self.positional_embedding[modality]
-        feats = feats.to(self.dtype)
-        feats = feats.reshape(feats.shape[0], feats.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(feats.dtype).expand(feats.shape[0], 1, -1)
-        h = torch.cat([cls, feats], dim=1) + pos.to(feats.dtype)
-        return visual.ln_pre(h)
+            module, pos = self.conv1[modality], self.positional_embedding[modality]
+            if kind == "point_patch":  # grouped in fp32 whatever the model dtype (spec section 4)
+                x = group_points(x, module.n_groups, module.k, module.tie_break)
+            else:
+                x = x.to(self.dtype)
+        return stages.embed_patches(kind, module, pos, x, self.cfg.clip.width, dtype=self.dtype)
+
+    def tokenize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Modality input [B, *input_shape] -> [B*T, L, width] (CLS, pos-emb and ln_pre applied)."""
+        visual = self.clip.visual
+        return stages.begin_trunk(self.patch_tokens(modality, x), visual.class_embedding, visual.ln_pre)
 
     def clip_trunk(self, h: torch.Tensor) -> torch.Tensor:
         """CLIP's residual blocks, then ln_post on every token."""
         visual = self.clip.visual
-        return visual.ln_post(visual.transformer(h))
+        return stages.run_trunk(h, visual.transformer.resblocks, visual.ln_post)
 
     @staticmethod
     def mean_frames(h: torch.Tensor, batch_size: int) -> torch.Tensor:
         """[B*T, L, width] -> [B, L, width], averaging the T frames of each sample."""
-        return h.reshape(batch_size, -1, *h.shape[1:]).mean(dim=1)
+        return stages.mean_frames(h, h.shape[0] // batch_size)
 
     def routing_weights(self, modality: str) -> torch.Tensor:
         """[n_resample, n_experts] expert weights of a modality (input-independent)."""
@@ -170,25 +176,14 @@ class OneLLM(nn.Module):
     def upm(self, modality: str, h: torch.Tensor, full_last_block: bool = False) -> torch.Tensor:
         """CLIP features [B, L, width] -> [B, n_resample, width]: clip_proj1, resample tokens, experts."""
         self._check_modality(modality)
-        n_out = self.cfg.upm.n_resample_tokens
-        h = self.clip_proj1[modality](h)
-        tokens = self.resample_tokens[modality]
-        x = torch.cat([tokens.to(h.dtype).expand(h.shape[0], -1, -1), h], dim=1)
-        weights = self.routing_weights(modality).to(h.dtype)  # [n_out, n_experts]
-        out = None
-        for e, blocks in self.resample_layers.items():
-            y = run_expert(blocks, x, n_out, full_last_block) * weights[:, int(e), None]
-            out = y if out is None else out + y
-        return out
+        x = stages.resample_input(h, self.clip_proj1[modality], self.resample_tokens[modality])
+        return stages.mix_experts(self.resample_layers, x, self.routing_weights(modality),
+                                  self.cfg.upm.n_resample_tokens, full_last_block)
 
     def project(self, modality: str, h: torch.Tensor) -> torch.Tensor:
         """[B, n_resample, width] -> the [B, n_inserted, dim] block: start_tag, clip_proj2(h), end_tag."""
         self._check_modality(modality)
-        h = self.clip_proj2[modality](h)
-        bsz = h.shape[0]
-        start = self.start_tag[modality].to(h.dtype).expand(bsz, -1, -1)
-        end = self.end_tag[modality].to(h.dtype).expand(bsz, -1, -1)
-        return torch.cat([start, h, end], dim=1)
+        return stages.project(h, self.clip_proj2[modality], self.start_tag[modality], self.end_tag[modality])
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """Modality input [B, *input_shape] -> the [B, n_inserted, dim] block put after BOS."""
