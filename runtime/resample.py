@@ -49,27 +49,40 @@ SINC_ROLLOFF = 0.99  # cutoff as a fraction of the lower rate's Nyquist (torchau
 
 def sinc_kernel(orig: int, new: int, lowpass_width: int = SINC_LOWPASS_WIDTH,
                 rolloff: float = SINC_ROLLOFF) -> tuple[np.ndarray, int]:
-    """Hann-windowed sinc kernels [new, 2 * width + orig] for rates already reduced by their gcd.
+    """Hann-windowed sinc kernels [new, 2 * width + orig] (float32) for rates already
+    reduced by their gcd.
 
     Output phase j of every block of `orig` input samples is the dot product of kernel
     row j with the padded input starting at that block; `width` is the one-sided reach
-    in input samples.
+    in input samples. Computed in float32 step by step as torchaudio does for a
+    float32 waveform: its kernel is only float32-accurate (the sine's argument reaches
+    pi * 0.99 * min(orig, new)), and a float64 kernel would differ from the training
+    pipeline's by up to 3e-5 of the signal for rates such as 11025 -> 16000.
     """
+    f32 = np.float32
     base = min(orig, new) * rolloff
     width = math.ceil(lowpass_width * orig / base)
-    idx = np.arange(-width, width + orig, dtype=np.float64) / orig
-    t = (-np.arange(new, dtype=np.float64) / new)[:, None] + idx[None, :]
-    t = np.clip(t * base, -lowpass_width, lowpass_width)
-    window = np.cos(t * math.pi / lowpass_width / 2) ** 2
-    t = t * math.pi
+    idx = np.arange(-width, width + orig, dtype=f32) / f32(orig)
+    t = (np.arange(0, -new, -1, dtype=f32) / f32(new))[:, None] + idx[None, :]
+    t = np.clip(t * f32(base), f32(-lowpass_width), f32(lowpass_width))
+    window = np.cos(t * f32(math.pi) / f32(lowpass_width) / f32(2)) ** 2
+    t = t * f32(math.pi)
     with np.errstate(invalid="ignore", divide="ignore"):
-        kernel = np.where(t == 0, 1.0, np.sin(t) / t)
-    return kernel * window * (base / orig), width
+        kernel = np.where(t == 0, f32(1.0), np.sin(t) / t)
+    return (kernel * (window * f32(base / orig))).astype(f32), width
+
+
+def sinc_length(n: int, src_rate: int, dst_rate: int) -> int:
+    """Samples sinc_resample returns for n input samples: ceil(n * new / orig), with the
+    quotient rounded to float32 first as torchaudio does (torch.as_tensor of a Python
+    float), which can drop the last sample of a long signal."""
+    up, down = rate_ratio(int(src_rate), int(dst_rate))
+    return int(math.ceil(float(np.float32(up * n / down))))
 
 
 def sinc_resample(x: np.ndarray, src_rate: int, dst_rate: int, axis: int = -1) -> np.ndarray:
     """Resample `x` along `axis` from src_rate to dst_rate (integers, Hz) exactly as
-    torchaudio's default resampler does; float32 out, ceil(n * dst / src) samples."""
+    torchaudio's default resampler does; float32 out, `sinc_length(n)` samples."""
     if int(src_rate) != src_rate or int(dst_rate) != dst_rate:
         raise ValueError(f"sinc_resample takes integer rates, got {src_rate} -> {dst_rate}")
     up, down = rate_ratio(int(src_rate), int(dst_rate))  # new, orig reduced by the gcd
@@ -78,14 +91,15 @@ def sinc_resample(x: np.ndarray, src_rate: int, dst_rate: int, axis: int = -1) -
         return x.copy()
     moved = np.moveaxis(x, axis, -1)
     lead_shape, n = moved.shape[:-1], moved.shape[-1]
-    rows = moved.reshape(-1, n).astype(np.float64)
+    rows = moved.reshape(-1, n)
     kernel, width = sinc_kernel(down, up)
     padded = np.pad(rows, ((0, 0), (width, width + down)))
     klen = kernel.shape[1]
     n_blocks = (padded.shape[1] - klen) // down + 1
     frames = np.lib.stride_tricks.sliding_window_view(padded, klen, axis=1)[:, ::down][:, :n_blocks]
-    out = np.einsum("rbk,pk->rbp", frames, kernel).reshape(rows.shape[0], -1)
-    out = out[:, : math.ceil(up * n / down)].astype(np.float32)
+    # float64 accumulation: within float32 rounding of torch's float32 convolution.
+    out = np.matmul(frames.astype(np.float64), kernel.T.astype(np.float64)).reshape(rows.shape[0], -1)
+    out = out[:, : sinc_length(n, src_rate, dst_rate)].astype(np.float32)
     return np.moveaxis(out.reshape(*lead_shape, -1), -1, axis)
 
 
