@@ -5,9 +5,9 @@ channel 0 is used, as the reference (torchaudio's Kaldi fbank reads channel 0).
 Integer PCM is scaled to [-1, 1) as torchaudio loads it (int16 / 32768, ...).
 
 Preprocessing (spec section 7, audio; the reference's `make_audio_features`):
-resample to 16 kHz (`scipy.signal.resample_poly`, see `onellm.runtime.resample`;
-the reference used torchaudio's sinc resampler: both are anti-aliased low-pass
-interpolators, they differ in the stop band only); subtract the mean; Kaldi fbank
+resample to 16 kHz with the reference's own filter (torchaudio's default windowed-sinc
+resampler, re-done in numpy as `onellm.runtime.resample.sinc_resample` and checked
+against torchaudio's output); subtract the mean; Kaldi fbank
 with torchaudio.compliance.kaldi.fbank's semantics (below); zero-pad or truncate to
 1024 frames; then (x + 4.2677393) / (4.5689974 * 2); transpose -> [1,128,1024].
 
@@ -21,9 +21,17 @@ them and the checkpoint was trained so, while Kaldi and kaldi-native-fbank refus
 this configuration ("num_mel_bins too large"). Hence the fbank is computed here in
 numpy, and kaldi-native-fbank serves as the independent oracle in the tests.
 
+The mean: the reference subtracts the mean of the whole file over all its channels,
+here that of channel 0 in the window; the fbank removes each frame's mean anyway, so
+the result is the same to float32 rounding.
+
 The window: the model hears 1024 frames = 10.24 s (10.255 s of samples) starting at
 `start` seconds (default 0, the reference's choice); longer audio is truncated with
-a notice naming the option that moves the window (`--audio-start`).
+a notice naming the option that moves the window (`--audio-start`). Only the part of
+the file the window needs is decoded and resampled: from a source sample that is a
+multiple of the resampler's block (so the 16 kHz grid is the whole file's) 0.1 s
+before the window (far more than the filter's reach of 6 zero crossings), to 0.1 s
+after it; the window cut from it equals the same window of the whole file resampled.
 
 In-memory input: a float array in [-1, 1] (or int16/int32 PCM), [N] or [C, N],
 with `sample_rate=`.
@@ -40,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..resample import aligned_offset, resample_rate
+from ..resample import aligned_offset, sinc_resample
 from ._io import (
     Source,
     first_stream,
@@ -230,7 +238,7 @@ def _window(label: str, samples: np.ndarray, rate: int, offset: int, total_src: 
     if start_s >= duration and not more:
         raise InputError(label, f"a start time before the end of the audio ({duration:.3f} s)",
                          f"start {start_s:g} s")
-    wave16 = resample_rate(samples, rate, SAMPLE_RATE)
+    wave16 = sinc_resample(samples, rate, SAMPLE_RATE)
     lo = int(round(start_s * SAMPLE_RATE)) - offset * SAMPLE_RATE // rate
     wave = wave16[lo:lo + WINDOW_SAMPLES]
     if len(wave) < FRAME_LENGTH:
