@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _inputs_helpers import EXAMPLES, write_audio, write_wav_header_only
+from _inputs_helpers import (
+    EXAMPLES,
+    macroman_handler_names,
+    make_mov_with_audio,
+    write_audio,
+    write_rifx_wav,
+    write_wav_header_only,
+)
 from onellm.runtime.errors import InputError
 from onellm.runtime.modalities import audio as A
 from onellm.runtime.modalities import get_modality
@@ -274,6 +281,50 @@ def test_rates_use_the_sinc_resampler(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(A, "sinc_resample", spy)
     SPEC.preprocess(write_audio(tmp_path / "a.wav", tone(440, 48000, 1.0), 48000))
     assert calls == [(48000, 16000)]
+
+
+def test_quicktime_metadata_in_mac_roman(tmp_path) -> None:
+    """The audio track of a .mov with Mac Roman handler names is read (and equals the
+    same file with UTF-8 names): a 440 Hz tone peaks in the mel bin holding 440 Hz."""
+    plain = make_mov_with_audio(tmp_path / "plain.mov")
+    roman = macroman_handler_names(plain, tmp_path / "roman.mov")
+    a, b = SPEC.preprocess(plain), SPEC.preprocess(roman)
+    check(b)
+    assert b.meta["container"] == a.meta["container"] and b.meta["codec"] == "aac"
+    np.testing.assert_array_equal(a.array, b.array)
+    banks = A.mel_banks()
+    peak_bin = int(np.argmax(b.array[0, :, 20:80].mean(axis=1)))
+    assert banks[peak_bin, int(round(440 / (16000 / 512)))] > 0  # that filter covers 440 Hz
+
+
+def test_riff_and_rifx(tmp_path) -> None:
+    """Little-endian WAV of the same samples reads; big-endian RIFX (which FFmpeg would
+    decode byte-swapped) is refused with an error naming the format."""
+    pcm = np.rint(tone(440, 16000, 1.0) * 32767).astype(np.int16)
+    riff = SPEC.preprocess(write_audio(tmp_path / "le.wav", pcm[None] / 32767, 16000))
+    check(riff)
+    with pytest.raises(InputError, match="big-endian RIFX") as e:
+        SPEC.preprocess(write_rifx_wav(tmp_path / "be.wav", pcm, 16000))
+    assert "be.wav" in str(e.value) and "little-endian" in str(e.value)
+    from onellm.runtime.modalities._io import describe_content
+    assert describe_content(tmp_path / "be.wav") == "a big-endian RIFX WAVE audio file"
+
+
+def test_rifx_read_when_ffmpeg_honours_the_byte_order(tmp_path, monkeypatch) -> None:
+    """With an FFmpeg that reports big-endian PCM for RIFX, the file is not refused."""
+    pcm = np.rint(tone(440, 16000, 1.0) * 32767).astype(np.int16)
+    path = write_rifx_wav(tmp_path / "be.wav", pcm, 16000)
+
+    class Ctx:
+        name = "pcm_s16be"
+
+    class Stream:
+        codec_context = Ctx()
+
+    A._refuse_misread_rifx(path, Stream())  # no error
+    Ctx.name = "pcm_s16le"
+    with pytest.raises(InputError, match="RIFX"):
+        A._refuse_misread_rifx(path, Stream())
 
 
 # ------------------------------------------------------------------ bad inputs

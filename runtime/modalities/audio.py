@@ -55,6 +55,7 @@ from ._io import (
     is_array,
     open_media,
     number_option,
+    read_head,
     require_file,
     require_finite,
     require_finite_output,
@@ -169,6 +170,19 @@ def _pcm_to_float(arr: np.ndarray, fmt: str) -> np.ndarray:
     return x / np.float32(scale)
 
 
+def _refuse_misread_rifx(path: Path, stream) -> None:
+    """A big-endian RIFX WAV that FFmpeg decodes as little-endian PCM (it does, in the
+    FFmpeg PyAV ships) would be heard as loud noise: refuse it, naming the format."""
+    if read_head(path, 12)[:4] != b"RIFX":
+        return
+    codec = stream.codec_context.name or ""
+    if codec.startswith("pcm_") and codec.endswith("be"):
+        return  # an FFmpeg that honours the byte order
+    raise InputError(path, EXPECTED, f"a big-endian RIFX WAVE file, which FFmpeg decodes with the wrong "
+                     f"byte order (as {codec or 'an unknown codec'}); convert it to a standard "
+                     f"little-endian WAV first (e.g. sox in.wav -L out.wav)")
+
+
 def read_audio_file(path: Path, start_s: float) -> tuple[np.ndarray, int, int, dict[str, Any]]:
     """Decode what the window needs: (channel-0 samples, source rate, offset of the
     first returned sample in the file, info). Stops decoding after the window."""
@@ -176,6 +190,7 @@ def read_audio_file(path: Path, start_s: float) -> tuple[np.ndarray, int, int, d
     container = open_media(path, EXPECTED)
     try:
         stream = first_stream(container, "audio", path, EXPECTED)
+        _refuse_misread_rifx(path, stream)
         rate = int(stream.codec_context.sample_rate or stream.rate or 0)
         if not MIN_RATE <= rate <= MAX_RATE:
             raise InputError(path, f"{EXPECTED} with a sample rate of {MIN_RATE}-{MAX_RATE} Hz", f"{rate} Hz")
