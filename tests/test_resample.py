@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onellm.runtime.resample import aligned_offset, rate_ratio, sinc_kernel, sinc_resample
+from onellm.runtime.resample import aligned_offset, rate_ratio, sinc_band, sinc_kernel, sinc_resample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "resample"
 PAIRS = sorted(FIXTURES.glob("*.npz"))
@@ -108,3 +108,40 @@ def test_length_rounds_like_torchaudio():
     assert sinc_length(180697, 44100, 16000) == 65559
     assert len(sinc_resample(np.zeros(180697, np.float32), 44100, 16000)) == 65559
     assert sinc_length(4411, 44100, 16000) == math.ceil(4411 * 160 / 441)
+
+
+def dense_resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """torchaudio's algorithm literally: the dense kernel as a strided convolution."""
+    up, down = rate_ratio(src, dst)
+    kernel, width = sinc_kernel(down, up)
+    padded = np.pad(x.astype(np.float64), (width, width + down))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::down]
+    out = (frames @ kernel.T.astype(np.float64)).reshape(-1)
+    return out[: math.ceil(up * len(x) / down)]
+
+
+@pytest.mark.parametrize("src,dst", [(44100, 16000), (4409, 1600), (197, 200), (16000, 44100), (3, 7)])
+def test_band_equals_dense_kernel(src, dst):
+    # sinc_resample keeps only each phase's non-zero taps; the dense kernel gives the same.
+    x = np.random.default_rng(src).standard_normal(3 * src + 5).astype(np.float32)
+    np.testing.assert_allclose(sinc_resample(x, src, dst), dense_resample(x, src, dst), atol=1e-6)
+    up, down = rate_ratio(src, dst)
+    band, first, width = sinc_band(down, up)
+    dense, _ = sinc_kernel(down, up)
+    rows = np.arange(up)[:, None]
+    np.testing.assert_array_equal(dense[rows, first[:, None] + np.arange(band.shape[1])], band)
+    outside = dense.copy()
+    outside[rows, first[:, None] + np.arange(band.shape[1])] = 0
+    assert np.abs(outside).max() < 1e-12  # only the window's float32 residue is left out
+
+
+def test_coprime_rates_stay_small():
+    # 44099 -> 16000 has no common factor: torchaudio's dense kernel would be
+    # 16000 x 44133 floats (2.8 GB); the band form is 16000 x 38.
+    band, first, width = sinc_band(44099, 16000)
+    assert band.shape == (16000, 2 * width + 2) and band.nbytes < 3e6
+    t = np.arange(44099) / 44099
+    y = sinc_resample(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 44099, 16000)
+    assert len(y) == 16000
+    ref = np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
+    np.testing.assert_allclose(y[200:-200], ref[200:-200], atol=2e-3)
