@@ -8,9 +8,14 @@ Output sample k sits at input time k / dst_rate exactly.
 `sinc_resample` is the training pipeline's filter: the windowed-sinc resampler that
 torchaudio applies by default (`torchaudio.functional.resample` with
 `sinc_interp_hann`, `lowpass_filter_width=6`, `rolloff=0.99`, the two rates reduced by
-their gcd), zero-padded at both edges, output length ceil(n * new / orig). It is
-written here in numpy (torchaudio cannot be a runtime dependency) and checked against
-fixtures made with torchaudio itself (tests/fixtures/resample/).
+their gcd), zero-padded at both edges, output length ceil(n * new / orig) (the
+quotient rounded to float32 first, as torchaudio does). It is written here in numpy
+(torchaudio cannot be a runtime dependency) with torchaudio's float32 kernel
+arithmetic, and checked against fixtures made with torchaudio itself
+(tests/fixtures/resample/: max-abs difference <= 3.6e-7 of the signal's scale on
+every rate pair there). Unlike torchaudio it applies only each output phase's ~2 *
+width non-zero taps, so rates with no common factor (44099 -> 16000) cost no more
+than others instead of a dense new x orig kernel. The audio reader uses it.
 
 `to_uniform_grid` puts irregularly timed samples onto a uniform grid by linear
 interpolation (sensor logs jitter, drop samples or drift), so the polyphase filter
@@ -47,29 +52,78 @@ SINC_LOWPASS_WIDTH = 6  # zero crossings of the sinc on each side (torchaudio's 
 SINC_ROLLOFF = 0.99  # cutoff as a fraction of the lower rate's Nyquist (torchaudio's default)
 
 
+def _sinc_taps(phase: np.ndarray, tap: np.ndarray, orig: int, new: int, lowpass_width: int,
+               rolloff: float) -> np.ndarray:
+    """Kernel values for output phases `phase` and input taps `tap` (broadcast; tap i is
+    input sample i of the block, -width <= i < width + orig), in float32 step by step
+    as torchaudio computes them for a float32 waveform: its kernel is only
+    float32-accurate (the sine's argument reaches pi * 0.99 * min(orig, new)), and a
+    float64 kernel differs from the training pipeline's by up to 3e-5 of the signal
+    for rates such as 11025 -> 16000."""
+    f32 = np.float32
+    base = min(orig, new) * rolloff
+    idx = np.asarray(tap).astype(f32) / f32(orig)
+    t = (-np.asarray(phase).astype(f32)) / f32(new) + idx
+    t = np.clip(t * f32(base), f32(-lowpass_width), f32(lowpass_width))
+    window = np.cos(t * f32(math.pi) / f32(lowpass_width) / f32(2)) ** 2
+    t = t * f32(math.pi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kernel = np.where(t == 0, f32(1.0), np.sin(t) / t)
+    return (kernel * (window * f32(base / orig))).astype(f32)
+
+
+def sinc_width(orig: int, new: int, lowpass_width: int = SINC_LOWPASS_WIDTH,
+               rolloff: float = SINC_ROLLOFF) -> int:
+    """One-sided reach of the filter in input samples (rates reduced by their gcd)."""
+    return math.ceil(lowpass_width * orig / (min(orig, new) * rolloff))
+
+
 def sinc_kernel(orig: int, new: int, lowpass_width: int = SINC_LOWPASS_WIDTH,
                 rolloff: float = SINC_ROLLOFF) -> tuple[np.ndarray, int]:
-    """Hann-windowed sinc kernels [new, 2 * width + orig] for rates already reduced by their gcd.
+    """torchaudio's dense kernels [new, 2 * width + orig] (float32) for rates already
+    reduced by their gcd, and `width`.
 
     Output phase j of every block of `orig` input samples is the dot product of kernel
-    row j with the padded input starting at that block; `width` is the one-sided reach
-    in input samples.
+    row j with the padded input starting at that block. Only about 2 * width taps of a
+    row are non-zero, so `sinc_resample` uses just those (`sinc_band`): the dense
+    form grows as new * orig (2.8 GB for 44099 -> 16000 Hz) and is kept for tests.
     """
-    base = min(orig, new) * rolloff
-    width = math.ceil(lowpass_width * orig / base)
-    idx = np.arange(-width, width + orig, dtype=np.float64) / orig
-    t = (-np.arange(new, dtype=np.float64) / new)[:, None] + idx[None, :]
-    t = np.clip(t * base, -lowpass_width, lowpass_width)
-    window = np.cos(t * math.pi / lowpass_width / 2) ** 2
-    t = t * math.pi
-    with np.errstate(invalid="ignore", divide="ignore"):
-        kernel = np.where(t == 0, 1.0, np.sin(t) / t)
-    return kernel * window * (base / orig), width
+    width = sinc_width(orig, new, lowpass_width, rolloff)
+    taps = np.arange(-width, width + orig)
+    return _sinc_taps(np.arange(new)[:, None], taps[None, :], orig, new, lowpass_width, rolloff), width
+
+
+def sinc_band(orig: int, new: int, lowpass_width: int = SINC_LOWPASS_WIDTH,
+              rolloff: float = SINC_ROLLOFF) -> tuple[np.ndarray, np.ndarray, int]:
+    """The non-zero part of `sinc_kernel`: (taps [new, T] float32, first tap of each
+    phase [new] (offset into the kernel row, i.e. into the padded block), width).
+
+    Phase j is centred on input sample j * orig / new; its window is zero beyond
+    `width` samples either side, so T = 2 * width + 2 taps from
+    floor(j * orig / new) - width hold all of it. (Taps outside it carry the window's
+    float32 residue cos(pi/2)^2 ~ 2e-15, which the dense form sums and this one drops.)
+    """
+    width = sinc_width(orig, new, lowpass_width, rolloff)
+    n_taps = min(2 * width + 2, 2 * width + orig)
+    phase = np.arange(new)
+    first = (phase * orig) // new - width  # tap index, >= -width
+    first = np.minimum(first, width + orig - n_taps)
+    taps = first[:, None] + np.arange(n_taps)[None, :]
+    kernel = _sinc_taps(phase[:, None], taps, orig, new, lowpass_width, rolloff)
+    return kernel, first + width, width
+
+
+def sinc_length(n: int, src_rate: int, dst_rate: int) -> int:
+    """Samples sinc_resample returns for n input samples: ceil(n * new / orig), with the
+    quotient rounded to float32 first as torchaudio does (torch.as_tensor of a Python
+    float), which can drop the last sample of a long signal."""
+    up, down = rate_ratio(int(src_rate), int(dst_rate))
+    return int(math.ceil(float(np.float32(up * n / down))))
 
 
 def sinc_resample(x: np.ndarray, src_rate: int, dst_rate: int, axis: int = -1) -> np.ndarray:
     """Resample `x` along `axis` from src_rate to dst_rate (integers, Hz) exactly as
-    torchaudio's default resampler does; float32 out, ceil(n * dst / src) samples."""
+    torchaudio's default resampler does; float32 out, `sinc_length(n)` samples."""
     if int(src_rate) != src_rate or int(dst_rate) != dst_rate:
         raise ValueError(f"sinc_resample takes integer rates, got {src_rate} -> {dst_rate}")
     up, down = rate_ratio(int(src_rate), int(dst_rate))  # new, orig reduced by the gcd
@@ -78,14 +132,19 @@ def sinc_resample(x: np.ndarray, src_rate: int, dst_rate: int, axis: int = -1) -
         return x.copy()
     moved = np.moveaxis(x, axis, -1)
     lead_shape, n = moved.shape[:-1], moved.shape[-1]
-    rows = moved.reshape(-1, n).astype(np.float64)
-    kernel, width = sinc_kernel(down, up)
-    padded = np.pad(rows, ((0, 0), (width, width + down)))
-    klen = kernel.shape[1]
-    n_blocks = (padded.shape[1] - klen) // down + 1
-    frames = np.lib.stride_tricks.sliding_window_view(padded, klen, axis=1)[:, ::down][:, :n_blocks]
-    out = np.einsum("rbk,pk->rbp", frames, kernel).reshape(rows.shape[0], -1)
-    out = out[:, : math.ceil(up * n / down)].astype(np.float32)
+    rows = moved.reshape(-1, n)
+    kernel, first, width = sinc_band(down, up)
+    padded = np.pad(rows, ((0, 0), (width, width + down))).astype(np.float64)
+    n_blocks = n // down + 1  # torchaudio's conv1d: (n + 2 * width + down - klen) // down + 1
+    length = sinc_length(n, src_rate, dst_rate)
+    # start[b, j]: padded index of phase j's first tap in block b.
+    start = np.arange(n_blocks)[:, None] * down + first[None, :]
+    taps = kernel.astype(np.float64)
+    # float64 accumulation: within float32 rounding of torch's float32 convolution.
+    out = np.zeros((rows.shape[0], n_blocks, up), dtype=np.float64)
+    for k in range(taps.shape[1]):
+        out += padded[:, start + k] * taps[:, k]
+    out = out.reshape(rows.shape[0], -1)[:, :length].astype(np.float32)
     return np.moveaxis(out.reshape(*lead_shape, -1), -1, axis)
 
 

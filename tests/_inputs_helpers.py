@@ -94,3 +94,53 @@ def write_wav_header_only(path: Path, rate: int = 16000) -> Path:
         "<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", len(data))
     path.write_bytes(hdr + data)
     return path
+
+
+def make_mov_with_audio(path: Path, n_frames: int = 10, fps: int = 10, rate: int = 16000,
+                        seconds: float = 1.0) -> Path:
+    """A QuickTime .mov with an H.264 video track (marker frames) and an AAC track (440 Hz)."""
+    import av
+
+    with av.open(str(path), "w", format="mov") as c:
+        v = c.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = c.add_stream("aac", rate=rate)
+        a.layout = "mono"
+        for i in range(n_frames):
+            for p in v.encode(av.VideoFrame.from_ndarray(marker_frame(i, 64, 48), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+        x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+        size = a.codec_context.frame_size or 1024
+        for s in range(0, len(x), size):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, s:s + size]), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = rate, s
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in a.encode(None):
+            c.mux(p)
+    return path
+
+
+def macroman_handler_names(src: Path, dst: Path) -> Path:
+    """A copy of a .mov whose track handler names are Mac Roman, not UTF-8, as QuickTime
+    writes them: FFmpeg's Pascal-string "VideoHandler"/"SoundHandler" become "Vidéo..."/
+    "Söund..." with é = 0x8E and ö = 0x9A (same lengths, so no atom size changes)."""
+    data = src.read_bytes()
+    patched = data.replace(b"\x0cVideoHandler", b"\x0cVid\x8eoHandler").replace(
+        b"\x0cSoundHandler", b"\x0cS\x9aundHandler")
+    assert patched.count(b"\x8e") > data.count(b"\x8e") and patched.count(b"\x9a") > data.count(b"\x9a")
+    dst.write_bytes(patched)
+    return dst
+
+
+def write_rifx_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
+    """A big-endian RIFX WAVE file of 16-bit mono PCM (every field and sample big-endian)."""
+    import struct
+
+    data = np.asarray(pcm, dtype=">i2").tobytes()
+    fmt = struct.pack(">HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack(">I", len(fmt)) + fmt + b"data" + struct.pack(">I", len(data)) + data
+    path.write_bytes(b"RIFX" + struct.pack(">I", len(body)) + body)
+    return path

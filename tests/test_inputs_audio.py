@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _inputs_helpers import EXAMPLES, write_audio, write_wav_header_only
+from _inputs_helpers import (
+    EXAMPLES,
+    macroman_handler_names,
+    make_mov_with_audio,
+    write_audio,
+    write_rifx_wav,
+    write_wav_header_only,
+)
 from onellm.runtime.errors import InputError
 from onellm.runtime.modalities import audio as A
 from onellm.runtime.modalities import get_modality
@@ -88,12 +96,13 @@ def test_long_audio_truncated_with_notice_and_start_moves_the_window(tmp_path, c
     assert r0.meta["fbank_frames"] == 1024 and r0.meta["padded_frames"] == 0
     r3 = SPEC.preprocess(path, start=3.0)
     assert r3.meta["window_s"][0] == 3.0
-    # The window equals cutting the fully resampled file at 3 s (edges far from the cut).
-    from onellm.runtime.resample import resample_rate
+    # The window equals cutting the fully resampled file at 3 s: the reader resamples
+    # only a slice around the window, on the whole file's 16 kHz grid.
+    from onellm.runtime.resample import sinc_resample
     pcm = np.rint(np.clip(sig, -1, 1) * 32767) / 32768
-    full = resample_rate(pcm.astype(np.float32), rate, 16000)[48000:48000 + A.WINDOW_SAMPLES]
+    full = sinc_resample(pcm.astype(np.float32), rate, 16000)[48000:48000 + A.WINDOW_SAMPLES]
     expect = A.fbank_to_tensor(A.compute_fbank(full - full.mean()))
-    np.testing.assert_allclose(r3.array, expect, atol=2e-4)
+    np.testing.assert_allclose(r3.array, expect, atol=2e-5)
     assert np.abs(r3.array - r0.array).max() > 0.1
 
 
@@ -210,10 +219,10 @@ def test_padding_before_normalisation() -> None:
 
 
 def test_resampled_sine_frequency() -> None:
-    from onellm.runtime.resample import resample_rate
+    from onellm.runtime.resample import sinc_resample
 
     for src in (44100, 22050, 48000, 8000):
-        y = resample_rate(tone(1000.0, src, 2.0), src, 16000)
+        y = sinc_resample(tone(1000.0, src, 2.0), src, 16000)
         assert abs(len(y) - 32000) <= 1
         spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
         peak_hz = np.argmax(spec) * 16000 / len(y)
@@ -222,10 +231,100 @@ def test_resampled_sine_frequency() -> None:
 
 
 def test_resampling_removes_content_above_8k() -> None:
-    from onellm.runtime.resample import resample_rate
+    from onellm.runtime.resample import sinc_resample
 
-    y = resample_rate(tone(12000.0, 44100, 1.0), 44100, 16000)  # would alias to 4 kHz
+    y = sinc_resample(tone(12000.0, 44100, 1.0), 44100, 16000)  # would alias to 4 kHz
     assert y[1000:-1000].std() < 0.3 * 10 ** (-40 / 20)  # at least 40 dB down
+
+
+# ------------------------------------------------------------------ the training pipeline
+
+UPSTREAM = Path(__file__).parent / "fixtures" / "upstream"
+PAD_VALUE = (0.0 + 4.2677393) / (4.5689974 * 2)
+
+
+@pytest.mark.parametrize("name,path", [
+    ("speech16k", EXAMPLES / "audio" / "speech.wav"),
+    ("speech44k_stereo", UPSTREAM / "speech44k_stereo.wav"),
+])
+def test_matches_upstream_torchaudio_run(name, path) -> None:
+    """The model input equals upstream's make_audio_features run with torchaudio on the
+    same file (tests/fixtures/make_torchaudio_fixtures.py): 16 kHz as is, and 44.1 kHz
+    stereo (channel 0, torchaudio's resampler)."""
+    fx = np.load(UPSTREAM / f"audio_{name}.npz")
+    r = SPEC.preprocess(path)
+    frames = int(fx["frames"])
+    assert r.meta["fbank_frames"] == frames and r.meta["sample_rate"] == int(fx["rate"])
+    want = np.full((1, 128, 1024), PAD_VALUE, np.float32)
+    want[0, :, :frames] = fx["fbank"]
+    # Measured: relative L2 1.3e-6, max abs 1.0e-4 (float32 FFT/log paths differ).
+    assert np.linalg.norm(r.array - want) / np.linalg.norm(want) < 1e-5
+    assert np.abs(r.array - want).max() < 5e-4
+    if "wave16" in fx:
+        samples, rate, offset, _ = A.read_audio_file(path, 0.0)
+        assert offset == 0
+        from onellm.runtime.resample import sinc_resample
+        wave = sinc_resample(samples, rate, 16000)
+        n = len(fx["wave16"])
+        np.testing.assert_allclose(wave[:n], fx["wave16"], atol=1e-5 * np.abs(fx["wave16"]).max())
+
+
+def test_rates_use_the_sinc_resampler(monkeypatch, tmp_path) -> None:
+    """Audio off 16 kHz goes through sinc_resample (not another filter)."""
+    calls = []
+    real = A.sinc_resample
+
+    def spy(x, src, dst, *a, **k):
+        calls.append((src, dst))
+        return real(x, src, dst, *a, **k)
+
+    monkeypatch.setattr(A, "sinc_resample", spy)
+    SPEC.preprocess(write_audio(tmp_path / "a.wav", tone(440, 48000, 1.0), 48000))
+    assert calls == [(48000, 16000)]
+
+
+def test_quicktime_metadata_in_mac_roman(tmp_path) -> None:
+    """The audio track of a .mov with Mac Roman handler names is read (and equals the
+    same file with UTF-8 names): a 440 Hz tone peaks in the mel bin holding 440 Hz."""
+    plain = make_mov_with_audio(tmp_path / "plain.mov")
+    roman = macroman_handler_names(plain, tmp_path / "roman.mov")
+    a, b = SPEC.preprocess(plain), SPEC.preprocess(roman)
+    check(b)
+    assert b.meta["container"] == a.meta["container"] and b.meta["codec"] == "aac"
+    np.testing.assert_array_equal(a.array, b.array)
+    banks = A.mel_banks()
+    peak_bin = int(np.argmax(b.array[0, :, 20:80].mean(axis=1)))
+    assert banks[peak_bin, int(round(440 / (16000 / 512)))] > 0  # that filter covers 440 Hz
+
+
+def test_riff_and_rifx(tmp_path) -> None:
+    """Little-endian WAV of the same samples reads; big-endian RIFX (which FFmpeg would
+    decode byte-swapped) is refused with an error naming the format."""
+    pcm = np.rint(tone(440, 16000, 1.0) * 32767).astype(np.int16)
+    riff = SPEC.preprocess(write_audio(tmp_path / "le.wav", pcm[None] / 32767, 16000))
+    check(riff)
+    with pytest.raises(InputError, match="big-endian RIFX") as e:
+        SPEC.preprocess(write_rifx_wav(tmp_path / "be.wav", pcm, 16000))
+    assert "be.wav" in str(e.value) and "little-endian" in str(e.value)
+    from onellm.runtime.modalities._io import describe_content
+    assert describe_content(tmp_path / "be.wav") == "a big-endian RIFX WAVE audio file"
+
+
+def test_rifx_read_when_ffmpeg_honours_the_byte_order(tmp_path, monkeypatch) -> None:
+    """With an FFmpeg that reports big-endian PCM for RIFX, the file is not refused."""
+    pcm = np.rint(tone(440, 16000, 1.0) * 32767).astype(np.int16)
+    path = write_rifx_wav(tmp_path / "be.wav", pcm, 16000)
+
+    class Ctx:
+        name = "pcm_s16be"
+
+    class Stream:
+        codec_context = Ctx()
+
+    A._refuse_misread_rifx(path, Stream())  # no error
+    Ctx.name = "pcm_s16le"
+    with pytest.raises(InputError, match="RIFX"):
+        A._refuse_misread_rifx(path, Stream())
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -54,3 +54,36 @@ def test_nan_text_and_objects(tmp_path) -> None:
     (tmp_path / "cut.npy").write_bytes(good.read_bytes()[:1000])
     with pytest.raises(InputError, match="truncated|damaged"):
         SPEC.preprocess(tmp_path / "cut.npy")
+
+
+def test_nsd_int16_betas_rescaled_with_notice(tmp_path, caplog) -> None:
+    """NSD's int16 files (percent signal change x 300) are divided by 300, with a notice."""
+    betas = np.random.default_rng(1).normal(scale=2.0, size=(2, 15724))
+    stored = np.rint(betas * 300).astype(np.int16)
+    np.save(tmp_path / "nsd.npy", stored)
+    with caplog.at_level("WARNING"):
+        r = SPEC.preprocess(tmp_path / "nsd.npy")
+    assert "divided by 300" in caplog.text
+    np.testing.assert_allclose(r.array[0], stored.astype(np.float64).mean(0) / 300, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r.array[0], betas.mean(0), atol=1 / 300)
+    assert "300" in r.meta["rescaled"] and r.meta["dtype"] == "int16"
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_other_integer_betas_refused_with_guidance(tmp_path, dtype) -> None:
+    np.save(tmp_path / "i.npy", np.ones(15724, dtype))
+    with pytest.raises(InputError, match="divide them by 300") as e:
+        SPEC.preprocess(tmp_path / "i.npy")
+    assert str(np.dtype(dtype)) in str(e.value) and "i.npy" in str(e.value)
+
+
+def test_float_betas_at_storage_scale_noticed(caplog) -> None:
+    x = (np.random.default_rng(2).normal(scale=2.0, size=15724) * 300).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        r = SPEC.preprocess(x)
+    assert "dividing by 300" in caplog.text
+    np.testing.assert_array_equal(r.array[0], x)  # used as given
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SPEC.preprocess(x / 300)
+    assert caplog.text == ""

@@ -117,6 +117,24 @@ def test_16bit_greyscale_png_is_scaled_not_clipped(tmp_path) -> None:
     assert np.array_equal(r.array, expect)
 
 
+@pytest.mark.parametrize("top", [65535, 200])
+def test_16bit_greyscale_by_bit_depth_not_values(tmp_path, top) -> None:
+    """One rule for 16-bit greyscale, whatever the values (a dark 16-bit photo whose
+    values stay below 256 is NOT read as 8-bit) and whatever the carrier: PNG (Pillow
+    mode I;16), PGM (Pillow mode I) and a uint16 array give the same tensor."""
+    g = (np.linspace(0, top, 300)[None, :].repeat(200, 0)).astype(np.uint16)
+    expect = reference_transform(Image.fromarray(np.rint(g / 257.0).astype(np.uint8), "L").convert("RGB"))
+    Image.fromarray(g).save(tmp_path / "g.png")
+    (tmp_path / "g.pgm").write_bytes(b"P5\n300 200\n65535\n" + g.astype(">u2").tobytes())
+    png, pgm = SPEC.preprocess(tmp_path / "g.png"), SPEC.preprocess(tmp_path / "g.pgm")
+    assert png.meta["mode"] == "I;16" and pgm.meta["mode"] == "I"
+    assert png.meta["conversion"] == pgm.meta["conversion"] == "16-bit scaled by 1/257"
+    for r in (png, pgm, SPEC.preprocess(g)):
+        assert np.array_equal(r.array, expect)
+    if top == 200:  # all but black: values 0 or 1 after / 257
+        assert np.rint(g / 257.0).max() == 1
+
+
 def test_exif_orientation_applied(tmp_path) -> None:
     img = Image.fromarray(scene(300, 200))  # marker top-left, landscape
     exif = img.getexif()

@@ -78,6 +78,46 @@ def test_float_depth_npy_metres_with_nan(tmp_path, caplog) -> None:
     assert np.array_equal(depth_to_uint8(np.nan_to_num(d * 1000).astype(np.uint16))[0][1:], m8[1:])
 
 
+def test_16bit_depth_png_with_small_values_still_depth(tmp_path) -> None:
+    """A 16-bit depth PNG is millimetres whatever its values: values below 256 do not
+    make it an 8-bit map (bit depth decides, as for photos)."""
+    mm = np.random.default_rng(3).integers(20, 250, (240, 320)).astype(np.uint16)
+    Image.fromarray(mm).save(tmp_path / "d.png")
+    r = RGBD.preprocess(tmp_path / "d.png", image=PHOTO)
+    want = depth_to_uint8(mm)[0]
+    assert np.array_equal(r.array[1], clip_image_tensor(Image.fromarray(want).convert("RGB")))
+    assert "near bright" in r.meta["map"]["depth_conversion"]
+    assert np.array_equal(RGBD.preprocess(mm, image=PHOTO).array, r.array)  # same as an array
+    raw = clip_image_tensor(Image.fromarray(mm.astype(np.uint8)).convert("RGB"))
+    assert not np.array_equal(r.array[1], raw)
+
+
+def test_16bit_pgm_depth_refused_8bit_pgm_read(tmp_path) -> None:
+    """A 16-bit PGM (raw Kinect disparity's format, larger = nearer) is refused with
+    guidance; an 8-bit PGM depth map is an ordinary 8-bit map, read raw."""
+    disparity = np.random.default_rng(4).integers(400, 1000, (240, 320)).astype(">u2")
+    (tmp_path / "d-1.pgm").write_bytes(b"P5\n320 240\n2047\n" + disparity.tobytes())
+    with pytest.raises(InputError, match="disparity") as e:
+        RGBD.preprocess(tmp_path / "d-1.pgm", image=PHOTO)
+    msg = str(e.value)
+    assert "d-1.pgm" in msg and "16-bit PGM" in msg and ".npy" in msg and "NEARER" in msg
+    d8 = np.asarray(Image.open(EXAMPLES / "depth" / "depth.png").convert("L"))
+    (tmp_path / "d8.pgm").write_bytes(b"P5\n%d %d\n255\n" % (d8.shape[1], d8.shape[0]) + d8.tobytes())
+    a = RGBD.preprocess(tmp_path / "d8.pgm", image=PHOTO)
+    b = RGBD.preprocess(EXAMPLES / "depth" / "depth.png", image=PHOTO)
+    assert np.array_equal(a.array, b.array)
+
+
+def test_16bit_normals_by_bit_depth(tmp_path) -> None:
+    n = np.random.default_rng(5).integers(0, 65536, (240, 320, 3)).astype(np.uint16)
+    r = RGBN.preprocess(n, image=PHOTO)
+    enc = np.rint(n / 257.0).astype(np.uint8)
+    assert np.array_equal(r.array[1], clip_image_tensor(Image.fromarray(enc)))
+    assert r.meta["map"]["normal_conversion"] == "16-bit scaled by 1/257"
+    np.save(tmp_path / "n16.npy", n)
+    assert np.array_equal(RGBN.preprocess(tmp_path / "n16.npy", image=PHOTO).array, r.array)
+
+
 def test_float_normals_npy(tmp_path) -> None:
     n = np.random.default_rng(1).normal(size=(240, 320, 3))
     n /= np.linalg.norm(n, axis=-1, keepdims=True)

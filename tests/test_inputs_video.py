@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from _inputs_helpers import EXAMPLES, make_video, marker_frame, read_code
+from _inputs_helpers import EXAMPLES, macroman_handler_names, make_mov_with_audio, make_video, marker_frame, read_code
 from onellm.runtime.errors import InputError
 from onellm.runtime.modalities import get_modality
 from onellm.runtime.modalities import video as V
@@ -103,6 +103,21 @@ def test_clip_shorter_than_one_second(tmp_path, caplog) -> None:
     assert r.meta["frame_indices"] == [0] * 5
     assert "< 1 s" in caplog.text
     assert np.array_equal(r.array[0], r.array[12])
+
+
+def test_quicktime_metadata_in_mac_roman(tmp_path) -> None:
+    """A .mov whose handler names are Mac Roman (not UTF-8) reads as the same file with
+    UTF-8 names (PyAV's default strict decoding refused it)."""
+    import av
+
+    plain = make_mov_with_audio(tmp_path / "plain.mov")
+    roman = macroman_handler_names(plain, tmp_path / "roman.mov")
+    with pytest.raises(UnicodeDecodeError):  # the quirk is really there
+        av.open(str(roman)).close()
+    a, b = SPEC.preprocess(plain), SPEC.preprocess(roman)
+    check(b)
+    assert b.meta["frame_indices"] == a.meta["frame_indices"] == [0, 0, 0, 0, 0]
+    assert np.array_equal(a.array, b.array)
 
 
 def test_long_video_seeking_equals_sequential_decoding(tmp_path, monkeypatch) -> None:

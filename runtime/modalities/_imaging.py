@@ -3,6 +3,16 @@
 - `open_image`: decode with Pillow, apply the EXIF orientation, first frame of an
   animation; every decoder failure becomes an `InputError`.
 - `photo_to_rgb`: any Pillow mode to 8-bit RGB (palette, alpha, CMYK, 16-bit, float).
+- `wide_to_uint8`: THE rule for samples wider than 8 bits, in photos and normal maps
+  alike (files and arrays): the bit depth decides, never the values. 8-bit samples
+  are used as they are; 16-bit samples become rint(v / 257), full scale to full scale
+  (Pillow's modes I;16*, uint16 arrays, and Pillow's 32-bit mode "I" when it holds at
+  most 65535, which is how Pillow opens 16-bit PGM/PPM); wider integers are scaled by
+  255 / max (they have no known full scale); floats in [0, 1] are multiplied by 255,
+  floats beyond 1 scaled by 255 / max. A dark 16-bit photo thus stays dark instead of
+  being read as 8-bit. (16-bit RGB files are reduced to 8 bits by Pillow itself, by
+  their high byte, within one level of v / 257.) Depth maps wider than 8 bits are measurements, not brightness:
+  they follow their own rule (`_rgbx.depth_to_uint8`), whatever their values.
 - `clip_image_tensor`: the evaluation transform of the reference,
   torchvision `Resize(224, BICUBIC)` + `CenterCrop(224)` + `ToTensor` + CLIP `Normalize`,
   re-done with Pillow + numpy. For a PIL input torchvision's resize *is* Pillow's
@@ -89,17 +99,20 @@ def open_image(path: Path, expected: str) -> tuple[Any, dict[str, Any]]:
 
 
 def wide_to_uint8(arr: np.ndarray) -> tuple[np.ndarray, str]:
-    """A >8-bit single-channel photo to 8 bits, by its bit depth, not its content."""
+    """Samples wider than 8 bits (photo or normal map) to 8 bits by their bit depth,
+    not their values (the rule in the module docstring); uint8 passes unchanged."""
+    if arr.dtype == np.uint8:
+        return arr, "8-bit, as is"
     if arr.dtype.kind == "f":
         finite = arr[np.isfinite(arr)]
         top = float(finite.max()) if finite.size else 1.0
         scale = 255.0 if top <= 1.0 else 255.0 / top
         out = np.clip(np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0) * scale, 0, 255)
         return np.rint(out).astype(np.uint8), f"float scaled by {scale:g}"
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8) * np.uint8(255), "boolean: 0 or 255"
     top = int(arr.max()) if arr.size else 0
-    if top <= 255:
-        return np.clip(arr, 0, 255).astype(np.uint8), "values already 0-255"
-    if top <= 65535:
+    if arr.dtype.itemsize <= 2 or top <= 65535:
         return np.rint(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8), "16-bit scaled by 1/257"
     return np.rint(np.clip(arr, 0, None) * (255.0 / top)).astype(np.uint8), f"scaled by 255/{top}"
 

@@ -72,6 +72,8 @@ def describe_content(path: Path, head: bytes | None = None) -> str:
             return what
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return "a RIFF WAVE audio file"
+    if head[:4] == b"RIFX" and head[8:12] == b"WAVE":
+        return "a big-endian RIFX WAVE audio file"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "an AVI container"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -198,11 +200,16 @@ def number_option(label: str, name: str, value: Any) -> float | None:
 
 
 def open_media(path: Path, expected: str):
-    """Open a file with FFmpeg (PyAV); a file it refuses is an InputError saying what it looks like."""
+    """Open a file with FFmpeg (PyAV); a file it refuses is an InputError saying what it looks like.
+
+    Metadata that is not UTF-8 (QuickTime writes handler names and other strings in
+    Mac Roman) is decoded with replacement characters instead of failing: no reader
+    uses the metadata text, and PyAV's default ("strict") refuses the whole file.
+    """
     import av
 
     try:
-        return av.open(str(path), mode="r")
+        return av.open(str(path), mode="r", metadata_errors="replace")
     except Exception as err:  # noqa: BLE001 - FFmpeg errors of every kind on bad files
         found = describe_content(path)
         if not found.startswith(("text", "blank", "binary data", "an empty")):

@@ -8,17 +8,25 @@ rescaled), resized to the photo's size with Pillow's bicubic filter (Pillow's
 (short side 224 bicubic, centre crop 224, /255, CLIP normalisation) and stacked
 [photo, map] -> [2,3,224,224] float32.
 
-Maps that are not 8-bit images need a conversion to the 8-bit maps of training:
+Maps that are not 8-bit images need a conversion to the 8-bit maps of training. The
+bit depth decides, never the values (an 8-bit map is used raw; anything wider is
+converted by its kind):
 
 - depth, 16-bit PNG (millimetres, or any unit) or float `.npy` (metres): pixels that
   are 0, negative, NaN or infinite carry no depth and become 0; valid depths are
   mapped linearly from the 2nd percentile (-> 255, near is bright) to the 98th
   percentile (-> 0, far is dark) and clipped. The scale is relative, so the unit does
   not matter. (The released depth maps were made by a monocular estimator, so only
-  relative depth was ever seen.)
+  relative depth was ever seen.) This holds whatever the values: a 16-bit depth PNG
+  whose values happen to stay below 256 is still millimetres, not an 8-bit map.
+- depth as a 16-bit PGM is refused with guidance: raw Kinect captures (NYU Depth v2's
+  `d-*.pgm`) hold disparity (larger is NEARER, 11 bits, often stored byte-swapped),
+  which cannot be told from depth by its values; read as depth it would be inverted.
+  Convert it to depth first and pass a float `.npy` in metres or a 16-bit PNG.
 - normals, float `.npy` [H,W,3] or [3,H,W]: unit vectors in [-1,1] become
   rint((n + 1) / 2 * 255) (the encoding of the training maps); values already in
-  [0,1] are multiplied by 255.
+  [0,1] are multiplied by 255; 16-bit normal maps (PNG/TIFF or uint16 arrays) follow
+  the photos' rule (`_imaging.wide_to_uint8`): rint(v / 257).
 
 Orientation: each file's own EXIF orientation is applied. When the photo is rotated
 by 90 degrees by its EXIF tag, the map has no tag, and the map's aspect ratio matches
@@ -35,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ._imaging import clip_image_tensor, open_image
+from ._imaging import clip_image_tensor, open_image, wide_to_uint8
 from ._io import Source, ext_of, is_array, load_npy, require_file, source_label
 from .base import ModalityInput
 
@@ -98,6 +106,9 @@ def _map_array(label: str, arr: np.ndarray, kind: str, expected: str) -> tuple[n
         return depth_to_uint8(a)
     if a.ndim != 3:
         raise InputError(label, "a normal map [H,W,3]", f"shape {list(arr.shape)}")
+    if a.dtype.kind in "ui" and a.dtype.itemsize == 2:
+        out, how = wide_to_uint8(a)
+        return out, {"normal_conversion": how}
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise InputError(label, "a normal map with finite values", f"{int((~np.isfinite(a)).sum())} NaN/Inf values")
     return normals_to_uint8(a.astype(np.float64))
@@ -121,15 +132,20 @@ def _load_map(source: Source, kind: str, expected: str) -> tuple[Any, dict[str, 
             meta = {"source": str(path), **meta}
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 a = np.asarray(im)
-                if a.dtype.kind != "f" and a.size and int(a.max()) <= 255 and im.mode == "I":
-                    arr, info = np.clip(a, 0, 255).astype(np.uint8), {"map_values": "8-bit values, raw"}
-                elif kind == "depth":
+                if kind == "depth" and meta.get("format") == "PPM":
+                    raise InputError(path, f"{expected}: a 16-bit PGM is refused as depth",
+                                     "a 16-bit PGM, the format of raw Kinect disparity (e.g. NYU Depth v2 "
+                                     "d-*.pgm: larger values are NEARER, often byte-swapped), which cannot "
+                                     "be told from depth by its values; convert it to depth first (NYU: "
+                                     "metres = 351.3 / (1092.5 - byte-swapped value)) and pass a float .npy "
+                                     "in metres or a 16-bit PNG in millimetres")
+                if kind == "depth":
                     arr, info = depth_to_uint8(a)
                     if info.get("valid_fraction") == 0.0:
                         raise InputError(path, f"{expected} with some valid depth", "no valid (> 0) pixel")
                 else:
-                    arr, info = np.rint(np.clip(a.astype(np.float64) / (257.0 if a.max() > 255 else 1.0),
-                                                0, 255)).astype(np.uint8), {"map_values": "16-bit / 257"}
+                    arr, how = wide_to_uint8(a)
+                    info = {"map_values": how}
                 meta.update(info)
             else:
                 # Raw values: Pillow's plain conversion, alpha dropped, like the reference.

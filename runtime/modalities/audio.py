@@ -5,9 +5,9 @@ channel 0 is used, as the reference (torchaudio's Kaldi fbank reads channel 0).
 Integer PCM is scaled to [-1, 1) as torchaudio loads it (int16 / 32768, ...).
 
 Preprocessing (spec section 7, audio; the reference's `make_audio_features`):
-resample to 16 kHz (`scipy.signal.resample_poly`, see `onellm.runtime.resample`;
-the reference used torchaudio's sinc resampler: both are anti-aliased low-pass
-interpolators, they differ in the stop band only); subtract the mean; Kaldi fbank
+resample to 16 kHz with the reference's own filter (torchaudio's default windowed-sinc
+resampler, re-done in numpy as `onellm.runtime.resample.sinc_resample` and checked
+against torchaudio's output); subtract the mean; Kaldi fbank
 with torchaudio.compliance.kaldi.fbank's semantics (below); zero-pad or truncate to
 1024 frames; then (x + 4.2677393) / (4.5689974 * 2); transpose -> [1,128,1024].
 
@@ -21,9 +21,17 @@ them and the checkpoint was trained so, while Kaldi and kaldi-native-fbank refus
 this configuration ("num_mel_bins too large"). Hence the fbank is computed here in
 numpy, and kaldi-native-fbank serves as the independent oracle in the tests.
 
+The mean: the reference subtracts the mean of the whole file over all its channels,
+here that of channel 0 in the window; the fbank removes each frame's mean anyway, so
+the result is the same to float32 rounding.
+
 The window: the model hears 1024 frames = 10.24 s (10.255 s of samples) starting at
 `start` seconds (default 0, the reference's choice); longer audio is truncated with
-a notice naming the option that moves the window (`--audio-start`).
+a notice naming the option that moves the window (`--audio-start`). Only the part of
+the file the window needs is decoded and resampled: from a source sample that is a
+multiple of the resampler's block (so the 16 kHz grid is the whole file's) 0.1 s
+before the window (far more than the filter's reach of 6 zero crossings), to 0.1 s
+after it; the window cut from it equals the same window of the whole file resampled.
 
 In-memory input: a float array in [-1, 1] (or int16/int32 PCM), [N] or [C, N],
 with `sample_rate=`.
@@ -40,13 +48,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..resample import aligned_offset, resample_rate
+from ..resample import aligned_offset, sinc_resample
 from ._io import (
     Source,
     first_stream,
     is_array,
     open_media,
     number_option,
+    read_head,
     require_file,
     require_finite,
     require_finite_output,
@@ -161,6 +170,19 @@ def _pcm_to_float(arr: np.ndarray, fmt: str) -> np.ndarray:
     return x / np.float32(scale)
 
 
+def _refuse_misread_rifx(path: Path, stream) -> None:
+    """A big-endian RIFX WAV that FFmpeg decodes as little-endian PCM (it does, in the
+    FFmpeg PyAV ships) would be heard as loud noise: refuse it, naming the format."""
+    if read_head(path, 12)[:4] != b"RIFX":
+        return
+    codec = stream.codec_context.name or ""
+    if codec.startswith("pcm_") and codec.endswith("be"):
+        return  # an FFmpeg that honours the byte order
+    raise InputError(path, EXPECTED, f"a big-endian RIFX WAVE file, which FFmpeg decodes with the wrong "
+                     f"byte order (as {codec or 'an unknown codec'}); convert it to a standard "
+                     f"little-endian WAV first (e.g. sox in.wav -L out.wav)")
+
+
 def read_audio_file(path: Path, start_s: float) -> tuple[np.ndarray, int, int, dict[str, Any]]:
     """Decode what the window needs: (channel-0 samples, source rate, offset of the
     first returned sample in the file, info). Stops decoding after the window."""
@@ -168,6 +190,7 @@ def read_audio_file(path: Path, start_s: float) -> tuple[np.ndarray, int, int, d
     container = open_media(path, EXPECTED)
     try:
         stream = first_stream(container, "audio", path, EXPECTED)
+        _refuse_misread_rifx(path, stream)
         rate = int(stream.codec_context.sample_rate or stream.rate or 0)
         if not MIN_RATE <= rate <= MAX_RATE:
             raise InputError(path, f"{EXPECTED} with a sample rate of {MIN_RATE}-{MAX_RATE} Hz", f"{rate} Hz")
@@ -230,7 +253,7 @@ def _window(label: str, samples: np.ndarray, rate: int, offset: int, total_src: 
     if start_s >= duration and not more:
         raise InputError(label, f"a start time before the end of the audio ({duration:.3f} s)",
                          f"start {start_s:g} s")
-    wave16 = resample_rate(samples, rate, SAMPLE_RATE)
+    wave16 = sinc_resample(samples, rate, SAMPLE_RATE)
     lo = int(round(start_s * SAMPLE_RATE)) - offset * SAMPLE_RATE // rate
     wave = wave16[lo:lo + WINDOW_SAMPLES]
     if len(wave) < FRAME_LENGTH:

@@ -2,14 +2,15 @@
 
 Reading: Pillow decodes by content (the extension is not trusted); the EXIF
 orientation is applied; the first frame of an animated file is used; palette, alpha
-(composited on white), CMYK, greyscale and 16-bit/float images become 8-bit RGB.
+(composited on white), CMYK, greyscale and 16-bit/float images become 8-bit RGB
+(16-bit by its bit depth, rint(v / 257), never by its values: the rule in `_imaging`).
 
 Preprocessing (spec section 7, the reference's evaluation transform): short side to
 224 with Pillow's bicubic filter as torchvision `Resize(224)` does on a PIL image,
 centre crop 224, /255, CLIP normalisation -> [3,224,224] float32.
 
 In-memory input: a PIL image, or an array [H,W], [H,W,3] or [H,W,4] of uint8
-(float arrays in [0,1] are scaled by 255).
+(uint16 arrays are 16-bit: / 257; float arrays in [0,1] are scaled by 255).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ._imaging import CLIP_MEAN, CLIP_STD, clip_image_tensor, open_image, photo_to_rgb
+from ._imaging import CLIP_MEAN, CLIP_STD, clip_image_tensor, open_image, photo_to_rgb, wide_to_uint8
 from ._io import Source, is_array, require_file, require_finite, source_label
 from .base import ModalityInput, ModalitySpec
 
@@ -39,6 +40,8 @@ def array_to_pil(arr: np.ndarray, label: str, expected: str = EXPECTED) -> Any:
     if arr.dtype.kind not in "buif":
         raise InputError(label, f"{expected} of uint8 or float values", f"dtype {arr.dtype}")
     require_finite(label, arr, expected, "pixels")
+    if arr.dtype == np.uint16:
+        arr = wide_to_uint8(arr)[0]
     if arr.dtype != np.uint8:
         top = float(arr.max()) if arr.size else 0.0
         if arr.dtype.kind == "f" and top <= 1.0:

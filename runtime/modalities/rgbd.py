@@ -1,9 +1,11 @@
 """The rgbd modality: depth map paired with its RGB photo (--image).
 
 `preprocess(depth_source, image=photo_source)`. An 8-bit depth map (grey or
-colour-mapped PNG/JPEG) is used with its raw values, as in training; a 16-bit PNG
-or a float `.npy` (metres; 0/NaN = no depth) is converted to an 8-bit map first,
-near bright (2nd-98th percentile, see `_rgbx`). Output [2,3,224,224] float32 =
+colour-mapped PNG/JPEG/PGM) is used with its raw values, as in training; a 16-bit
+PNG/TIFF or a float `.npy` (metres; 0/NaN = no depth) is converted to an 8-bit map
+first, near bright (2nd-98th percentile, see `_rgbx`), whatever its values (the bit
+depth decides). A 16-bit PGM is refused with guidance: it is the format of raw
+Kinect disparity, where larger values are nearer. Output [2,3,224,224] float32 =
 [photo, depth map] through the image pipeline (spec section 7, rgbd).
 
 In-memory input: the map as an array [H,W] (uint8 raw, uint16 or float converted)

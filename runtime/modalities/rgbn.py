@@ -3,10 +3,12 @@
 `preprocess(normal_source, image=photo_source)`. An 8-bit normal map (RGB PNG, the
 usual (n + 1) / 2 encoding) is used with its raw values, as in training; a float
 `.npy` [H,W,3] or [3,H,W] of unit normals in [-1,1] is encoded to 8 bits first
-(see `_rgbx`). Output [2,3,224,224] float32 = [photo, normal map] through the image
+(see `_rgbx`); a 16-bit map (PNG/TIFF, uint16 array) is reduced by its bit depth,
+rint(v / 257), as photos are. Output [2,3,224,224] float32 = [photo, normal map] through the image
 pipeline (spec section 7, rgbn).
 
-In-memory input: the map as an array [H,W,3] (uint8 raw, float encoded); the photo
+In-memory input: the map as an array [H,W,3] (uint8 raw, uint16 / 257, float
+encoded); the photo
 as for the image modality.
 """
 
