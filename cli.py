@@ -793,6 +793,84 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
             click.echo("")
 
 
+# --------------------------------------------------------------------------- preview
+
+_NOT_READER_OPTIONS = ("bundle", "device", "precision", "quant", "threads")
+
+
+def _reader_options(func):
+    """The reader options of `ask` (--imu-rate, ..., --reader-option): fresh copies of the same
+    click options, without its bundle and device ones, so the two commands cannot drift apart."""
+    probe = _runtime_options(lambda **kw: None)
+    params = getattr(func, "__click_params__", [])
+    params.extend(p for p in probe.__click_params__ if p.name not in _NOT_READER_OPTIONS)
+    func.__click_params__ = params
+    return func
+
+
+class _PreviewCommand(_ModalityOptionsCommand):
+    insert_after = "out_path"
+
+
+@main.command("preview", cls=_PreviewCommand)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Where the PNG goes (default: preview-<modality>.png in the current directory).")
+@_reader_options
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the input facts and tensor statistics as JSON.")
+@handle_errors
+def preview_cmd(out_path, force, as_json, **kwargs) -> None:
+    """See what the model sees: print the input facts and draw the exact encoder input.
+
+    \b
+    Examples:
+      onellm preview --imu examples/imu/walk.csv
+      onellm preview --depth examples/depth/depth.png --image examples/image/photo.jpg --out depth.png
+    The picture shows the tensor the encoder gets, after every reader step (window,
+    resampling, crops, normalisation). Needs no bundle and no torch; drawing needs
+    matplotlib: pip install 'onellm[preview]'.
+    """
+    import inspect
+    import json as _json
+
+    from onellm.runtime.errors import InputError
+    from onellm.runtime.modalities import get_modality
+    from onellm.runtime.pipeline import read_input
+    from onellm.runtime.preview import input_summary, require_matplotlib, write_preview
+
+    files = _split_inputs(kwargs)
+    given = [n for n, f in files.items() if f]
+    chosen = [n for n in given if n != "image"] or given
+    if len(chosen) != 1:
+        found = " and ".join(get_modality(n).cli_option for n in chosen) or "none"
+        raise InputError("options", "exactly one input file to preview (e.g. --imu FILE)", found)
+    name = chosen[0]
+    spec = get_modality(name)
+    options = _reader_kwargs(files, **kwargs)
+    target = Path(out_path or f"preview-{name}.png")
+    if target.exists() and not force:
+        raise InputError(target, "a new file for the picture (pass --force to overwrite)", "an existing file")
+    require_matplotlib()
+    image = files.get("image") if spec.requires_image else None
+    try:
+        inspect.signature(spec.preprocess).bind(files[name], **options, **({"image": image} if image else {}))
+    except TypeError as exc:  # an option this reader does not take
+        raise InputError("--reader-option", f"options the {name} reader takes", str(exc)) from None
+    item = read_input(name, files[name], options, image=image)
+    write_preview(item, target, force=force)
+    summary = input_summary(item)
+    if as_json:
+        click.echo(_json.dumps({"modality": name, "input": item.meta, "tensor": summary, "picture": str(target)},
+                               indent=2))
+        return
+    click.echo(f"{name} input facts:")
+    for key, value in item.meta.items():
+        click.echo(f"  {key:22s} {value if isinstance(value, str) else _json.dumps(value)}")
+    click.echo(f"tensor: {summary['shape']} {summary['dtype']}, min {summary['min']:.4g}, max {summary['max']:.4g}, "
+               f"mean {summary['mean']:.4g}, std {summary['std']:.4g}")
+    click.echo(f"wrote {target}")
+
+
 # --------------------------------------------------------------------------- bench
 
 

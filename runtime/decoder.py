@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,21 @@ from .prompt import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+
+# llama.cpp context settings per GGUF type (the keys of a bundle's decoder quants). An
+# f32 GGUF is the parity setting: an f32 KV cache and exact attention (CPU flash
+# attention rounds Q to f16 as well) keep its logits within float32 noise of the torch
+# reference (tests/test_decoder_f32.py: 2.4e-6 of the logit std on the tiny model, against
+# 5.5e-3 with the defaults). Every other type keeps llama.cpp's defaults (f16 cache, flash
+# attention auto: half the cache memory); its weights round far more than the cache does.
+CONTEXT_SETTINGS: dict[str, dict[str, Any]] = {
+    "f32": {"kv_type": "f32", "flash_attn": False},
+}
+
+
+def context_settings_for(quant: str) -> dict[str, Any]:
+    """`Decoder` keyword arguments (kv_type, flash_attn) for a GGUF of this type; {} = the defaults."""
+    return dict(CONTEXT_SETTINGS.get(quant, {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +448,8 @@ class Decoder(_llama._Owner):
     `use_extra_bufts`: llama.cpp's extra CPU weight buffer types (repacking); off by
     default because quantized models crash on their first decode with them on this
     llama.cpp build (see /work/notes/decoder.md); ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on.
+    `kv_type` ("f16" or "f32") and `flash_attn` (None: llama.cpp's auto): the KV cache and
+    attention kernel; `context_settings_for(quant)` gives the ones a GGUF type runs with.
     """
 
     def __init__(
@@ -453,6 +471,8 @@ class Decoder(_llama._Owner):
         self._ctx = None
         self._batch = None
         self._owner: Session | None = None
+        self.kv_type = kv_type  # KV cache element type ("f16" or "f32")
+        self.flash_attn = flash_attn  # None: llama.cpp decides (auto)
         self._model = _llama.LlamaModel(self.path, n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
         try:
             arch = self._model.meta("general.architecture")
@@ -473,9 +493,10 @@ class Decoder(_llama._Owner):
             self.close()
             raise
         log.info(
-            "loaded %s: n_embd %d, vocab %d, n_ctx %d, %d threads, gpu layers %d, extra bufts %s",
+            "loaded %s: n_embd %d, vocab %d, n_ctx %d, %d threads, gpu layers %d, extra bufts %s, "
+            "%s KV cache, flash attention %s",
             self.path, self.n_embd, self.n_vocab, self.n_ctx, self._ctx.n_threads,
-            self._model.n_gpu_layers, use_extra_bufts,
+            self._model.n_gpu_layers, use_extra_bufts, kv_type, "auto" if flash_attn is None else flash_attn,
         )
 
     # properties

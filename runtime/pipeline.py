@@ -150,7 +150,7 @@ class Pipeline:
         precision: encoder precision to run (default: fp16 on CUDA when exported, else the
         bundle's CPU default). quant: which exported GGUF to run (default: the bundle's).
         """
-        from .decoder import Decoder
+        from .decoder import Decoder, context_settings_for
         from .encoder import Encoder, select_providers
         from .tokenizer import Tokenizer
 
@@ -194,7 +194,7 @@ class Pipeline:
         encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False,
                           provider_options=trt_options)
         decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads,
-                          use_extra_bufts=extra_bufts_for(quant))
+                          use_extra_bufts=extra_bufts_for(quant), **context_settings_for(quant))
         _check_reader_constants(manifest)
         pipe = cls(manifest, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant
