@@ -82,6 +82,10 @@ SENSOR_LOGGER_ROLES = {
 SENSOR_LOGGER_FILES = {ACCEL: "TotalAcceleration.csv", ACCEL_USER: "Accelerometer.csv", GYRO: "Gyroscope.csv",
                        GRAVITY: "Gravity.csv"}
 
+# phyphox's experiments, named in messages.
+PHYPHOX_EXPORTS = {ACCEL: 'the phyphox "Acceleration with g" export', ACCEL_USER: 'the phyphox "Linear '
+                   'Acceleration" export', GYRO: 'the phyphox "Gyroscope" export'}
+
 _BRACKET = re.compile(r"\s*\[([^\]]*)\]\s*$")
 
 

@@ -102,7 +102,7 @@ STANDARD_GRAVITY = 9.80665
 GYRO_RAD_S_MAX = 35.0  # rad/s (about 2000 dps, the largest common gyroscope range): above it, deg/s
 _RATE_BAND = (5.0, 20000.0)  # plausible IMU rates, for timestamp-unit detection
 _RATE_LIMITS = (1.0, 20000.0)  # sample rates accepted at all (the sinc kernel grows with the rate)
-_UNIT_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+_PER_SECOND = {"s": 1, "ms": 1000, "us": 1_000_000, "ns": 1_000_000_000}  # timestamp ticks per second
 _MAX_ZIP_MEMBER = 512 * 1024 * 1024
 
 _ACC = r"(?:(?P<lin>lin(?:ear)?_?|user_?)?(?:acc|accl|accel|accelerometer|acceleration|a))"
@@ -327,15 +327,15 @@ def _detect_unit(label: str, t: np.ndarray, unit: str | None, meta: dict[str, An
     """The timestamp unit: the given one (recorded with `why`), else the one the median step fits."""
     if len(t) < MIN_SAMPLES:
         raise InputError(label, f"an IMU recording of at least {MIN_SAMPLES} samples", f"{len(t)} sample(s)")
-    if unit in _UNIT_SCALE:
+    if unit in _PER_SECOND:
         meta["timestamp_unit"] = unit if why == "the header" else f"{unit} ({why})"
         return unit
     steps = np.diff(t)
     steps = steps[steps > 0]
     step = float(np.median(steps)) if steps.size else 0.0
     unit = "s"
-    for u, scale in _UNIT_SCALE.items():
-        if step > 0 and _RATE_BAND[0] <= 1.0 / (step * scale) <= _RATE_BAND[1]:
+    for u, ticks in _PER_SECOND.items():
+        if step > 0 and _RATE_BAND[0] <= ticks / step <= _RATE_BAND[1]:
             unit = u
             break
     meta["timestamp_unit"] = f"{unit} (from the median step)"
@@ -358,6 +358,7 @@ class _Stream:
     gyro_hint: tuple[str, str] | None = None
     gyro_deg_with_g: bool = False  # Arduino convention: deg/s when the accelerometer is in g
     rate_comment: tuple[float, str] | None = None
+    t_offset: float = 0  # the first raw timestamp (t holds t_raw - t_offset, exact for integer clocks)
 
 
 def _table_stream(table: _Table, stem: str) -> _Stream:
@@ -371,12 +372,14 @@ def _table_stream(table: _Table, stem: str) -> _Stream:
                              f"{width} unnamed columns")
         first = width - 6
         data = np.stack([table.numeric(first + k, CHANNELS[k]) for k in range(6)], axis=1)
-        t = table.numeric(0, "timestamp") if first else None
+        t, t0 = _numeric_time(table, 0, "timestamp") if first else (None, 0)
         meta["format"] = "CSV without a header" + (" (timestamp first: Android-style log)" if first else "")
         meta["columns"] = "unnamed: " + ("timestamp, " if first else "") + ", ".join(CHANNELS)
+        unit = None
         if t is not None:
             meta["timestamp_column"] = "column 1"
-        return _Stream(label, F.IMU6, data, t, None, meta, rate_comment=rate_comment)
+            unit = _detect_unit(label, t, None, meta, "")
+        return _Stream(label, F.IMU6, data, t, unit, meta, rate_comment=rate_comment, t_offset=t0)
 
     match = F.recognise(header)
     generic = _generic_columns(header)
@@ -445,11 +448,28 @@ def _note_ignored(table: _Table, used: set[int], meta: dict[str, Any]) -> None:
             meta["label_columns_ignored"] = labels
 
 
+_INTEGER = re.compile(r"^\s*[+-]?\d{1,19}\s*$")
+
+
+def _numeric_time(table: _Table, j: int, name: str) -> tuple[np.ndarray, float]:
+    """(timestamps - the first, the first): integer clocks (ns since the epoch) exactly, not via float64."""
+    cells = table.cols[j]
+    if cells and all(_INTEGER.match(c) for c in cells):
+        try:
+            ticks = np.asarray([int(c) for c in cells], dtype=np.int64)
+        except OverflowError:  # beyond int64: floats below
+            ticks = None
+        if ticks is not None:
+            return (ticks - ticks[0]).astype(np.float64), int(ticks[0])
+    t = table.numeric(j, name)
+    return t - t[0], float(t[0])
+
+
 def _read_time(table: _Table, stream: _Stream, j: int, unit: str | None, why: str) -> None:
     name = table.header[j] if table.header else f"column {j + 1}"
     stream.meta["timestamp_column"] = name
     try:
-        stream.t = table.numeric(j, name)
+        stream.t, stream.t_offset = _numeric_time(table, j, name)
         stream.t_unit = unit
     except InputError:
         stream.t = _parse_times(table.label, table.cols[j], name)
@@ -544,8 +564,9 @@ def _read_npy(path: Path, meta: dict[str, Any]) -> _Stream:
         meta["timestamps"] = side.name
         meta["format"] = "npy with Ego4D-style _timestamps.npy"
         t = ts
-    stream = _Stream(str(path), F.IMU6, data, t, None, meta)
+    stream = _Stream(str(path), F.IMU6, data, None, None, meta)
     if t is not None:
+        stream.t, stream.t_offset = t - t[0], float(t[0])
         stream.t_unit = _detect_unit(str(path), t, None, meta, "")
     return stream
 
@@ -596,8 +617,8 @@ def _export_streams(where: Path, files: list[tuple[str, bytes, str]]) -> list[_S
         raise InputError(where, "an IMU export holding accelerometer and gyroscope CSV files",
                          f"{len(files)} CSV files, none of them IMU data" + (f": {'; '.join(skipped[:4])}"
                                                                            if skipped else ""))
-    if skipped:
-        chosen[0].meta["files_skipped"] = skipped
+    for s in chosen if skipped else ():
+        s.meta["files_skipped"] = skipped
     return chosen
 
 
@@ -619,9 +640,18 @@ def _open_source(source: Any) -> list[_Stream]:
     return [_read_stream(str(path), path.read_bytes(), path.stem)]
 
 
-def _rebased_seconds(s: _Stream, origin: float) -> np.ndarray:
-    """Timestamps in s from `origin` (in the stream's unit)."""
-    return (s.t - origin) * _UNIT_SCALE[s.t_unit]
+def _to_ms(t: np.ndarray, unit: str | None) -> np.ndarray:
+    """Timestamps in ms; integer tick ratios divide exactly (5e6 ns -> 5.0 ms, not 4.999...)."""
+    unit = unit or "s"
+    return t * 1000.0 if unit == "s" else t / float(_PER_SECOND[unit] // 1000)
+
+
+def _ms_from(s: _Stream, origin: _Stream) -> np.ndarray:
+    """The stream's timestamps in ms from the origin stream's first sample."""
+    if s.t_unit == origin.t_unit:
+        return _to_ms(s.t + (s.t_offset - origin.t_offset), s.t_unit)
+    return _to_ms(s.t, s.t_unit) + (_to_ms(np.array([s.t_offset], np.float64), s.t_unit)[0]
+                                    - _to_ms(np.array([origin.t_offset], np.float64), origin.t_unit)[0])
 
 
 def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
@@ -639,10 +669,12 @@ def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
         by_kind[s.kind] = s
     acc = by_kind.get(F.ACCEL) or by_kind.get(F.ACCEL_USER)
     gyr = by_kind.get(F.GYRO)
-    sensor_logger = any(s.meta.get("format", "").startswith("Sensor Logger") for s in streams)
+    formats = " ".join(s.meta.get("format", "") for s in streams)
+    exports = (F.SENSOR_LOGGER_FILES if "Sensor Logger" in formats else F.PHYPHOX_EXPORTS if "phyphox" in formats
+               else {})
 
     def name_of(kind: str) -> str:
-        return F.SENSOR_LOGGER_FILES[kind] if sensor_logger else f"the {F.SENSOR_WORDS[kind]} export"
+        return exports.get(kind) or f"the {F.SENSOR_WORDS[kind]} file"
 
     first = streams[0]
     if acc is None or gyr is None:
@@ -653,16 +685,16 @@ def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
                          f"--imu {name_of(missing)}")
     grav = by_kind.get(F.GRAVITY)
     if acc.kind == F.ACCEL_USER and grav is None:
+        add = (f", or add {name_of(F.GRAVITY)} (--imu {Path(acc.label).name} --imu {name_of(F.GRAVITY)} "
+               f"--imu {Path(gyr.label).name})" if F.GRAVITY in exports else "")
         raise InputError(acc.label, "an accelerometer with gravity (the model never saw gravity-free data)",
                          f"user/linear acceleration with gravity removed and no gravity file; pass "
-                         f"{name_of(F.ACCEL)} instead, or add {name_of(F.GRAVITY)} (--imu {Path(acc.label).name} "
-                         f"--imu {name_of(F.GRAVITY)} --imu {Path(gyr.label).name})")
+                         f"{name_of(F.ACCEL)} instead{add}")
     parts = [acc, gyr] + ([grav] if acc.kind == F.ACCEL_USER and grav is not None else [])
     for s in parts:
         if s.t is None:
             raise InputError(s.label, "timestamps to align the sensors on", "no timestamp column")
-    origin_s = float(acc.t[0]) * _UNIT_SCALE[acc.t_unit]
-    times = {id(s): _rebased_seconds(s, origin_s / _UNIT_SCALE[s.t_unit]) for s in parts}
+    times = {id(s): _ms_from(s, acc) for s in parts}
     ta = times[id(acc)]
     lo = max(float(times[id(s)][0]) for s in parts)
     hi = min(float(times[id(s)][-1]) for s in parts)
@@ -681,13 +713,13 @@ def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
             accel = accel + vals
         else:
             gyro = vals
-    merged = _Stream(acc.label, F.IMU6, np.concatenate([accel, gyro], axis=1), t, "s", dict(acc.meta),
+    merged = _Stream(acc.label, F.IMU6, np.concatenate([accel, gyro], axis=1), t, "ms", dict(acc.meta),
                      accel_hint=acc.accel_hint or (grav.accel_hint if grav else None), gyro_hint=gyr.gyro_hint)
     merged.meta["timestamp_unit"] = acc.meta.get("timestamp_unit")
     meta["files"] = {F.SENSOR_WORDS[s.kind]: s.label for s in parts}
     meta["columns"] = {"accelerometer": acc.meta.get("columns"), "gyroscope": gyr.meta.get("columns")}
     meta["aligned"] = (f"{' and '.join(F.SENSOR_WORDS[s.kind] for s in parts[1:])} linearly interpolated onto the "
-                       f"accelerometer's {len(t)} timestamps (the {hi - lo:.3f} s all files cover)")
+                       f"accelerometer's {len(t)} timestamps (the {(hi - lo) / 1000:.3f} s all files cover)")
     if grav is not None and acc.kind == F.ACCEL_USER:
         meta["gravity"] = f"added back from {grav.label}"
     merged.t = t
@@ -698,12 +730,13 @@ def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
 # ------------------------------------------------------------------ times, units, plausibility
 
 def _check_times(label: Any, t: np.ndarray, data: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps (ms) that never go backwards; repeated ones dropped."""
     d = np.diff(t)
     back = np.flatnonzero(d < 0)
     if back.size:
         i = int(back[0])
         raise InputError(label, "timestamps that never go backwards",
-                         f"sample {i + 2} at {t[i + 1]:.6g} s after sample {i + 1} at {t[i]:.6g} s "
+                         f"sample {i + 2} at {t[i + 1] / 1000:.6g} s after sample {i + 1} at {t[i] / 1000:.6g} s "
                          f"({back.size} backward steps)")
     dup = np.flatnonzero(d == 0)
     if dup.size:
@@ -799,7 +832,8 @@ def window_upstream(t_ms: np.ndarray, data: np.ndarray, start: float,
     if rate is not None:
         src = int(rate + 1e-9)
     else:
-        src = int(1000.0 / float(np.mean(np.diff(t_ms[i0:i1]))))
+        # + 1e-6: float noise of a unit conversion must not turn 200.0 into 199 (the rule truncates)
+        src = int(1000.0 / float(np.mean(np.diff(t_ms[i0:i1]))) + 1e-6)
     if not _RATE_LIMITS[0] <= src <= _RATE_LIMITS[1]:
         raise ValueError(src)
     out = seg.astype(np.float32) if src == TARGET_RATE else sinc_resample(seg, src, TARGET_RATE, axis=0)
@@ -873,9 +907,10 @@ def preprocess(source: Source | list | tuple, *, rate: float | None = None, star
             ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
             if len(ts) != len(data) or not np.isfinite(ts).all():
                 raise InputError(label, f"{len(data)} finite timestamps (seconds)", f"{len(ts)} values")
-            stream.t, stream.t_unit = ts, "s"
+            stream.t, stream.t_unit = ts - ts[0], "s"
             meta["timestamps"] = "given (s)"
         elif t_raw is not None:
+            stream.t, stream.t_offset = t_raw - t_raw[0], float(t_raw[0])
             stream.t_unit = _detect_unit(label, t_raw, None, meta, "")
     else:
         stream = _combine(_open_source(source), meta)
@@ -897,24 +932,25 @@ def preprocess(source: Source | list | tuple, *, rate: float | None = None, star
     if rate is not None:
         if stream.t is not None:
             logger.warning("%s: --imu-rate %g Hz given; the file's timestamps are ignored", label, rate)
-        t = np.arange(n, dtype=np.float64) / float(rate)
+        t_ms = np.arange(n, dtype=np.float64) * (1000.0 / float(rate))
         given_rate = float(rate)
         meta["timestamps"] = f"from the rate option ({rate:g} Hz)"
         meta["rate_from"] = "the rate option"
     elif stream.t is not None:
-        t = (stream.t - stream.t[0]) * _UNIT_SCALE[stream.t_unit or "s"]
+        t_ms = _to_ms(stream.t - stream.t[0], stream.t_unit)
         meta["rate_from"] = "the timestamps"
         if stream.rate_comment:
             meta["rate_comment_ignored"] = stream.rate_comment[1]
     elif stream.rate_comment is not None:
         given_rate = stream.rate_comment[0]
-        t = np.arange(n, dtype=np.float64) / given_rate
+        t_ms = np.arange(n, dtype=np.float64) * (1000.0 / given_rate)
         meta["timestamps"] = f"from the comment line {stream.rate_comment[1]!r} ({given_rate:g} Hz)"
         meta["rate_from"] = f"the comment line {stream.rate_comment[1]!r}"
     else:
         raise InputError(label, "a timestamp column, a '# sample rate: N Hz' comment, or the sample rate "
                          "(--imu-rate HZ / rate=)", "none of them")
-    t, data = _check_times(label, t, data, meta)
+    t_ms, data = _check_times(label, t_ms, data, meta)
+    t = t_ms / 1000.0
     if len(t) < MIN_SAMPLES:
         raise InputError(label, f"at least {MIN_SAMPLES} samples with distinct timestamps", f"{len(t)}")
     step = float(np.median(np.diff(t)))
@@ -947,7 +983,7 @@ def preprocess(source: Source | list | tuple, *, rate: float | None = None, star
             meta["resampling"] = f"grid: linear interpolation at {src} Hz, then polyphase (scipy) to 200 Hz"
         else:
             try:
-                array, src, (i0, i1), valid = window_upstream(t * 1000.0, data, float(start), given_rate)
+                array, src, (i0, i1), valid = window_upstream(t_ms, data, float(start), given_rate)
             except ValueError:
                 raise InputError(label, f"a mean sample rate of {_RATE_LIMITS[0]:g}-{_RATE_LIMITS[1]:g} Hz in the "
                                  f"2 s window", "one outside it (long gaps?)") from None
