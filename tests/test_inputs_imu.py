@@ -289,3 +289,28 @@ def test_not_an_imu_file(tmp_path, payload, found) -> None:
     p.write_bytes(payload)
     with pytest.raises(InputError, match=found):
         SPEC.preprocess(p, rate=100)
+
+
+# ------------------------------------------------------------------ against the training pipeline itself
+
+FIXTURES = EXAMPLES.parent / "tests" / "fixtures" / "upstream"
+
+
+@pytest.mark.parametrize("case,path", [
+    ("walk100_start0", EXAMPLES / "imu" / "walk.csv"),
+    ("walk100_start1.3", EXAMPLES / "imu" / "walk.csv"),
+    ("walk50_start0", FIXTURES / "walk_50hz.csv"),
+    ("walk200_start0.5", FIXTURES / "walk_200hz.csv"),
+])
+def test_matches_upstream_torchaudio_fixtures(case, path) -> None:
+    """The default reader gives upstream's IMU input (made with torchaudio by tests/fixtures/
+    make_torchaudio_fixtures.py) to 1e-5 of the signal's scale; the grid method does not."""
+    z = np.load(FIXTURES / f"imu_{case}.npz")
+    r = SPEC.preprocess(path, start=float(z["start_s"]))
+    assert r.meta["resampled_from_hz"] == int(z["src_rate"])
+    assert r.meta["window_samples"][1] - r.meta["window_samples"][0] == int(z["n_window"])
+    scale = float(np.abs(z["imu"]).max())
+    assert np.abs(r.array - z["imu"]).max() <= 1e-5 * scale
+    if int(z["src_rate"]) != 200:
+        grid = SPEC.preprocess(path, start=float(z["start_s"]), method="grid")
+        assert np.abs(grid.array - z["imu"]).max() > 0.1 * scale
