@@ -580,11 +580,12 @@ def _is_zip(path: Path) -> bool:
 def _streams_from_zip(path: Path) -> list[_Stream]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(path, "an IMU export .zip", f"an unreadable zip ({exc})") from None
+        infos = sorted(zf.infolist(), key=lambda i: i.filename)
+    except Exception as exc:  # noqa: BLE001 - any damaged archive (BadZipFile, struct/zlib errors, ...)
+        raise InputError(path, "an IMU export .zip", f"an unreadable zip ({type(exc).__name__}: {exc})") from None
     out = []
     with zf:
-        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+        for info in infos:
             name = info.filename
             if info.is_dir() or "__MACOSX" in name or not name.lower().endswith((".csv", ".tsv", ".txt")):
                 continue
@@ -592,8 +593,9 @@ def _streams_from_zip(path: Path) -> list[_Stream]:
                 raise InputError(f"{path}:{name}", "an IMU CSV", f"{info.file_size} bytes uncompressed")
             try:
                 raw = zf.read(info)
-            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
-                raise InputError(f"{path}:{name}", "a readable zip member", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - CRC, zlib, encryption, unsupported compression
+                raise InputError(f"{path}:{name}", "a readable zip member",
+                                 f"{type(exc).__name__}: {str(exc)[:120]}") from None
             out.append((f"{path}:{name}", raw, Path(name).stem))
     return _export_streams(path, out)
 
