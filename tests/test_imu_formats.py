@@ -335,8 +335,36 @@ def test_bad_method(tmp_path) -> None:
 
 # ------------------------------------------------------------------ command line
 
-def test_cli_gyro_units_and_repeated_imu(tmp_path) -> None:
-    from onellm.cli import _one_or_list, _reader_kwargs
+def test_cli_gyro_units_and_repeated_imu() -> None:
+    from click.testing import CliRunner
+
+    from onellm.cli import _one_or_list, _reader_kwargs, main
 
     assert _reader_kwargs({"imu": "a.csv"}, None, None, None, "deg/s", None, ()) == {"gyro_units": "deg/s"}
     assert _one_or_list(()) is None and _one_or_list(("a",)) == "a" and _one_or_list(("a", "b")) == ["a", "b"]
+    shown = CliRunner().invoke(main, ["ask", "--help"]).output
+    assert "--gyro-units [auto|deg/s|rad/s]" in shown and "repeat for one-sensor files" in shown
+
+
+def test_cli_two_one_sensor_files_equal_their_preprocessed_array(tiny_checkpoint, tiny_tokenizer, tmp_path) -> None:
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from onellm.cli import main
+
+    def ask(*args):
+        return CliRunner().invoke(main, ["reference", "ask", "--checkpoint", str(tiny_checkpoint), "--tokenizer",
+                                         str(tiny_tokenizer), "--preset", "tiny", "--greedy", "--max-tokens", "5",
+                                         "--json", *args, "Q?"], catch_exceptions=False)
+
+    d = sensor_logger(tmp_path / "e", ("TotalAcceleration", "Gyroscope"))
+    acc, gyr = d / "TotalAcceleration.csv", d / "Gyroscope.csv"
+    np.save(tmp_path / "x.npy", SPEC.preprocess([acc, gyr]).array)
+    two = ask("--imu", str(acc), "--imu", str(gyr))
+    assert two.exit_code == 0, two.output
+    ref = ask("--input-npy", str(tmp_path / "x.npy"), "--modality", "imu")
+    assert json.loads(two.stdout)["answer"] == json.loads(ref.stdout)["answer"]
+    folder = ask("--imu", str(d))
+    assert json.loads(folder.stdout)["answer"] == json.loads(ref.stdout)["answer"]
+    one = ask("--imu", str(acc))
+    assert one.exit_code == 2 and "Gyroscope.csv" in one.stderr and "\n" not in one.stderr.strip()
