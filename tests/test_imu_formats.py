@@ -173,6 +173,11 @@ def test_sensor_logger_folder_zip_and_two_files(tmp_path) -> None:
     two = SPEC.preprocess([d / "TotalAcceleration.csv", d / "Gyroscope.csv"])
     np.testing.assert_array_equal(two.array, r.array)
     json.dumps(two.meta)  # the --json input facts
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "Location.csv").write_text("time,latitude\n1,2\n")
+    with pytest.raises(InputError, match="a directory with 1 CSV files, none of them IMU data: Location.csv"):
+        SPEC.preprocess(other)
 
 
 def test_sensor_logger_user_acceleration_gets_gravity_back(tmp_path) -> None:

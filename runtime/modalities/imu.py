@@ -602,10 +602,10 @@ def _streams_from_zip(path: Path) -> list[_Stream]:
 
 def _streams_from_folder(path: Path) -> list[_Stream]:
     files = sorted(p for p in path.iterdir() if p.is_file() and ext_of(p) in (".csv", ".tsv", ".txt"))
-    return _export_streams(path, [(str(p), p.read_bytes(), p.stem) for p in files])
+    return _export_streams(path, [(str(p), p.read_bytes(), p.stem) for p in files], "a directory with ")
 
 
-def _export_streams(where: Path, files: list[tuple[str, bytes, str]]) -> list[_Stream]:
+def _export_streams(where: Path, files: list[tuple[str, bytes, str]], what: str = "") -> list[_Stream]:
     """The IMU files of an export: a 6-axis file, or the one-sensor files; others skipped."""
     streams, skipped = [], []
     for label, raw, stem in files:
@@ -617,8 +617,8 @@ def _export_streams(where: Path, files: list[tuple[str, bytes, str]]) -> list[_S
     chosen = six[:1] if six else [s for s in streams if s.kind in (F.ACCEL, F.ACCEL_USER, F.GRAVITY, F.GYRO)]
     if not chosen:
         raise InputError(where, "an IMU export holding accelerometer and gyroscope CSV files",
-                         f"{len(files)} CSV files, none of them IMU data" + (f": {'; '.join(skipped[:4])}"
-                                                                           if skipped else ""))
+                         f"{what}{len(files)} CSV files, none of them IMU data" + (
+                             f": {'; '.join(skipped[:4])}" if skipped else ""))
     for s in chosen if skipped else ():
         s.meta["files_skipped"] = skipped
     return chosen
