@@ -373,3 +373,11 @@ def test_cli_two_one_sensor_files_equal_their_preprocessed_array(tiny_checkpoint
     assert json.loads(folder.stdout)["answer"] == json.loads(ref.stdout)["answer"]
     one = ask("--imu", str(acc))
     assert one.exit_code == 2 and "Gyroscope.csv" in one.stderr and "\n" not in one.stderr.strip()
+
+
+def test_a_comment_that_names_no_columns_is_not_a_header(tmp_path) -> None:
+    p = tmp_path / "plain.txt"
+    p.write_text("# recorded with my phone app today\n" + "\n".join(f"{t:.3f} 0 0 {G} 0 0 0.5" for t in rows()))
+    r = SPEC.preprocess(p)
+    expect(r, (0, 0, G), (0, 0, 0.5))
+    assert "header" not in r.meta

@@ -20,6 +20,7 @@ import re
 
 # Sensor kinds a file can hold.
 IMU6 = "imu6"  # accelerometer (with gravity) and gyroscope
+IMU6_USER = "imu6_user"  # both, but the accelerometer columns say gravity was removed (linear_acceleration_x ...)
 ACCEL = "accel"  # accelerometer including gravity
 ACCEL_USER = "accel_user"  # gravity removed (linear / user acceleration)
 GRAVITY = "gravity"  # the gravity vector alone

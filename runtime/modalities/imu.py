@@ -275,7 +275,8 @@ def _parse_table(label: str, raw: bytes) -> _Table:
         # EuRoC-style: `#timestamp [ns],w_RS_S_x [rad s^-1],...` names the columns of the data below.
         cand = [c.strip() for c in _split([header_comment], delim)[0]] if header_comment.strip() else []
         width = len(rows[0])
-        if cand and not all(_is_number(c) for c in cand if c) and len(cand) in (width, width - 1, width + 1):
+        names_columns = F.recognise(cand) is not None or any(classify_column(c) for c in cand)
+        if names_columns and not all(_is_number(c) for c in cand if c) and len(cand) in (width, width - 1, width + 1):
             header = cand
             meta["header"] = "the '#' line above the data"
     if not rows:
@@ -394,8 +395,8 @@ def _table_stream(table: _Table, stem: str) -> _Stream:
         if has_acc != has_gyr:
             other = "gyroscope" if has_acc else "accelerometer"
             raise InputError(label, f"columns for {', '.join(CHANNELS)} (missing: {', '.join(missing)}); this file "
-                             f"holds one sensor, pass the {other} file too (--imu THIS --imu {other.upper()}.csv)",
-                             shown)
+                             f"holds one sensor, pass the {other} file too "
+                             f"(--imu {Path(label).name} --imu <{other} file>)", shown)
         raise InputError(
             label,
             f"columns for {', '.join(CHANNELS)} (aliases such as accel_x, accl_x, ax, gyro_x, gx; missing: "
@@ -414,7 +415,7 @@ def _table_stream(table: _Table, stem: str) -> _Stream:
     if len(gunits) == 1:
         stream.gyro_hint = (gunits.pop(), "from the header")
     if any(found_cols[c][2] for c in CHANNELS[:3]):
-        stream.kind = "imu6_user"
+        stream.kind = F.IMU6_USER
     if time_col is not None:
         _read_time(table, stream, time_col[0], time_col[1], "the header")
     return stream
@@ -658,9 +659,9 @@ def _ms_from(s: _Stream, origin: _Stream) -> np.ndarray:
 
 def _combine(streams: list[_Stream], meta: dict[str, Any]) -> _Stream:
     """One stream of six channels: a single 6-axis file, or one-sensor files aligned on their timestamps."""
-    if len(streams) == 1 and streams[0].kind in (F.IMU6, "imu6_user"):
+    if len(streams) == 1 and streams[0].kind in (F.IMU6, F.IMU6_USER):
         return streams[0]
-    if any(s.kind in (F.IMU6, "imu6_user") for s in streams):
+    if any(s.kind in (F.IMU6, F.IMU6_USER) for s in streams):
         raise InputError(" + ".join(s.label for s in streams), "either one 6-axis IMU file or one-sensor files",
                          "a 6-axis file together with other files")
     by_kind: dict[str, _Stream] = {}
@@ -922,7 +923,7 @@ def preprocess(source: Source | list | tuple, *, rate: float | None = None, star
             meta["source"] = label
         else:
             label = meta["source"] = stream.label
-    if stream.kind == "imu6_user":
+    if stream.kind == F.IMU6_USER:
         logger.warning("%s: the accelerometer columns hold linear acceleration (gravity removed); the model saw "
                        "raw accelerometer readings with gravity, so its answer is unreliable", label)
         meta["gravity_removed"] = True
