@@ -190,8 +190,10 @@ class _ModalityOptionsCommand(click.Command):
             from onellm.runtime.modalities import all_modalities
 
             self._modality_options_added = True
+            # --imu takes an export folder too, and repeats for one-sensor files (ACC.csv + GYRO.csv).
             extra = [
-                click.Option([spec.cli_option, spec.name], type=click.Path(dir_okay=False), default=None,
+                click.Option([spec.cli_option, spec.name], type=click.Path(dir_okay=spec.name == "imu"),
+                             default=None, multiple=spec.name == "imu",
                              help=f"{spec.description} [{' '.join(spec.file_types)}]")
                 for spec in all_modalities().values()
             ]
@@ -323,6 +325,7 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
         raise InputError(tokenizer_path, f"a tokenizer of {cfg.decoder.vocab_size} pieces (config {cfg.name!r})",
                          f"{tokenizer.vocab_size} pieces")
     t0 = time.perf_counter()
+    modality_files = {name: _one_or_list(v) for name, v in modality_files.items()}
     inputs = _read_modality_input(modality_files, input_npy, modality, _parse_reader_options(reader_options))
     preprocess_s = time.perf_counter() - t0
     if inputs is not None and inputs[0] not in cfg.modalities:
@@ -563,6 +566,8 @@ def _runtime_options(func):
         click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
         click.option("--accel-units", type=click.Choice(["auto", "g", "m/s2"]), default=None,
                      help="Accelerometer units of the IMU file (default: detected)."),
+        click.option("--gyro-units", type=click.Choice(["auto", "deg/s", "rad/s"]), default=None,
+                     help="Gyroscope units of the IMU file (default: from the header, else rad/s unless impossible)."),
         click.option("--audio-start", type=float, default=None, help="Start of the 10.24 s audio window, seconds."),
         click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
                      help="Any other option of the modality's reader (repeatable)."),
@@ -597,10 +602,12 @@ def _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, 
                     max_new_tokens=max_tokens)
 
 
-def _reader_kwargs(modality_files: dict, imu_rate, imu_start, accel_units, audio_start, reader_options) -> dict:
+def _reader_kwargs(modality_files: dict, imu_rate, imu_start, accel_units, gyro_units, audio_start,
+                   reader_options) -> dict:
     opts = _parse_reader_options(reader_options)
     if modality_files.get("imu"):
-        for key, value in (("rate", imu_rate), ("start", imu_start), ("accel_units", accel_units)):
+        for key, value in (("rate", imu_rate), ("start", imu_start), ("accel_units", accel_units),
+                           ("gyro_units", gyro_units)):
             if value is not None:
                 opts[key] = value
     if modality_files.get("audio") and audio_start is not None:
@@ -636,7 +643,15 @@ def _open_pipeline(bundle, device, precision, quant, threads):
 def _split_inputs(kwargs: dict) -> dict:
     from onellm.runtime.modalities import all_modalities
 
-    return {name: kwargs.pop(name, None) for name in list(all_modalities())}
+    files = {name: kwargs.pop(name, None) for name in list(all_modalities())}
+    return {name: _one_or_list(v) for name, v in files.items()}
+
+
+def _one_or_list(value):
+    """A repeatable file option (--imu): None, one path, or a list of paths."""
+    if isinstance(value, tuple):
+        return None if not value else value[0] if len(value) == 1 else list(value)
+    return value
 
 
 @main.command("ask", cls=_RuntimeInputCommand)
@@ -648,9 +663,9 @@ def _split_inputs(kwargs: dict) -> dict:
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K log-probabilities of each step.")
 @click.argument("question", required=False)
 @handle_errors
-def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
-            reader_options, embeddings, modality, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy,
-            as_json, logprobs, **kwargs) -> None:
+def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units,
+            audio_start, reader_options, embeddings, modality, max_tokens, temperature, top_p, top_k, repeat_penalty,
+            seed, greedy, as_json, logprobs, **kwargs) -> None:
     """Ask a question about one input and stream the answer.
 
     \b
@@ -668,7 +683,7 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
     from onellm.runtime.modalities import get_modality
 
     files = _split_inputs(kwargs)
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
     block = None
     if embeddings:
         if not modality:
@@ -717,7 +732,7 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npy block.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @handle_errors
-def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
+def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
                reader_options, out_path, force, **kwargs) -> None:
     """Encode one input into the float32 [32, n_embd] block that would be injected after BOS.
 
@@ -734,7 +749,7 @@ def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, a
     chosen = [n for n, f in files.items() if f and n != "image"] or (["image"] if files.get("image") else [])
     if len(chosen) != 1:
         raise InputError("options", "exactly one input file to encode", f"{len(chosen)}")
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
     pipe = _open_pipeline(bundle, device, precision, quant, threads)
     with pipe:
         image = files.get("image") if chosen[0] != "image" else None
@@ -749,7 +764,7 @@ def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, a
 @_runtime_options
 @_sampling_options
 @handle_errors
-def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, audio_start,
+def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
              reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
     """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
 
@@ -757,7 +772,7 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
     turn is prefilled.
     """
     files = _split_inputs(kwargs)
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, audio_start, reader_options)
+    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
     pipe = _open_pipeline(bundle, device, precision, quant, threads)
     try:

@@ -255,5 +255,100 @@ def test_fuzz_in_memory_arrays(arr) -> None:
 def test_fuzz_budget_is_bounded() -> None:
     """The number of fuzz examples stays what the module docstring promises."""
     n_tests = sum(1 for k in globals() if k.startswith("test_fuzz_") and k != "test_fuzz_budget_is_bounded")
-    assert n_tests == 13
+    assert n_tests == 15
     assert "ONELLM_FUZZ_EXAMPLES" in os.environ or n_tests * EXAMPLES_PER_TEST <= 1500
+
+
+# IMU exporters' layouts (runtime/modalities/_imu_formats.py): mutated seeds and one-sensor sets.
+
+def _imu_layout_seed(name: str) -> bytes:
+    n = 60
+    if name == "physics_toolbox":
+        rows = [f"{i / 100:.3f},0.01,-0.02,1.00,0.3,0.1,0.2,0.0,0.5,0.0," for i in range(n)]
+        return ("time,gFx,gFy,gFz,ax,ay,az,wx,wy,wz,\n" + "\n".join(rows) + "\n").encode()
+    if name == "euroc":
+        rows = [f"{1403636579758555392 + 5000000 * i},0.5,0,0,0,0,9.81" for i in range(n)]
+        return ("#timestamp [ns],w_RS_S_x [rad s^-1],w_RS_S_y [rad s^-1],w_RS_S_z [rad s^-1],a_RS_S_x [m s^-2],"
+                "a_RS_S_y [m s^-2],a_RS_S_z [m s^-2]\n" + "\n".join(rows) + "\n").encode()
+    if name == "arduino":
+        rows = [f"0.01,0.02,1.0,1.5,-3.0,28.6,walk" for _ in range(n)]
+        return ("# sample rate: 100 Hz\nax,ay,az,gx,gy,gz,label\n" + "\n".join(rows) + "\n").encode()
+    if name in ("TotalAcceleration", "Accelerometer", "Gravity", "Gyroscope"):
+        rows = [f"{1700000000000000000 + 10000000 * i},{i / 100:.2f},9.8,0.1,0.2" for i in range(n)]
+        return ("time,seconds_elapsed,z,y,x\n" + "\n".join(rows) + "\n").encode()
+    if name == "phyphox_acc":
+        rows = [f"{i / 100:.9E},1.0E-2,2.0E-2,9.81E0,9.81E0" for i in range(n)]
+        return ('"Time (s)","Acceleration x (m/s^2)","Acceleration y (m/s^2)","Acceleration z (m/s^2)",'
+                '"Absolute acceleration (m/s^2)"\n' + "\n".join(rows) + "\n").encode()
+    if name == "phyphox_gyro":
+        rows = [f"{i / 100:.9E},1.0E-2,2.0E-2,5.0E-1" for i in range(n)]
+        return ('"Time (s)","Gyroscope x (rad/s)","Gyroscope y (rad/s)","Gyroscope z (rad/s)"\n'
+                + "\n".join(rows) + "\n").encode()
+    raise KeyError(name)
+
+
+@st.composite
+def _mutated_imu_layout(draw, name: str) -> bytes:
+    """A layout seed truncated, with bytes overwritten, or with junk inserted (as `mutated`)."""
+    data = bytearray(_imu_layout_seed(name))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["cut", "flip", "insert"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "cut":
+            data = data[:at]
+        elif op == "flip" and data:
+            data[at] = draw(st.sampled_from(b"0123456789.,;-#e \n\"xX"))
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)
+
+
+@FUZZ
+@given(name=st.sampled_from(["physics_toolbox", "euroc", "arduino", "phyphox_acc"]), data=st.data(),
+       rate=st.sampled_from([None, 100.0]), method=st.sampled_from(["upstream", "grid"]))
+def test_fuzz_imu_layouts(name, data, rate, method) -> None:
+    raw = data.draw(_mutated_imu_layout(name))
+    assert_valid_or_input_error("imu", _write(raw, ".csv"), rate=rate, method=method)
+
+
+@FUZZ
+@given(names=st.one_of(
+    st.sampled_from([["TotalAcceleration", "Gyroscope"], ["Accelerometer", "Gravity", "Gyroscope"],
+                     ["phyphox_acc", "phyphox_gyro"]]),
+    st.lists(st.sampled_from(["TotalAcceleration", "Accelerometer", "Gravity", "Gyroscope", "phyphox_acc",
+                              "phyphox_gyro"]), min_size=1, max_size=4, unique=True)),
+       data=st.data(), how=st.sampled_from(["files", "folder", "zip"]))
+def test_fuzz_imu_one_sensor_sets(names, data, how) -> None:
+    """Sensor Logger/phyphox one-sensor files, mutated, given as files, an export folder or its zip."""
+    d = Path(_TMP.name) / f"set{next(_COUNTER)}"
+    d.mkdir()
+    paths = []
+    for name in names:
+        p = d / f"{name}.csv"
+        p.write_bytes(data.draw(_mutated_imu_layout(name)))
+        paths.append(p)
+    if how == "zip":
+        import zipfile
+
+        src = d.with_suffix(".zip")
+        with zipfile.ZipFile(src, "w") as zf:
+            for p in paths:
+                zf.write(p, f"export/{p.name}")
+        raw = bytearray(src.read_bytes())
+        if data.draw(st.booleans()) and raw:  # a damaged archive too
+            at = data.draw(st.integers(0, len(raw) - 1))
+            raw[at] ^= 0xFF
+            src.write_bytes(bytes(raw))
+        sources: object = src
+    else:
+        sources = d if how == "folder" else paths
+    spec = get_modality("imu")
+    try:
+        r = spec.preprocess(sources)
+    except InputError as e:
+        msg = str(e)
+        assert "\n" not in msg and "expected" in msg and str(d) in msg, msg
+        event("InputError")
+        return
+    assert r.array.shape == spec.input_shape and np.isfinite(r.array).all()
+    event("valid tensor")

@@ -68,10 +68,14 @@ def test_100hz_csv_matches_the_signal_at_200hz(tmp_path) -> None:
 def test_ego4d_style_ms_timestamps(tmp_path) -> None:
     t = np.arange(600) / 198.7  # Ego4D rates are near, not at, 200 Hz
     header = ["canonical_timestamp_ms", "accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z"]
-    r = SPEC.preprocess(write_csv(tmp_path / "e.csv", t, signal(t), header=header, t_scale=1000.0, fmt="{:.4f}"))
+    path = write_csv(tmp_path / "e.csv", t, signal(t), header=header, t_scale=1000.0, fmt="{:.4f}")
+    r = SPEC.preprocess(path, method="grid")
     assert r.meta["timestamp_unit"] == "ms"
     assert r.meta["source_rate_hz"] == pytest.approx(198.7, rel=1e-3)
     assert np.abs(r.array - ideal())[:, 10:-10].max() < 0.02
+    # The training pipeline's rule takes int(198.7...) = 198 Hz as the rate: resampled 198 -> 200 as upstream did.
+    up = SPEC.preprocess(path)
+    assert up.meta["resampled_from_hz"] == 198 and up.meta["window_samples"] == [0, 398]
 
 
 def test_semicolon_and_decimal_comma(tmp_path) -> None:
@@ -88,7 +92,7 @@ def test_irregular_timestamps(tmp_path) -> None:
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.uniform(0.006, 0.014, 500))  # a jittery ~100 Hz logger
     t -= t[0]
-    r = SPEC.preprocess(write_csv(tmp_path / "j.csv", t, signal(t)))
+    r = SPEC.preprocess(write_csv(tmp_path / "j.csv", t, signal(t)), method="grid")
     assert np.abs(r.array - ideal())[[0, 2, 3, 4, 5], 10:-10].max() < 0.02
 
 
@@ -166,13 +170,17 @@ def test_start_option_and_padding(tmp_path) -> None:
     t = np.arange(500) / 100.0  # 5 s
     path = write_csv(tmp_path / "a.csv", t, signal(t))
     r = SPEC.preprocess(path, start=1.5)
-    assert r.meta["window_s"] == [1.5, 3.5]
-    assert np.abs(r.array - ideal(1.5))[[0, 2, 3, 4, 5], 10:-10].max() < 0.01
-    tail = SPEC.preprocess(path, start=4.0)  # 1 s of data left: padded with zeros
-    assert tail.meta["padded_samples"] == 201
-    assert np.all(tail.array[:, 199:] == 0) and np.abs(tail.array[:, :190] - ideal(4.0)[:, :190])[[0, 2]].max() < 0.02
+    assert r.meta["window_s"] == [1.5, 3.5] and r.meta["window_samples"] == [150, 350]
+    assert np.abs(r.array - ideal(1.5))[[0, 2, 3, 4, 5], 20:-20].max() < 0.01
+    tail = SPEC.preprocess(path, start=4.0)  # 1 s of data left (100 samples -> 200 at 200 Hz): zeros after
+    assert tail.meta["padded_samples"] == 200
+    assert np.all(tail.array[:, 200:] == 0)
+    assert np.abs(tail.array[:, 20:180] - ideal(4.0)[:, 20:180])[[0, 2]].max() < 0.02
     short = SPEC.preprocess(write_csv(tmp_path / "s.csv", t[:50], signal(t[:50])))
-    assert short.meta["padded_samples"] == 400 - 99
+    assert short.meta["padded_samples"] == 400 - 100
+    grid = SPEC.preprocess(path, start=4.0, method="grid")  # the grid method pads from the last sample's time
+    assert grid.meta["padded_samples"] == 201
+    assert np.all(grid.array[:, 199:] == 0) and np.abs(grid.array[:, :190] - ideal(4.0)[:, :190])[[0, 2]].max() < 0.02
 
 
 # ------------------------------------------------------------------ resampler properties
@@ -282,3 +290,28 @@ def test_not_an_imu_file(tmp_path, payload, found) -> None:
     p.write_bytes(payload)
     with pytest.raises(InputError, match=found):
         SPEC.preprocess(p, rate=100)
+
+
+# ------------------------------------------------------------------ against the training pipeline itself
+
+FIXTURES = EXAMPLES.parent / "tests" / "fixtures" / "upstream"
+
+
+@pytest.mark.parametrize("case,path", [
+    ("walk100_start0", EXAMPLES / "imu" / "walk.csv"),
+    ("walk100_start1.3", EXAMPLES / "imu" / "walk.csv"),
+    ("walk50_start0", FIXTURES / "walk_50hz.csv"),
+    ("walk200_start0.5", FIXTURES / "walk_200hz.csv"),
+])
+def test_matches_upstream_torchaudio_fixtures(case, path) -> None:
+    """The default reader gives upstream's IMU input (made with torchaudio by tests/fixtures/
+    make_torchaudio_fixtures.py) to 1e-5 of the signal's scale; the grid method does not."""
+    z = np.load(FIXTURES / f"imu_{case}.npz")
+    r = SPEC.preprocess(path, start=float(z["start_s"]))
+    assert r.meta["resampled_from_hz"] == int(z["src_rate"])
+    assert r.meta["window_samples"][1] - r.meta["window_samples"][0] == int(z["n_window"])
+    scale = float(np.abs(z["imu"]).max())
+    assert np.abs(r.array - z["imu"]).max() <= 1e-5 * scale
+    if int(z["src_rate"]) != 200:
+        grid = SPEC.preprocess(path, start=float(z["start_s"]), method="grid")
+        assert np.abs(grid.array - z["imu"]).max() > 0.1 * scale
