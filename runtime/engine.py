@@ -639,6 +639,8 @@ class Engine:
         t0 = max(1, keep - n_rows)
         if t0 < len(ids):
             segments.append(("tok", list(ids[t0:])))
+        if len(segments) == 2 and segments[0][0] == segments[1][0] == "tok":  # no block: one prefill run
+            segments = [("tok", segments[0][1] + segments[1][1])]
         assert segments and segments[-1][0] == "tok", "a prompt ends with text tokens"
         now = time.perf_counter()
         slot.job, slot.segments, slot.next_tok = job, segments, None
