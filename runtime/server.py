@@ -161,7 +161,8 @@ def _npy_shape(data: bytes, param: str) -> tuple[int, ...]:
     try:
         f = io.BytesIO(data)
         version = np.lib.format.read_magic(f)
-        shape, _, _ = np.lib.format._read_array_header(f, version)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
         return tuple(shape)
     except Exception as exc:  # noqa: BLE001 - numpy raises several types on a bad header
         raise ApiError(400, f"{param}: expected a .npy array, found an unreadable header ({exc})", param=param) from None
@@ -573,6 +574,10 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "finish_reason": res.finish_reason, "logprobs": None}],
                 "usage": _usage(res),
+                # our extension (clients ignore unknown fields): what llama.cpp's server calls timings
+                "onellm": {"token_ids": res.tokens, "stop_reason": res.stop_reason, "modality": res.modality,
+                           "ttft_s": res.ttft_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+                           "input": json.loads(json.dumps(res.inputs, default=str))},
             })
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
