@@ -285,8 +285,16 @@ class Engine:
         self.n_embd = int(manifest["n_embd"])
         self.stop_strings = tuple(manifest["prompt"]["stop"])
         n_ctx = parallel * n_ctx_slot
-        self.ctx = _llama.LlamaContext(model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
-                                       n_seq_max=parallel, kv_unified=True)
+        # llama.cpp warns "n_ctx_seq > n_ctx_train" for a unified cache (any sequence could use all
+        # n_ctx cells); we hold each slot to n_ctx_slot <= n_ctx_train, so the warning does not apply
+        native = logging.getLogger("onellm.runtime.llama_cpp")
+        level = native.level
+        native.setLevel(logging.ERROR)
+        try:
+            self.ctx = _llama.LlamaContext(model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
+                                           n_seq_max=parallel, kv_unified=True)
+        finally:
+            native.setLevel(level)
         self.batch = _llama.LlamaBatch(self.ctx.n_batch)
         self.slots = [_Slot(i) for i in range(parallel)]
         self._blocks: collections.OrderedDict[str, tuple[np.ndarray, str, dict]] = collections.OrderedDict()

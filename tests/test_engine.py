@@ -206,3 +206,19 @@ def test_a_failed_decode_fails_its_request_and_the_engine_goes_on(tiny_bundle, m
         assert len(ok.tokens) >= 1
         assert eng.stats()["slots_busy"] == 0
         assert eng.slots[0].items == [] or eng.slots[1].items == []  # the failed slot's cache was dropped
+
+
+def test_input_caps_and_the_decompression_bomb_guard(tiny_bundle, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    photo = str(EXAMPLES / "image" / "photo.jpg")
+    with Engine.load(tiny_bundle, parallel=1, limits=Limits(max_image_pixels=64 * 64)) as eng:
+        bomb = eng.submit(Request(messages=[("user", "x")], media=Media("image", photo), sampling=Sampling.greedy(2)))
+        with pytest.raises(InputError, match="pixels"):
+            bomb.wait(60)
+    with Engine.load(tiny_bundle, parallel=1, limits=Limits(max_media_bytes=1000)) as eng:
+        big = eng.submit(Request(messages=[("user", "x")], media=Media("imu", WALK), sampling=Sampling.greedy(2)))
+        with pytest.raises(InputError, match="at most 1000 bytes"):
+            big.wait(60)
+        assert eng.stats()["queue_depth"] == 0

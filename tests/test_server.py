@@ -364,3 +364,13 @@ def test_metrics_text(server):
                  "onellm_time_to_first_token_seconds_bucket", "onellm_decode_tokens_per_second_bucket"):
         assert name in text, name
     assert 'onellm_requests_total{outcome="rejected"}' in text or "onellm_requests_total" in text
+
+
+def test_serve_command_reports_a_missing_bundle_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from onellm.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--bundle", str(tmp_path / "none"), "--port", "1"])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and "none" in result.output
