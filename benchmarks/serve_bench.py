@@ -67,7 +67,7 @@ def stream_once(http, question: str, part: dict[str, Any], tokens: int) -> dict[
             "max_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    usage = None
+    usage = server_ttft = None
     with http.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
@@ -81,10 +81,14 @@ def stream_once(http, question: str, part: dict[str, Any], tokens: int) -> dict[
                 last = now
             if ev.get("usage"):
                 usage = ev["usage"]
+                server_ttft = ev.get("onellm", {}).get("ttft_s")
     end = time.perf_counter()
     n = usage["completion_tokens"] if usage else 0
     first = first or end
-    return {"ttft": first - t0, "tokens": n, "decode_s": max((last or end) - first, 1e-9), "t0": t0, "t_first": first,
+    # time to first token: the server's (submit -> first sampled token); the client's first text
+    # can come later when the first tokens are whitespace the text stream holds back
+    ttft = server_ttft if server_ttft is not None else first - t0
+    return {"ttft": ttft, "client_ttft": first - t0, "tokens": n, "decode_s": max((last or end) - first, 1e-9), "t0": t0, "t_first": first,
             "t_end": end, "cached": (usage or {}).get("prompt_tokens_details", {}).get("cached_tokens", 0)}
 
 

@@ -25,6 +25,10 @@ Shape (llama.cpp's server and vLLM's engine are the models; this is our own):
   about the same media (or any request, for the system prompt) copies the shared
   prefix from whichever slot holds it with `seq_cp` (free in a unified cache: cells
   carry several sequence ids). Idle slots are reused least-recently-used first.
+  The price of one unified buffer: each sequence's attention spans every occupied
+  cell (masked), so the kept caches of idle slots cost decode time on small models;
+  `kv_unified=False` gives each sequence its own buffer (a prefix copy is then a
+  whole-buffer copy, trimmed after).
 - Backpressure and limits: a bounded queue (`QueueFull` when full), `max_tokens`
   capped, input file size / duration caps, Pillow's decompression-bomb guard.
 - Cancellation (`Handle.cancel()` or the request's event) ends the request in the
@@ -270,7 +274,8 @@ class Engine:
 
     def __init__(self, manifest: dict[str, Any], encoder, model: _llama.LlamaModel, tokenizer, *,
                  parallel: int, n_ctx_slot: int, threads: int | None = None, n_batch: int = 512,
-                 prefill_chunk: int = 256, block_cache: int = 16, limits: Limits | None = None) -> None:
+                 prefill_chunk: int = 256, block_cache: int = 16, limits: Limits | None = None,
+                 kv_unified: bool = True) -> None:
         self.manifest = manifest
         self.encoder = encoder
         self.model = model
@@ -279,6 +284,7 @@ class Engine:
         self.parallel = parallel
         self.n_ctx_slot = n_ctx_slot
         self.prefill_chunk = max(1, prefill_chunk)
+        self.kv_unified = kv_unified
         self.random_weights = bool(manifest.get("random_weights"))
         self.bundle_dir = Path(manifest["_dir"])
         self.n_inserted = int(manifest["n_inserted"])
@@ -292,7 +298,7 @@ class Engine:
         native.setLevel(logging.ERROR)
         try:
             self.ctx = _llama.LlamaContext(model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
-                                           n_seq_max=parallel, kv_unified=True)
+                                           n_seq_max=parallel, kv_unified=kv_unified)
         finally:
             native.setLevel(level)
         self.batch = _llama.LlamaBatch(self.ctx.n_batch)
@@ -315,7 +321,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike, *, parallel: int | None = None, n_ctx_slot: int | None = None,
              threads: int | None = None, device: str = "cpu", quant: str | None = None, verify: bool = True,
-             limits: Limits | None = None, prefill_chunk: int = 256) -> Engine:
+             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True) -> Engine:
         """Load a bundle for `parallel` concurrent requests of up to `n_ctx_slot` positions each
         (default: the model's context length)."""
         from .encoder import Encoder
@@ -352,7 +358,7 @@ class Engine:
                 raise ConfigError(f"{gguf}: per-slot context {n_ctx_slot} exceeds the model's context length {n_train}")
             model._build_tables()
             engine = cls(manifest, encoder, model, tokenizer, parallel=parallel, n_ctx_slot=n_ctx_slot,
-                         threads=threads, limits=limits, prefill_chunk=prefill_chunk)
+                         threads=threads, limits=limits, prefill_chunk=prefill_chunk, kv_unified=kv_unified)
         except BaseException:
             model.close()
             encoder.close()
@@ -625,7 +631,11 @@ class Engine:
             if own[donor.seq] > keep and min(own[donor.seq], limit) > keep:
                 keep = min(own[donor.seq], limit)
                 self.ctx.seq_rm(slot.seq, 0, -1)
-                self.ctx.seq_cp(donor.seq, slot.seq, 0, keep)
+                if self.kv_unified:  # shared cells: a metadata update
+                    self.ctx.seq_cp(donor.seq, slot.seq, 0, keep)
+                else:  # one buffer per sequence: llama.cpp copies the whole buffer (at the next decode)
+                    self.ctx.seq_cp(donor.seq, slot.seq, -1, -1)
+                    self.ctx.seq_rm(slot.seq, keep, -1)
                 slot.items = donor.items[:keep]
                 self.counters["prefix_copies"] += 1
             keep = min(keep, limit)

@@ -413,6 +413,13 @@ def _usage(res: Result) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}
 
 
+def _extension(res: Result) -> dict[str, Any]:
+    """Our extension field (clients ignore unknown fields), like the timings of llama.cpp's server."""
+    return {"token_ids": res.tokens, "stop_reason": res.stop_reason, "modality": res.modality,
+            "ttft_s": res.ttft_s, "queue_s": res.queue_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+            "input": json.loads(json.dumps(res.inputs, default=str))}
+
+
 def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None,
                media_dir: str | Path | None = None, max_body: int = DEFAULT_MAX_BODY):
     """The FastAPI app serving `engine` (which stays owned by the caller)."""
@@ -574,18 +581,18 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "finish_reason": res.finish_reason, "logprobs": None}],
                 "usage": _usage(res),
-                # our extension (clients ignore unknown fields): what llama.cpp's server calls timings
-                "onellm": {"token_ids": res.tokens, "stop_reason": res.stop_reason, "modality": res.modality,
-                           "ttft_s": res.ttft_s, "decode_tokens_per_s": res.decode_tokens_per_s,
-                           "input": json.loads(json.dumps(res.inputs, default=str))},
+                "onellm": _extension(res),
             })
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
+                  extension: dict | None = None) -> str:
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
                    if choices else []}
             if include_usage:
                 out["usage"] = usage
+            if extension is not None:
+                out["onellm"] = extension
             return f"data: {json.dumps(out)}\n\n"
 
         async def sse():
@@ -603,7 +610,7 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                     finished(value)
                     yield chunk({}, value.finish_reason)
                     if include_usage:
-                        yield chunk({}, usage=_usage(value), choices=False)
+                        yield chunk({}, usage=_usage(value), choices=False, extension=_extension(value))
                 ended = True
                 yield "data: [DONE]\n\n"
             finally:

@@ -222,3 +222,15 @@ def test_input_caps_and_the_decompression_bomb_guard(tiny_bundle, monkeypatch):
         with pytest.raises(InputError, match="at most 1000 bytes"):
             big.wait(60)
         assert eng.stats()["queue_depth"] == 0
+
+
+def test_one_buffer_per_sequence_mode_gives_the_same_answers(tiny_bundle, engine):
+    """kv_unified=False: prefix copies are whole-buffer copies trimmed after; answers unchanged."""
+    with Engine.load(tiny_bundle, parallel=3, kv_unified=False) as eng:
+        first = [_ask(eng, q, n=10) for q in QUESTIONS[:3]]  # three at once
+        again = [_ask(eng, q + " again", n=10) for q in QUESTIONS[:3]]  # reuse a prefix from another slot
+        got = [h.wait(60) for h in first + again]
+        want = [_ask(engine, q, n=10).wait(60) for q in QUESTIONS[:3]] + \
+            [_ask(engine, q + " again", n=10).wait(60) for q in QUESTIONS[:3]]
+        assert [g.tokens for g in got] == [w.tokens for w in want]
+        assert max(g.cached_tokens for g in got[3:]) >= 1 + eng.n_inserted
