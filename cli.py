@@ -616,9 +616,19 @@ def _reader_kwargs(modality_files: dict, imu_rate, imu_start, accel_units, gyro_
 
 
 def _open_pipeline(bundle, device, precision, quant, threads):
+    from onellm.runtime.pipeline import Pipeline
+
+    path = _bundle_path(bundle)
+    pipe = Pipeline.load(path, device=device, precision=precision, quant=quant, threads=threads)
+    _echo_random_notice(pipe.manifest)
+    return pipe
+
+
+def _bundle_path(bundle) -> Path:
+    """--bundle, or the demo bundle in the cache (built on first use where torch is installed)."""
     from onellm.runtime.bundle import MANIFEST
     from onellm.runtime.errors import BundleError
-    from onellm.runtime.pipeline import Pipeline, default_bundle_dir
+    from onellm.runtime.pipeline import default_bundle_dir
 
     path = Path(bundle) if bundle else default_bundle_dir()
     if not bundle and not (path / MANIFEST).is_file():
@@ -635,9 +645,7 @@ def _open_pipeline(bundle, device, precision, quant, threads):
         progress = _Progress("demo bundle")
         build_demo_bundle(path, progress=progress, force=True)
         progress.finish()
-    pipe = Pipeline.load(path, device=device, precision=precision, quant=quant, threads=threads)
-    _echo_random_notice(pipe.manifest)
-    return pipe
+    return path
 
 
 def _split_inputs(kwargs: dict) -> dict:
@@ -884,6 +892,51 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
     click.echo(f"tensor: {summary['shape']} {summary['dtype']}, min {summary['min']:.4g}, max {summary['max']:.4g}, "
                f"mean {summary['mean']:.4g}, std {summary['std']:.4g}")
     click.echo(f"wrote {target}")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@main.command("serve")
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory (default: the demo bundle in the cache, built on first use).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port.")
+@click.option("--parallel", type=int, default=None, help="Requests served at once (default: sized to the machine, 2-8).")
+@click.option("--ctx-per-request", type=int, default=None, help="KV positions per request (default: the model's context).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (also ONELLM_SERVE_API_KEY).")
+@click.option("--media-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Allow file:// image/video URLs under this directory (off by default).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Cap on a request's max_tokens.")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting before 429 replies.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@handle_errors
+def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir, max_tokens, max_queue, threads) -> None:
+    """Serve the bundle over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
+
+    Media go in as content parts (image_url, input_audio, input_video, file, input_imu, ...);
+    see README.md. Several requests are answered at once from one loaded model.
+    """
+    from onellm.runtime.bundle import load_manifest
+    from onellm.runtime.engine import Engine, Limits
+    from onellm.runtime.server import RANDOM_NOTICE, run_server
+
+    path = _bundle_path(bundle)
+    limits = Limits(max_tokens=max_tokens, max_queue=max_queue)
+    engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits)
+    model_id = Path(load_manifest(path, verify=False)["_dir"]).name
+    url = f"http://{host}:{port}"
+    click.echo(f"onellm serve: {model_id} ({', '.join(engine.modalities)}), {engine.parallel} requests at once, "
+               f"{engine.n_ctx_slot} positions each, on {url}/v1")
+    if engine.random_weights:
+        click.secho(f"onellm serve: note: {RANDOM_NOTICE}", fg="yellow")
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    click.echo(f"try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+               f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    try:
+        run_server(engine, host=host, port=port, model_id=model_id, api_key=api_key, media_dir=media_dir)
+    finally:
+        engine.close()
 
 
 # --------------------------------------------------------------------------- bench

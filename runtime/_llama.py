@@ -330,14 +330,15 @@ class LlamaBatch(_Owner):
         if logits in ("all", "last"):
             self.logits[n - 1] = 1
 
-    def tokens(self, ids: Sequence[int] | np.ndarray, pos0: int, logits: str = "last"):
-        """A token batch: ids at positions pos0.., outputs 'all', 'last' or 'none'."""
+    def tokens(self, ids: Sequence[int] | np.ndarray, pos0: int, logits: str = "last", seq_id: int = 0):
+        """A token batch: ids at positions pos0.. of sequence seq_id, outputs 'all', 'last' or 'none'."""
         n = len(ids)
         self._fill(n, pos0, logits)
         self.token[:n] = ids
+        self.seq_store[:n] = seq_id
         return self._struct_type(n, self._p_token, None, self._p_pos, self._p_nseq, self._p_seq, self._p_logits)
 
-    def embd_view(self, rows: np.ndarray, pos0: int, logits: str = "last"):
+    def embd_view(self, rows: np.ndarray, pos0: int, logits: str = "last", seq_id: int = 0):
         """An embedding batch whose `embd` points at `rows` ([n, n_embd] float32, C-contiguous).
 
         The caller must keep `rows` alive until llama_decode returns.
@@ -346,8 +347,29 @@ class LlamaBatch(_Owner):
             raise ValueError("embedding rows must be a C-contiguous float32 [n, n_embd] array")
         n = rows.shape[0]
         self._fill(n, pos0, logits)
+        self.seq_store[:n] = seq_id
         p_embd = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         return self._struct_type(n, None, p_embd, self._p_pos, self._p_nseq, self._p_seq, self._p_logits)
+
+    def mixed(self, ids: Sequence[int], pos: Sequence[int], seq_ids: Sequence[int], outputs: Sequence[bool]):
+        """A token batch over several sequences: entry i is token ids[i] at pos[i] of sequence seq_ids[i].
+
+        outputs[i] asks for the logits of entry i (read them with index i after decoding).
+        This is what continuous batching feeds llama_decode: one entry per decoding
+        sequence plus prefill chunks of others.
+        """
+        if self._closed:
+            raise BackendError("batch is closed")
+        n = len(ids)
+        if not 0 < n <= self.capacity:
+            raise ValueError(f"batch of {n} entries exceeds its capacity {self.capacity}")
+        if not len(pos) == len(seq_ids) == len(outputs) == n:
+            raise ValueError("ids, pos, seq_ids and outputs must have the same length")
+        self.token[:n] = ids
+        self.pos[:n] = pos
+        self.seq_store[:n] = seq_ids
+        self.logits[:n] = outputs
+        return self._struct_type(n, self._p_token, None, self._p_pos, self._p_nseq, self._p_seq, self._p_logits)
 
 
 _DECODE_CODES = {
@@ -373,7 +395,13 @@ class LlamaContext(_Owner):
         n_threads_batch: int | None = None,
         flash_attn: bool | None = None,
         kv_type: str = "f16",
+        n_seq_max: int = 1,
+        kv_unified: bool | None = None,
     ) -> None:
+        """`n_seq_max`: sequences (slots) sharing this context's KV cache of n_ctx cells.
+        `kv_unified`: one cache buffer for all sequences (copying a shared prefix with
+        `seq_cp` is then free: cells carry several sequence ids); None keeps llama.cpp's default.
+        """
         C = lib()
         self.ptr = None
         self.model = model  # keeps the model alive as long as the context
@@ -382,7 +410,9 @@ class LlamaContext(_Owner):
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq_max
+        if kv_unified is not None:
+            params.kv_unified = bool(kv_unified)
         self.n_threads = n_threads or default_threads()
         params.n_threads = self.n_threads
         params.n_threads_batch = n_threads_batch or self.n_threads
@@ -401,6 +431,7 @@ class LlamaContext(_Owner):
         self.n_ctx = int(C.llama_n_ctx(ptr))
         self.n_batch = int(C.llama_n_batch(ptr))
         self.n_vocab = model.n_vocab
+        self.n_seq_max = int(C.llama_n_seq_max(ptr))
         self._mem = C.llama_get_memory(ptr)
 
     def close(self) -> None:
@@ -441,6 +472,20 @@ class LlamaContext(_Owner):
     def memory_pos_max(self) -> int:
         """Largest cached position of sequence 0, -1 when empty."""
         return int(lib().llama_memory_seq_pos_max(self._mem, 0))
+
+    # per-sequence memory ops (several sequences in one context; see LlamaBatch.mixed)
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
+        """Drop positions [p0, p1) of one sequence (p1 -1: to the end)."""
+        if not lib().llama_memory_seq_rm(self._mem, seq_id, p0, p1):
+            raise BackendError(f"llama_memory_seq_rm(seq {seq_id}, [{p0}, {p1})) failed")
+
+    def seq_cp(self, src: int, dst: int, p0: int = 0, p1: int = -1) -> None:
+        """Make positions [p0, p1) of sequence src also belong to dst (shared cells in a unified cache)."""
+        lib().llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Largest cached position of one sequence, -1 when empty."""
+        return int(lib().llama_memory_seq_pos_max(self._mem, seq_id))
 
 
 class LlamaSampler(_Owner):
