@@ -526,6 +526,10 @@ class Decoder(_llama._Owner):
         self._owner = s
         return s
 
+    def owns(self, session: Session | None) -> bool:
+        """Whether `session` still holds this decoder's KV cache (no newer session took it)."""
+        return session is not None and session is self._owner
+
     def _context_for(self, session: Session) -> _llama.LlamaContext:
         if self._ctx is None:
             raise BackendError(f"{self.path}: decoder is closed")
