@@ -62,9 +62,21 @@ def _fail(where: str, path: str, what: str) -> BundleError:
 
 
 def _load(tp: Any, value: Any, where: str, path: str) -> Any:
-    origin = typing.get_origin(tp)
+    if tp is float:  # scalars first: they are most of a manifest (routing weights, shapes)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(where, path, f"expected a number, found {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(where, path, f"expected an integer, found {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise _fail(where, path, f"expected {tp.__name__}, found {value!r}")
+        return value
     if tp is Any:
         return copy.deepcopy(value)
+    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise _fail(where, path, f"expected an object, found {type(value).__name__}")
@@ -79,6 +91,8 @@ def _load(tp: Any, value: Any, where: str, path: str) -> Any:
         return tp(**{n: _load(hints[n], value[n], where, _key(path, n)) for n in names})
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
+        if type(value) in (int, str) and type(value) in args:  # fast path: a shape's dims
+            return value
         if value is None:
             if type(None) in args:
                 return None
@@ -98,24 +112,15 @@ def _load(tp: Any, value: Any, where: str, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _fail(where, path, f"expected a list, found {type(value).__name__}")
         (elem, *_rest) = typing.get_args(tp)
+        exact = _EXACT.get(elem)
+        if exact is not None and all(type(v) in exact for v in value):  # fast path: weights, shapes, names
+            return tuple(value)
         return tuple(_load(elem, v, where, f"{path}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _fail(where, path, f"expected an object, found {type(value).__name__}")
         _k, vt = typing.get_args(tp)
         return {str(k): _load(vt, v, where, _key(path, str(k))) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(where, path, f"expected a number, found {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(where, path, f"expected an integer, found {value!r}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise _fail(where, path, f"expected {tp.__name__}, found {value!r}")
-        return value
     raise TypeError(f"manifest field type {tp!r} is not supported")  # a bug in this module, not in the bundle
 
 
@@ -137,6 +142,7 @@ def _dump(value: Any) -> Any:
 
 
 Dim = Union[int, str]  # a concrete size, or a symbolic axis name in a graph signature
+_EXACT = {float: (float,), int: (int,), str: (str,), Dim: (int, str)}  # element types taken as they are
 
 
 # ---------------------------------------------------------------------------- encoder
