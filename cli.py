@@ -17,6 +17,7 @@ import click
 
 from onellm.runtime import __version__
 from onellm.runtime.errors import OneLLMError
+from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS, EXECUTION_PROVIDERS
 
 
 def handle_errors(func):
@@ -404,8 +405,8 @@ class _Progress:
             click.echo("", err=True)
 
 
-def _echo_random_notice(manifest: dict) -> None:
-    if manifest.get("random_weights"):
+def _echo_random_notice(manifest) -> None:
+    if manifest.random_weights:
         click.secho("onellm: note: this bundle has RANDOM weights (the tiny demo model); its answers are "
                     "meaningless text. Export the real checkpoint with `onellm export` for real answers.",
                     err=True, fg="yellow")
@@ -420,10 +421,12 @@ def _echo_random_notice(manifest: dict) -> None:
 @_model_options
 @click.option("--modalities", default=None, help="Comma-separated modalities to export (default: all in the config).")
 @click.option("--encoder-precision", default="fp32,int8", show_default=True,
-              help="Comma-separated encoder precisions: fp32, fp16 (GPUs), int8 (CPUs). The runtime picks per device.")
+              help="Comma-separated encoder precisions: "
+                   + "; ".join(f"{p.name} ({p.help})" for p in ENCODER_PRECISIONS.values())
+                   + ". The runtime picks per device.")
 @click.option("--decoder-quant", default=None,
-              help="Comma-separated GGUF types: f32, f16, q8_0, q4_k_m; the first is the bundle's default "
-                   "[default: q8_0; f32 for --demo].")
+              help="Comma-separated GGUF types: " + ", ".join(DECODER_QUANTS)
+                   + "; the first is the bundle's default [default: q8_0; f32 for --demo].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
@@ -466,18 +469,18 @@ def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, con
     _echo_random_notice(manifest)
 
 
-def _print_summary(manifest: dict, where) -> None:
+def _print_summary(manifest, where) -> None:
     total = 0
-    for rel in manifest["files"]:
+    for rel in manifest.files:
         total += (Path(where) / rel).stat().st_size
-    click.echo(f"bundle {where}: preset {manifest['preset']}, {len(manifest['modalities'])} modalities, "
-               f"{len(manifest['files'])} files, {total / 2**20:.1f} MiB")
-    for prec, enc in manifest["encoder"]["precisions"].items():
-        worst = min(m["parity"]["cosine"] for m in enc["modalities"].values()) if enc["modalities"] else float("nan")
-        click.echo(f"  encoder {prec:5s}: {len(enc['graphs'])} graphs, worst modality cosine vs torch {worst:.6f}")
-    for quant, dec in manifest["decoder"]["quants"].items():
-        p = dec["parity"]
-        click.echo(f"  decoder {quant:6s}: {dec['bytes'] / 2**20:.1f} MiB, logits cosine (min) {p['cos_min']:.6f}, "
+    click.echo(f"bundle {where}: preset {manifest.preset}, {len(manifest.modalities)} modalities, "
+               f"{len(manifest.files)} files, {total / 2**20:.1f} MiB")
+    for prec, enc in manifest.encoder.precisions.items():
+        worst = min(m.parity["cosine"] for m in enc.modalities.values()) if enc.modalities else float("nan")
+        click.echo(f"  encoder {prec:5s}: {len(enc.graphs)} graphs, worst modality cosine vs torch {worst:.6f}")
+    for quant, dec in manifest.decoder.quants.items():
+        p = dec.parity
+        click.echo(f"  decoder {quant:6s}: {dec.bytes / 2**20:.1f} MiB, logits cosine (min) {p['cos_min']:.6f}, "
                    f"top-1 agreement {p['top1']:.3f}")
 
 
@@ -491,8 +494,8 @@ def inspect_cmd(bundle_dir: str, as_json: bool) -> None:
 
     from onellm.runtime.bundle import load_manifest
 
-    m = load_manifest(bundle_dir, verify=False)
-    m.pop("_dir", None)
+    manifest = load_manifest(bundle_dir, verify=False).manifest
+    m = manifest.to_dict()  # the formatting below reads the plain form
     if as_json:
         click.echo(_json.dumps(m, indent=2))
         return
@@ -554,13 +557,16 @@ def _runtime_options(func):
     opts = [
         click.option("--bundle", type=click.Path(file_okay=False), default=None,
                      help="Bundle directory (default: the demo bundle in the cache, built on first use)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+        click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="auto",
                      show_default=True,
                      help="Where the encoder runs (auto: the bundle's TensorRT engines, else CUDA, else CPU); "
                           "llama.cpp offloads to the GPU when built with CUDA."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-                     help="Encoder precision to run (default: int8 on CPU, fp16 on CUDA, when exported)."),
-        click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's)."),
+        click.option("--precision", type=click.Choice(list(ENCODER_PRECISIONS)), default=None,
+                     help="Encoder precision to run (default per device, when exported: "
+                          + ", ".join(f"{e.device} {'/'.join(e.precisions)}" for e in EXECUTION_PROVIDERS.values())
+                          + "; else the bundle's)."),
+        click.option("--quant", type=click.Choice(list(DECODER_QUANTS)), default=None,
+                     help="Which exported GGUF to run (default: the bundle's)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
         click.option("--imu-rate", type=float, default=None, help="IMU sample rate in Hz when the file has no timestamps."),
         click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
@@ -924,7 +930,7 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
     path = _bundle_path(bundle)
     limits = Limits(max_tokens=max_tokens, max_queue=max_queue)
     engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits)
-    model_id = Path(load_manifest(path, verify=False)["_dir"]).name
+    model_id = load_manifest(path, verify=False).dir.name
     url = f"http://{host}:{port}"
     click.echo(f"onellm serve: {model_id} ({', '.join(engine.modalities)}), {engine.parallel} requests at once, "
                f"{engine.n_ctx_slot} positions each, on {url}/v1")
@@ -948,7 +954,8 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Model config JSON instead of --preset.")
 @click.option("--modalities", default=None, help="Comma list (default image,imu).")
 @click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
-@click.option("--decoder-quants", default=None, help="Comma list of f32,f16,q8_0,q4_k_m (default f16,q8_0,q4_k_m).")
+@click.option("--decoder-quants", default=None,
+              help=f"Comma list of {','.join(DECODER_QUANTS)} (default: all but f32).")
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
 @click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
 @click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")
@@ -967,7 +974,7 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @click.option("--no-footprint", is_flag=True, help="Skip the fresh-process load time / peak RSS probes.")
 @click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~30 GB on disk).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="auto", show_default=True,
               help="Also run GPU encoder rows when onnxruntime has CUDA (auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the Markdown table.")
 @handle_errors

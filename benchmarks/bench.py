@@ -30,7 +30,6 @@ Every timing is the median of `repeats` runs after `warmup` runs, with min and m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -525,27 +524,29 @@ def prepare_artifacts(cfg, opts: BenchOptions, precisions: Sequence[str], quants
         exported = True
     from onellm.runtime.bundle import load_manifest
 
-    manifest = load_manifest(bundle, verify=True)
+    manifest = load_manifest(bundle, verify=True).manifest
     return {"work_dir": work, "checkpoint": ckpt, "tokenizer": tok, "bundle": bundle, "manifest": manifest,
-            "random_weights": bool(manifest.get("random_weights", random_weights)), "exported_now": exported}
+            "random_weights": manifest.random_weights, "exported_now": exported}
 
 
 def _bundle_mismatch(bundle: Path, cfg, precisions, quants) -> str | None:
-    mf = bundle / "manifest.json"
-    if not mf.is_file():
+    from onellm.runtime.bundle import load_manifest
+    from onellm.runtime.errors import BundleError
+
+    if not (bundle / "manifest.json").is_file():
         return "no bundle yet"
     try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"unreadable manifest ({exc})"
-    have = manifest.get("config", {})
+        manifest = load_manifest(bundle, verify=False).manifest
+    except BundleError as exc:
+        return f"unusable manifest ({exc})"
+    have = manifest.config if isinstance(manifest.config, dict) else {}
     want = cfg.to_dict()
     for part in ("clip", "upm", "tokenizers", "decoder"):
         if have.get(part) != want[part]:
             return f"its {part} config differs from {cfg.name!r}"
-    missing = [m for m in cfg.modalities if m not in manifest.get("modalities", [])]
-    missing += [p for p in precisions if p not in manifest.get("encoder", {}).get("precisions", {})]
-    missing += [q for q in quants if q not in manifest.get("decoder", {}).get("quants", {})]
+    missing = [m for m in cfg.modalities if m not in manifest.modalities]
+    missing += [p for p in precisions if p not in manifest.encoder.precisions]
+    missing += [q for q in quants if q not in manifest.decoder.quants]
     if missing:
         return f"it lacks {', '.join(missing)}"
     return None
@@ -678,26 +679,19 @@ def bench_runtime_encoder(manifest, bundle: Path, precision: str, device: str, c
     rows = []
     rss0 = rss_mib()
     t0 = time.perf_counter()
-    enc = Encoder(manifest["encoder"]["precisions"][precision], bundle, device=device, threads=threads, verify=False)
+    enc = Encoder(manifest.encoder.precisions[precision], bundle, device=device, threads=threads, verify=False)
     enc.warmup(list(inputs))
     load_s = time.perf_counter() - t0
     resident = rss_mib() - rss0
     try:
         for m, arr in inputs.items():
-            plan = enc._plan(m)
-            stages = plan.stages
-
-            def run_staged(plan=plan, stages=stages, arr=arr):
-                t = [time.perf_counter()]
-                plan.feed(arr)
-                stages[0].run()
-                t.append(time.perf_counter())
-                stages[1].run()
-                t.append(time.perf_counter())
-                for s in stages[2:]:
-                    s.run()
-                t.append(time.perf_counter())
-                return [t[i + 1] - t[i] for i in range(3)]
+            def run_staged(m=m, arr=arr):
+                # [tokenizer (incl. the input checks, copy-in and any numpy grouping), trunk, the rest]
+                per_graph: list[float] = []
+                t0 = time.perf_counter()
+                enc.encode(m, arr, stage_hook=lambda _m, _g, sec: per_graph.append(sec))
+                total = time.perf_counter() - t0
+                return [total - sum(per_graph[1:]), per_graph[1], sum(per_graph[2:])]
 
             staged, _ = repeat(run_staged, repeats, warmup)
 
@@ -723,21 +717,21 @@ def _plain_chain(enc, modality: str, arr: np.ndarray) -> np.ndarray:
     """The same graphs as one `session.run` per graph with numpy in and out (no IOBinding)."""
     from onellm.runtime.point_grouping import group_points
 
-    plan = enc._plan(modality)
-    entry = enc.modalities[modality]
-    if plan.grouping is not None:
-        g = plan.grouping
-        x = group_points(arr, int(g["groups"]), int(g["k"]), g.get("tie_break", "cuda"))[None]
+    chain = enc.modalities[modality]
+    first = chain.stages[0].inputs[0]
+    if chain.point_grouping is not None:
+        g = chain.point_grouping
+        x = group_points(arr, g.groups, g.k, g.tie_break)[None]
     else:
-        x = np.ascontiguousarray(arr.reshape(plan.feed_shape), dtype=plan.staging.dtype)
-    values: dict[str, np.ndarray] = {plan.feed_name: x}
-    if "routing_weights" in entry:
-        values["routing"] = np.asarray(entry["routing_weights"], dtype=np.float32)
+        x = np.ascontiguousarray(arr.reshape(enc.feed_shape(modality)), dtype=first.dtype)
+    values: dict[str, np.ndarray] = {first.name: x}
+    if chain.routing_weights:
+        values["routing"] = np.asarray(chain.routing_weights, dtype=np.float32)
     out = None
-    for stage in plan.stages:
-        feeds = {i["name"]: values[i["name"]] for i in stage.entry["inputs"]}
-        names = [o["name"] for o in stage.entry["outputs"]]
-        results = stage.session.run(names, feeds)
+    for stage in chain.stages:
+        feeds = {i.name: values[i.name] for i in stage.inputs}
+        names = [o.name for o in stage.outputs]
+        results = enc.session(stage.graph).run(names, feeds)
         values.update(zip(names, results))
         out = results[0]
     return out
@@ -750,15 +744,20 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
                           repeats: int, warmup: int, threads: int, plain: bool) -> dict[str, Any]:
     from onellm.runtime.decoder import Decoder, Sampling
 
-    entry = manifest["decoder"]["quants"][quant]
-    path = bundle / entry["file"]
-    n_ctx = min(int(entry.get("n_ctx", 2048)), N_CTX)
     from onellm.runtime import _llama
+    from onellm.runtime.registry import decoder_quant
+
+    entry = manifest.decoder.quants[quant]
+    path = bundle / entry.file
+    n_ctx = min(entry.n_ctx, N_CTX)
+    extra = decoder_quant(quant).use_extra_bufts()  # the runtime's buffer-type policy (None: the env decides)
+    if extra is None:
+        extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
 
     rss0 = rss_mib()
     t0 = time.perf_counter()
     with _llama.capture_native_log() as native:
-        dec = Decoder(path, n_ctx=n_ctx, n_threads=threads)
+        dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra)
         dec.session().prefill([dec.bos_id])  # flash attention is resolved on the first graph
     flash = _flash_attn_from_log(native)
     load_s = time.perf_counter() - t0
@@ -787,55 +786,41 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
                 top1 = float(np.mean(logits[-len(ref):].argmax(-1) == np.asarray(ref)))
             rows.append(_decoder_row(m, "llama.cpp", quant, runs, len(ids) + block.shape[0], len(tokens),
                                      ref or tokens, tokens, top1, load_s=load_s, bytes_per_token=bpt,
-                                     resident_mib=resident, file_bytes=int(entry.get("bytes", path.stat().st_size))))
+                                     resident_mib=resident, file_bytes=entry.bytes))
         if plain:
             first = next(iter(prompt.values()))
-            overhead.append(_decode_overhead(dec, path, first, new_tokens, repeats, warmup, threads, quant, n_ctx, flash))
+            overhead.append(_decode_overhead(dec, extra, path, first, new_tokens, repeats, warmup, threads, quant,
+                                             n_ctx, flash))
     finally:
         dec.close()
     return {"rows": rows, "overhead": overhead}
 
 
-@contextlib.contextmanager
-def _extra_bufts(enabled: bool):
-    """Make llama-cpp-python's `Llama` load with a given weight-buffer setting (like our Decoder's)."""
-    import llama_cpp.llama_cpp as C  # the module `Llama` reads its defaults from
-
-    original = C.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = enabled
-        return p
-
-    C.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        C.llama_model_default_params = original
-
-
-def _decode_overhead(dec, path: Path, ids: list[int], new_tokens: int, repeats: int, warmup: int, threads: int,
+def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_tokens: int, repeats: int, warmup: int, threads: int,
                      quant: str, n_ctx: int, ctx_flash: bool) -> dict[str, Any]:
     """Our Session vs llama-cpp-python's `Llama.generate`: same GGUF, text-only prompt, greedy.
 
-    The plain baseline runs twice: with our Decoder's settings (weight buffers, flash
-    attention, batch, threads: the loop overhead) and with llama-cpp-python's own
-    defaults (extra CPU buffer types on: what a plain llama-cpp-python user gets).
+    `Llama` loads with llama.cpp's default weight buffers (extra CPU buffer types on), so
+    the loop-overhead comparison (`ours`, `ratio`) runs our Decoder with the same setting
+    and flash attention, batch and threads as `Llama`. When our shipped setting differs
+    (extra buffer types off), `dec` as shipped is timed too (`ours_shipped`): what a user
+    gets from us versus from a plain llama-cpp-python.
     """
     import llama_cpp
 
-    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.decoder import Decoder, Sampling
 
     sampling = Sampling.greedy(new_tokens)
 
-    def ours():
-        s = dec.session()
-        t0 = time.perf_counter()
-        s.prefill(ids)
-        t1 = time.perf_counter()
-        gen = s.generate_text(sampling, stop=())
-        return t1 - t0, gen.seconds, len(gen.tokens)
+    def ours_runner(decoder):
+        def ours():
+            s = decoder.session()
+            t0 = time.perf_counter()
+            s.prefill(ids)
+            t1 = time.perf_counter()
+            gen = s.generate_text(sampling, stop=())
+            return t1 - t0, gen.seconds, len(gen.tokens)
+        return ours
 
     def plain_runner(llm):
         def plain():
@@ -858,37 +843,36 @@ def _decode_overhead(dec, path: Path, ids: list[int], new_tokens: int, repeats: 
         return {"prefill_s": summarize([r[0] for r in runs]), "decode_s": summarize([r[1] for r in runs]),
                 "decode_tokens_per_s": rate, "tokens": runs[0][2]}
 
-    ours_extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
     out: dict[str, Any] = {"quant": quant, "prompt_tokens": len(ids), "new_tokens": new_tokens,
-                           "flash_attn": ctx_flash, "ours_extra_bufts": ours_extra}
-    for label, extra in (("llama_cpp_python", ours_extra), ("llama_cpp_python_defaults", True)):
-        if label == "llama_cpp_python_defaults" and ours_extra:
-            continue
-        with _extra_bufts(extra):
-            llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                  n_threads_batch=threads, flash_attn=ctx_flash, verbose=False, seed=0)
-        plain = plain_runner(llm)
-        try:
-            # interleaved, so a drifting machine load hits both alike
-            a_runs, b_runs = [], []
-            for i in range(warmup + max(1, repeats)):
-                a, b = ours(), plain()
+                           "flash_attn": ctx_flash, "ours_extra_bufts": shipped_extra}
+    matched = dec if shipped_extra else Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=True,
+                                                 flash_attn=ctx_flash)
+    runners = {"ours": ours_runner(matched)}
+    if not shipped_extra:
+        runners["ours_shipped"] = ours_runner(dec)
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, flash_attn=ctx_flash, verbose=False, seed=0)
+    runners["llama_cpp_python"] = plain_runner(llm)
+    runs: dict[str, list] = {k: [] for k in runners}
+    try:
+        for i in range(warmup + max(1, repeats)):  # interleaved, so a drifting machine load hits all alike
+            for key, fn in runners.items():
+                r = fn()
                 if i >= warmup:
-                    a_runs.append(a)
-                    b_runs.append(b)
-        finally:
-            if hasattr(llm, "close"):
-                llm.close()
-            del llm
-        out[label] = summary(b_runs)
-        out[label]["extra_bufts"] = extra
-        if label == "llama_cpp_python":
-            # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
-            out["ours"] = summary(a_runs)
+                    runs[key].append(r)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+        del llm
+        if matched is not dec:
+            matched.close()
+    for key, rs in runs.items():
+        out[key] = summary(rs)
+    # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
+    out["llama_cpp_python"]["extra_bufts"] = True
     out["ratio"] = out["ours"]["decode_tokens_per_s"] / out["llama_cpp_python"]["decode_tokens_per_s"]
-    if "llama_cpp_python_defaults" in out:
-        out["ratio_vs_defaults"] = (out["ours"]["decode_tokens_per_s"]
-                                    / out["llama_cpp_python_defaults"]["decode_tokens_per_s"])
+    if "ours_shipped" in out:
+        out["ratio_shipped"] = out["ours_shipped"]["decode_tokens_per_s"] / out["llama_cpp_python"]["decode_tokens_per_s"]
     return out
 
 
@@ -987,8 +971,9 @@ def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, s
 
 def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Everything in the module docstring; returns the result dict (schema `onellm-bench` v1)."""
-    from onellm.export.bundle import DECODER_QUANTS, ENCODER_PRECISIONS, _split_list
+    from onellm.export.bundle import _split_list
     from onellm.runtime.encoder import physical_cores
+    from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS
     from onellm.runtime.modalities import get_modality
     from onellm.runtime.prompt import Conversation
     from onellm.runtime.tokenizer import Tokenizer
@@ -1004,9 +989,10 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
     threads = opts.threads or physical_cores()
     gpu = _gpu_encoder_device(opts.device)
-    precisions = _split_list(opts.encoder_precisions, ENCODER_PRECISIONS, "encoder precision") or (
+    precisions = _split_list(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
         ["fp32", "int8"] + (["fp16"] if gpu else []))
-    quants = _split_list(opts.decoder_quants, DECODER_QUANTS, "decoder quantization") or ["f16", "q8_0", "q4_k_m"]
+    quants = _split_list(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
+        q for q in DECODER_QUANTS if q != "f32"]  # every quantization but the f32 reference
 
     result: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -1026,13 +1012,13 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     result["notice"] = RANDOM_NOTICE if art["random_weights"] else ""
     result["artifacts"] = {"work_dir": str(art["work_dir"]), "bundle": str(bundle), "checkpoint": str(art["checkpoint"]),
                            "exported_this_run": art["exported_now"],
-                           "bundle_export_s": manifest.get("export_seconds")}
+                           "bundle_export_s": manifest.export_seconds}
 
     say("ceilings: memory bandwidth and GEMM")
     result["ceilings"] = {"bandwidth": measure_bandwidth(defaults["copy_mib"], max(3, repeats), threads),
                           "gemm": measure_gemm(defaults["gemm_n"], max(3, repeats), threads)}
 
-    tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
+    tokenizer = Tokenizer(bundle / manifest.tokenizer.file)
     sources = modality_sources(cfg.modalities, art["work_dir"])
     inputs, prompt = {}, {}
     rng = np.random.default_rng(0)
@@ -1040,7 +1026,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         spec = get_modality(m)
         arr = read_source(m, sources[m]).array if m in sources else spec.dummy_input(rng)
         inputs[m] = np.ascontiguousarray(arr, dtype=np.float32)
-        conv = Conversation()
+        conv = Conversation(manifest.prompt)
         conv.add_question(spec.caption_prompt)
         prompt[m] = tokenizer.encode(conv.render(), bos=True, eos=False)
     result["inputs"] = {m: {"source": sources.get(m, "dummy_input"), "prompt_tokens": len(prompt[m])} for m in inputs}
@@ -1069,12 +1055,14 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         from onellm.runtime.encoder import Encoder
 
         p0 = "fp32" if "fp32" in precisions else precisions[0]
-        with Encoder(manifest["encoder"]["precisions"][p0], bundle, threads=threads, verify=False) as enc:
+        with Encoder(manifest.encoder.precisions[p0], bundle, threads=threads, verify=False) as enc:
             blocks = {m: np.array(enc.encode(m, a), copy=True) for m, a in inputs.items()}
 
-    devices = [("cpu", p) for p in precisions if p != "fp16"]
-    if gpu:
-        devices += [(gpu, p) for p in precisions if p in ("fp16", "fp32")]
+    # each provider's preferred precisions, and fp32 everywhere as the reference row
+    from onellm.runtime.registry import EXECUTION_PROVIDERS
+
+    devices = [(d, p) for d in ("cpu", *([gpu] if gpu else [])) for p in precisions
+               if p in EXECUTION_PROVIDERS[d].precisions or p == "fp32"]
     for device, p in devices:
         say(f"runtime encoder {p} on {device}")
         enc_rows += bench_runtime_encoder(manifest, bundle, p, device, cfg, inputs, blocks, repeats, warmup,
@@ -1131,17 +1119,26 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 
 
 def _gpu_encoder_device(device: str) -> str | None:
+    """The GPU execution provider for the GPU rows: the one asked for, or with `auto` the
+    first available in the registry's auto order; None on CPU-only machines."""
     if device == "cpu":
         return None
     try:
         import onnxruntime as ort
     except ImportError:
         return None
-    have = ort.get_available_providers()
-    if "CUDAExecutionProvider" in have:
-        return "cuda"
-    if device == "cuda":
-        raise ConfigError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider ({', '.join(have)})")
+    from onellm.runtime.registry import AUTO_ORDER, EXECUTION_PROVIDERS
+
+    wanted = [device] if device != "auto" else [d for d in AUTO_ORDER if EXECUTION_PROVIDERS[d].device_type != "cpu"]
+    for name in wanted:
+        ep = EXECUTION_PROVIDERS.get(name)
+        if ep is None:
+            raise ConfigError(f"--device {name}: unknown; choose from auto, {', '.join(EXECUTION_PROVIDERS)}")
+        if ep.is_available():
+            return name
+        if device != "auto":
+            raise ConfigError(f"--device {name}: this onnxruntime has no {ep.ort_provider} "
+                              f"({', '.join(ort.get_available_providers())})")
     return None
 
 

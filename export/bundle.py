@@ -4,7 +4,7 @@ In: the release checkpoint (`consolidated.00-of-01.pth` or its ten shards), the 
 SentencePiece `tokenizer.model`, optionally a separate CLIP ViT-L/14 file, a model
 config. Out: a directory with
 
-    manifest.json                 the contract with the runtime (schema `onellm-bundle` v1)
+    manifest.json                 the contract with the runtime (runtime/manifest.py, schema v2)
     tokenizer.model               copied verbatim
     encoder/*.onnx                staged encoder graphs per precision (export/onnx_encoder.py)
     decoder-<quant>.gguf          the LLaMA decoder per quantization (export/gguf.py)
@@ -36,24 +36,27 @@ import numpy as np
 from onellm.runtime import __version__
 from onellm.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
 from onellm.runtime.errors import ConfigError, OneLLMError
+from onellm.runtime.manifest import (
+    DecoderSection,
+    DecoderVariant,
+    EncoderSection,
+    EncoderVariant,
+    Manifest,
+    Preprocessing,
+    Source,
+    TensorRTEngines,
+    TokenizerSpec,
+)
 from onellm.runtime.modalities import get_modality
 from onellm.runtime.modalities.base import reader_constants
-from onellm.runtime.prompt import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    ROLES,
-    SEP,
-    STOP_STRINGS,
-    SYSTEM,
-)
+from onellm.runtime.prompt import V1_PROMPT
+from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS, EXECUTION_PROVIDERS
+from onellm.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
-ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
-DECODER_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 DEMO_SEED = 1234
 RANDOM_WEIGHTS_NOTICE = (
     "This bundle has RANDOM weights (the `tiny` demo model): it exercises the whole "
@@ -112,7 +115,7 @@ def build_bundle(
     random_weights: bool = False,
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it.
 
     `gguf_tolerances`: per quant, overrides of `validate_gguf`'s tolerances (the bench
@@ -123,13 +126,13 @@ def build_bundle(
     from onellm.ref.checkpoint import load_model, open_checkpoint
 
     from .gguf import export_gguf, validate_gguf
-    from .onnx_encoder import export_encoders
+    from .onnx_encoder import export_encoder_variants
 
     out_dir = Path(out_dir)
     check_target(out_dir, force)
     mods = _split_list(modalities, cfg.modalities, "modality") or list(cfg.modalities)
-    precisions = _split_list(encoder_precision, ENCODER_PRECISIONS, "encoder precision") or ["fp32"]
-    quants = _split_list(decoder_quant, DECODER_QUANTS, "decoder quantization") or ["f16"]
+    precisions = _split_list(encoder_precision, tuple(ENCODER_PRECISIONS), "encoder precision") or ["fp32"]
+    quants = _split_list(decoder_quant, tuple(DECODER_QUANTS), "decoder quantization") or ["f16"]
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
         raise ConfigError(f"{tokenizer}: tokenizer file not found (expected the LLaMA tokenizer.model)")
@@ -148,12 +151,12 @@ def build_bundle(
         step("load checkpoint", 1, 1)
         src_digest = _checkpoint_digest(report.files)
 
-        enc = export_encoders(model, cfg, stage / "encoder", mods, precisions,
+        enc = export_encoder_variants(model, cfg, stage / "encoder", mods, precisions,
                               progress=lambda w, d, t: step(f"encoder: {w}", d, t), relative_to=stage)
 
         shutil.copyfile(tokenizer, stage / "tokenizer.model")
         tensors = open_checkpoint(checkpoint)
-        decoders: dict[str, Any] = {}
+        decoders: dict[str, DecoderVariant] = {}
         # Validate the decoder on a real encoder block (the first exported modality's dummy input).
         rng = np.random.default_rng(0)
         probe = mods[0]
@@ -168,61 +171,50 @@ def build_bundle(
             parity = validate_gguf(model, cfg, stage / name, quant, block=block,
                                    tolerances=(gguf_tolerances or {}).get(quant))
             step(f"decoder {quant}: validate", 1, 1)
-            decoders[quant] = {
-                "file": name,
-                "quant": quant,
-                "bytes": info["bytes"],
-                "n_ctx": cfg.decoder.max_seq_len,
-                "parity": {"probe_modality": probe, **_jsonable(parity)},
-            }
+            parity = _jsonable(parity)
+            decoders[quant] = DecoderVariant(quant=quant, file=name, sha256=info["sha256"], bytes=info["bytes"],
+                                             n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
+                                             parity={"probe_modality": probe, **parity})
         del tensors
 
-        trt_entry: dict[str, Any] | None = None
+        trt_entry: TensorRTEngines | None = None
         if trt:
             trt_entry = _maybe_build_trt(stage, enc, step)
 
-        manifest = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "random_weights": bool(random_weights),
-            "notice": RANDOM_WEIGHTS_NOTICE if random_weights else "",
-            "preset": cfg.name,
-            "config": cfg.to_dict(),
-            "source": {
-                "checkpoint": [Path(f).name for f in report.files],
-                "sha256": src_digest,
-                "clip_source": report.clip_source,
-                "tokenizer_sha256": sha256_file(tokenizer),
-            },
-            "n_embd": cfg.decoder.dim,
-            "n_inserted": cfg.n_inserted,
-            "modalities": mods,
-            "tokenizer": {"file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "unk_id": 0,
-                          "vocab_size": cfg.decoder.vocab_size},
-            "prompt": {
-                "template": "v1",
-                "system": SYSTEM,
-                "roles": list(ROLES),
-                "sep": SEP,
-                "stop": list(STOP_STRINGS),
-                "defaults": {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
-                             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
-            },
-            "preprocessing": {m: _preprocessing_entry(m) for m in mods},
-            "encoder": {"default": _default_precision(precisions), "precisions": enc},
-            "decoder": {"default": quants[0], "quants": decoders},
-            "tensorrt": trt_entry,
-            "tools": _tool_versions(),
-            "export_seconds": None,
-        }
+        tok = Tokenizer(stage / "tokenizer.model")
         files = {}
         for path in sorted(stage.rglob("*")):
             if path.is_file():
                 files[path.relative_to(stage).as_posix()] = sha256_file(path)
-        manifest["files"] = files
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        (stage / MANIFEST).write_text(_dumps(manifest))
+        manifest = Manifest(
+            schema=SCHEMA,
+            schema_version=SCHEMA_VERSION,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            random_weights=bool(random_weights),
+            notice=RANDOM_WEIGHTS_NOTICE if random_weights else "",
+            preset=cfg.name,
+            config=_jsonable(cfg.to_dict()),
+            source=Source(
+                checkpoint=tuple(Path(f).name for f in report.files),
+                sha256=src_digest,
+                clip_source=report.clip_source,
+                tokenizer_sha256=sha256_file(tokenizer),
+            ),
+            n_embd=cfg.decoder.dim,
+            n_inserted=cfg.n_inserted,
+            modalities=tuple(mods),
+            tokenizer=TokenizerSpec(file="tokenizer.model", bos_id=tok.bos_id, eos_id=tok.eos_id, unk_id=tok.unk_id,
+                                    vocab_size=cfg.decoder.vocab_size),
+            prompt=V1_PROMPT,
+            preprocessing={m: _preprocessing_entry(m) for m in mods},
+            encoder=EncoderSection(default=_default_precision(precisions), precisions=enc),
+            decoder=DecoderSection(default=quants[0], quants=decoders),
+            tensorrt=trt_entry,
+            tools=_tool_versions(),
+            export_seconds=round(time.perf_counter() - started, 2),
+            files=files,
+        )
+        (stage / MANIFEST).write_text(_dumps(manifest.to_dict()))
 
         # Move into place only now: the target is replaced whole or not at all.
         if out_dir.exists():
@@ -232,7 +224,7 @@ def build_bundle(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             stage.rename(out_dir)
-        log.info("bundle written to %s in %.1fs", out_dir, manifest["export_seconds"])
+        log.info("bundle written to %s in %.1fs", out_dir, manifest.export_seconds)
         return manifest
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -241,7 +233,7 @@ def build_bundle(
 
 def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progress: Progress | None = None,
                       decoder_quant: str | Sequence[str] = "f32",
-                      encoder_precision: str | Sequence[str] = "fp32,int8") -> dict[str, Any]:
+                      encoder_precision: str | Sequence[str] = "fp32,int8") -> Manifest:
     """The `tiny` random-weight demo bundle (seeded, so every machine builds the same one)."""
     from onellm.ref.config import load_preset
     from onellm.ref.testing import save_random_checkpoint, train_tiny_tokenizer
@@ -261,30 +253,26 @@ def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progre
 
 
 def _default_precision(precisions: Sequence[str]) -> str:
-    # The runtime picks per device; this is the CPU default: int8 when exported, else fp32.
-    for p in ("int8", "fp32", "fp16"):
-        if p in precisions:
-            return p
-    return precisions[0]
+    # The runtime picks per device; this is the CPU provider's pick (int8 when exported, else fp32).
+    return EXECUTION_PROVIDERS["cpu"].pick_precision(precisions, precisions[0])
 
 
-def _preprocessing_entry(modality: str) -> dict[str, Any]:
+def _preprocessing_entry(modality: str) -> Preprocessing:
     spec = get_modality(modality)
-    return {
-        "cli_option": spec.cli_option,
-        "file_types": list(spec.file_types),
-        "input_shape": list(spec.input_shape),
-        "input_dtype": spec.input_dtype,
-        "n_frames": spec.n_frames,
-        "n_tokens": spec.n_tokens,
-        "requires_image": spec.requires_image,
-        "constants": reader_constants(modality),
-    }
+    return Preprocessing(
+        cli_option=spec.cli_option,
+        file_types=tuple(spec.file_types),
+        input_shape=tuple(spec.input_shape),
+        input_dtype=spec.input_dtype,
+        n_frames=spec.n_frames,
+        n_tokens=spec.n_tokens,
+        requires_image=spec.requires_image,
+        constants=_jsonable(reader_constants(modality)),
+    )
 
 
-
-
-def _maybe_build_trt(stage: Path, enc: dict[str, Any], progress: Progress | None = None) -> dict[str, Any] | None:
+def _maybe_build_trt(stage: Path, enc: dict[str, EncoderVariant],
+                     progress: Progress | None = None) -> TensorRTEngines | None:
     """TensorRT engines when TensorRT, onnxruntime's provider and a GPU are here; else a notice."""
     from .tensorrt import build_engines
 

@@ -33,10 +33,11 @@ import numpy as np
 from onellm.runtime import prompt as prompt_mod
 from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import CheckpointError, ConfigError, ParityError
+from onellm.runtime.registry import DECODER_QUANTS
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+QUANTS = tuple(DECODER_QUANTS)  # the registry's quantizations, in order
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, what)
 
 
@@ -215,7 +216,7 @@ def write_gguf(
     check_decoder_tensors(tensors, cfg)
     vocab = read_sentencepiece(tokenizer_path, d.vocab_size)
     names = gguf_tensor_names(cfg)
-    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    ftype = gguf.LlamaFileType[DECODER_QUANTS[dtype].gguf_ftype]
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(f"OneLLM {cfg.name} decoder")
@@ -304,12 +305,13 @@ def export_gguf(
     quantizer for q8_0/q4_k_m). The info dict holds path, quant, file_type, bytes,
     sha256, n_params, n_ctx, n_embd, vocab_size, bos/eos/unk ids, chat_template, seconds.
     """
-    if quant not in QUANTS:
+    if quant not in DECODER_QUANTS:
         raise ConfigError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    spec = DECODER_QUANTS[quant]
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    n_steps = len(decoder_keys(cfg)) + (0 if quant in ("f32", "f16") else 1)
-    if quant in ("f32", "f16"):
+    n_steps = len(decoder_keys(cfg)) + (0 if spec.written_directly else 1)
+    if spec.written_directly:
         info = write_gguf(checkpoint_tensors, cfg, tokenizer_path, out_path, dtype=quant,
                           progress=progress, total_steps=n_steps)
         info["intermediate"] = None
@@ -327,9 +329,7 @@ def export_gguf(
             tmp.unlink(missing_ok=True)
         if progress is not None:
             progress(n_steps, n_steps, f"quantize {inter} -> {quant}")
-        from onellm.runtime._llama import QUANT_FTYPES
-
-        info.update(path=str(out_path), file_type=QUANT_FTYPES[quant], intermediate=inter)
+        info.update(path=str(out_path), file_type=int(_gguf().LlamaFileType[spec.gguf_ftype]), intermediate=inter)
     d = cfg.decoder
     info.update(
         quant=quant, bytes=out_path.stat().st_size, sha256=sha256_file(out_path), n_ctx=d.max_seq_len,
@@ -352,16 +352,10 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- validation
 
-# Tolerances of `validate_gguf`, per file type (see /work/notes/decoder.md for the
-# measurements behind them). `rel` bounds max|logit diff| / std(reference logits) over
+# Tolerances of `validate_gguf`, per file type (from runtime.registry.DECODER_QUANTS). `rel` bounds max|logit diff| / std(reference logits) over
 # every position; `cos` is the minimum per-position cosine; `top1` the fraction of
 # positions whose argmax agrees.
-TOLERANCES = {
-    "f32": {"rel": 0.02, "cos": 0.9999, "top1": 0.97},
-    "f16": {"rel": 0.05, "cos": 0.9995, "top1": 0.95},
-    "q8_0": {"rel": 0.15, "cos": 0.995, "top1": 0.85},
-    "q4_k_m": {"rel": 0.8, "cos": 0.93, "top1": 0.5},
-}
+TOLERANCES = {q.name: dict(q.tolerance) for q in DECODER_QUANTS.values()}
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:

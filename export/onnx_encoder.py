@@ -2,9 +2,10 @@
 
 In: a PyTorch reference `OneLLM` (onellm.ref), its `ModelConfig`, an output folder,
 the modalities to export and a precision (fp32, fp16 for GPUs, int8 for CPUs).
-Out: `.onnx` files and a plain dict of graph entries for the bundle manifest (file,
-sha256, input/output names, shapes and dtypes, parity figures), plus one entry per
-modality naming the graphs of its chain.
+Out: `.onnx` files and, per precision, the manifest's `EncoderVariant` (runtime/
+manifest.py): graph entries (file, sha256, input/output names, shapes and dtypes,
+parity figures) and one chain per modality naming its graphs with the concrete
+input/output shapes of every stage. `export_encoders` returns them as plain dicts.
 
 Stage split (no weight is stored twice; each graph holds the weights of one owner):
 
@@ -62,16 +63,17 @@ from onellm.ref import stages
 from onellm.ref.model import OneLLM
 from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import ConfigError, ParityError
+from onellm.runtime.manifest import Chain, EncoderVariant, Graph, PointGrouping, TensorSpec, chain_stages
 from onellm.runtime.modalities import get_modality
+from onellm.runtime.registry import ENCODER_PRECISIONS
 
-from .quantize import PRECISIONS, convert_fp16, optimize_graph, quantize_int8
+from .quantize import convert_fp16, optimize_graph, quantize_int8
 
 log = logging.getLogger(__name__)
 
-# Cosine-similarity floors vs the torch fp32 reference (per graph and per chain).
-PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+# Cosine-similarity floors vs the torch fp32 reference (per graph and per chain), from the registry.
+PARITY_MIN_COSINE = {p.name: p.min_cosine for p in ENCODER_PRECISIONS.values()}
 OPSET = 18
-SCHEMA = 1  # version of the dict this module returns
 DTYPE_NAMES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -368,11 +370,12 @@ def export_encoder(
 ) -> dict[str, Any]:
     """Write the encoder graphs of `modalities` at one `precision` into out_dir; return their entries.
 
-    Returns {"schema", "precision", "n_embd", "n_inserted", "width", "opset",
-    "graphs": {name: entry}, "modalities": {name: entry}}: a graph entry has file (relative
-    to `relative_to`, default out_dir), sha256, bytes, inputs/outputs ([{name, shape, dtype}],
-    symbolic axes as strings), used_by, fused ops and parity; a modality entry has its
-    chain of graph names, input shape, frames, the point-grouping parameters, the folded
+    Returns the dict form of `runtime.manifest.EncoderVariant`: {"precision", "n_embd",
+    "n_inserted", "width", "opset", "optimized", "batched_experts", "graphs": {name: entry},
+    "modalities": {name: chain}}: a graph entry has file (relative to `relative_to`,
+    default out_dir), sha256, bytes, inputs/outputs ([{name, shape, dtype}], symbolic axes
+    as strings), used_by, fused ops and parity; a chain has its graph names, its stages
+    with concrete shapes, input shape, frames, the point-grouping parameters, the folded
     routing weights and the chain's parity vs `OneLLM.encode`.
     Raises ParityError when a graph or chain falls below PARITY_MIN_COSINE[precision].
     Options: see `export_encoders`.
@@ -393,7 +396,29 @@ def export_encoders(
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Like `export_encoder` for several precisions at once: {precision: entries}.
+    """Like `export_encoder` for several precisions at once: {precision: entries} (dicts).
+
+    `export_encoder_variants` takes the same arguments and returns the typed variants.
+    """
+    variants = export_encoder_variants(model, cfg, out_dir, modalities, precisions, progress, optimize=optimize,
+                                       batched_experts=batched_experts, relative_to=relative_to, seed=seed)
+    return {p: v.to_dict() for p, v in variants.items()}
+
+
+def export_encoder_variants(
+    model: OneLLM,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    modalities: Sequence[str] | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    progress: Progress | None = None,
+    *,
+    optimize: bool = True,
+    batched_experts: bool = False,
+    relative_to: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict[str, EncoderVariant]:
+    """The graphs of `modalities` at each precision, validated: {precision: EncoderVariant}.
 
     Each graph is traced from torch once; the precisions are derived from that fp32
     graph (files `<graph>.<precision>.onnx`). `optimize` runs onnxruntime's transformer
@@ -401,8 +426,8 @@ def export_encoders(
     experts stacked into batched MatMuls instead of three chains.
     """
     for p in precisions:
-        if p not in PRECISIONS:
-            raise ConfigError(f"unknown encoder precision {p!r}; known: {', '.join(PRECISIONS)}")
+        if p not in ENCODER_PRECISIONS:
+            raise ConfigError(f"unknown encoder precision {p!r}; known: {', '.join(ENCODER_PRECISIONS)}")
     modalities = list(cfg.modalities if modalities is None else modalities)
     for m in modalities:
         if m not in cfg.modalities:
@@ -413,7 +438,7 @@ def export_encoders(
     ref = fp32_reference(model)
     jobs = plan_graphs(ref, cfg, modalities, batched_experts=batched_experts)
     total = len(jobs) + len(modalities) * len(precisions)
-    graphs: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in precisions}
+    graphs: dict[str, dict[str, Graph]] = {p: {} for p in precisions}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onellm-onnx-") as tmp:
         for i, job in enumerate(jobs):
@@ -425,21 +450,19 @@ def export_encoders(
     references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # modality -> (input, torch output)
     done = len(jobs)
     for p in precisions:
-        result = {
-            "schema": SCHEMA,
-            "precision": p,
-            "n_embd": cfg.decoder.dim,
-            "n_inserted": cfg.n_inserted,
-            "width": cfg.clip.width,
-            "opset": OPSET,
-            "optimized": bool(optimize),
-            "batched_experts": bool(batched_experts),
-            "graphs": graphs[p],
-            "modalities": {m: _modality_entry(ref, cfg, m) for m in modalities},
-        }
-        _validate_chains(ref, result, root, p, modalities, progress, done, total, seed, references)
+        result = EncoderVariant(
+            precision=p,
+            n_embd=cfg.decoder.dim,
+            n_inserted=cfg.n_inserted,
+            width=cfg.clip.width,
+            opset=OPSET,
+            optimized=bool(optimize),
+            batched_experts=bool(batched_experts),
+            graphs=graphs[p],
+            modalities={m: _modality_entry(ref, cfg, m, graphs[p]) for m in modalities},
+        )
+        results[p] = _validate_chains(ref, result, root, p, modalities, progress, done, total, seed, references)
         done += len(modalities)
-        results[p] = result
     if progress:
         progress("done", total, total)
     log.info("encoder %s: %d graphs, %d modalities in %.1fs", "/".join(precisions), len(jobs), len(modalities),
@@ -473,7 +496,7 @@ def _is_decoder_key(name: str) -> bool:
 
 
 def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[str], optimize: bool, root: Path,
-                seed: int) -> dict[str, dict[str, Any]]:
+                seed: int) -> dict[str, Graph]:
     """Trace one graph, fuse it, derive each precision, validate each right after writing it."""
     started = time.perf_counter()
     raw = tmp / f"{job.name}.raw.onnx"
@@ -498,15 +521,13 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
             else:
                 quantize_int8(src, dst)
         parity = _validate_graph(job, dst, effective, seed)
-        entry = graph_entry(dst, root)
-        entry.update(
-            used_by=list(job.used_by),
-            fused_ops=fused,
-            precision=effective,
-            parity=parity,
-            export_seconds=round(base_seconds + time.perf_counter() - t0, 2),
-        )
-        log.info("%s: %.1f MB, cos %.7f, max-abs %.3g", dst.name, entry["bytes"] / 1e6, parity["min_cosine"],
+        entry = graph_entry(dst, root,
+                            used_by=tuple(job.used_by),
+                            fused_ops=fused,
+                            precision=effective,
+                            parity=parity,
+                            export_seconds=round(base_seconds + time.perf_counter() - t0, 2))
+        log.info("%s: %.1f MB, cos %.7f, max-abs %.3g", dst.name, entry.bytes / 1e6, parity["min_cosine"],
                  parity["max_abs"])
         entries[precision] = entry
     return entries
@@ -576,25 +597,27 @@ class _silenced_stdout:
         return False
 
 
-def graph_entry(path: Path, root: Path) -> dict[str, Any]:
-    """file, sha256, bytes and the typed input/output signature of one .onnx file."""
+def graph_entry(path: Path, root: Path, **facts: Any) -> Graph:
+    """The manifest entry of one .onnx file: file, sha256, bytes, typed signature, plus `facts`
+    (used_by, fused_ops, precision, parity, export_seconds)."""
     model = onnx.load(str(path), load_external_data=False)
 
-    def sig(values) -> list[dict[str, Any]]:
+    def sig(values) -> tuple[TensorSpec, ...]:
         out = []
         for v in values:
             t = v.type.tensor_type
-            shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-            out.append({"name": v.name, "shape": shape, "dtype": DTYPE_NAMES.get(t.elem_type, str(t.elem_type))})
-        return out
+            shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
+            out.append(TensorSpec(v.name, shape, DTYPE_NAMES.get(t.elem_type, str(t.elem_type))))
+        return tuple(out)
 
-    return {
-        "file": os.path.relpath(path, root),
-        "sha256": sha256_file(path),
-        "bytes": path.stat().st_size,
-        "inputs": sig(model.graph.input),
-        "outputs": sig(model.graph.output),
-    }
+    return Graph(
+        file=os.path.relpath(path, root),
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        inputs=sig(model.graph.input),
+        outputs=sig(model.graph.output),
+        **facts,
+    )
 
 
 # ---------------------------------------------------------------------------- parity
@@ -648,33 +671,35 @@ def _validate_graph(job: GraphJob, path: Path, precision: str, seed: int) -> dic
     return {"against": "torch export module", "min_cosine": min_cos, "max_abs": max_abs, "outputs": per_output}
 
 
-def _modality_entry(ref: OneLLM, cfg: ModelConfig, m: str) -> dict[str, Any]:
+def _modality_entry(ref: OneLLM, cfg: ModelConfig, m: str, graphs: dict[str, Graph]) -> Chain:
+    """A modality's chain (parity still empty: `_validate_chains` measures it)."""
     spec = get_modality(m)
-    entry: dict[str, Any] = {
-        "chain": [tokenizer_graph_name(m), "trunk", f"pre.{m}", "upm", f"post.{m}"],
-        "input_shape": list(spec.input_shape),
-        "tokenizer_input_shape": list(tokenizer_input_shape(m, cfg)),
-        "frames": spec.n_frames,
-        "tokens": spec.n_tokens,
-        "routing_weights": ref.routing_weights(m).detach().float().tolist(),
-    }
+    names = (tokenizer_graph_name(m), "trunk", f"pre.{m}", "upm", f"post.{m}")
+    routing = ref.routing_weights(m).detach().float()
+    grouping = None
     if spec.tokenizer_kind == "point_patch":
         t = cfg.tokenizers
-        tie_break = getattr(ref.conv1[m], "tie_break", "cuda")
-        entry["point_grouping"] = {"groups": t.point_groups, "k": t.point_k, "tie_break": tie_break}
-    return entry
+        grouping = PointGrouping(t.point_groups, t.point_k, getattr(ref.conv1[m], "tie_break", "cuda"))
+    stages = chain_stages(names, graphs, feed_shape=(spec.n_frames, *tokenizer_input_shape(m, cfg)),
+                          frames=spec.n_frames, tokens=spec.n_tokens, width=cfg.clip.width,
+                          n_inserted=cfg.n_inserted, n_embd=cfg.decoder.dim, n_experts=int(routing.shape[-1]))
+    return Chain(chain=names, stages=stages, input_shape=tuple(spec.input_shape), frames=spec.n_frames,
+                 tokens=spec.n_tokens, routing_weights=tuple(tuple(row) for row in routing.tolist()),
+                 point_grouping=grouping, parity={})
 
 
-def _validate_chains(ref: OneLLM, result: dict, root: Path, precision: str, modalities: Sequence[str],
+def _validate_chains(ref: OneLLM, result: EncoderVariant, root: Path, precision: str, modalities: Sequence[str],
                      progress: Progress | None, done: int, total: int, seed: int,
-                     references: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Every modality's whole chain, run by the runtime's Encoder, vs `OneLLM.encode`.
+                     references: dict[str, tuple[np.ndarray, np.ndarray]]) -> EncoderVariant:
+    """Every modality's whole chain, run by the runtime's Encoder, vs `OneLLM.encode`; returns
+    the variant with each chain's parity filled in.
 
     `references` caches (input, torch output) per modality across precisions.
     """
     from onellm.runtime.encoder import Encoder
 
     floor = PARITY_MIN_COSINE[precision]
+    chains = dict(result.modalities)
     with Encoder(result, root, device="cpu", verify=False) as enc:
         for i, m in enumerate(modalities):
             if progress:
@@ -687,13 +712,14 @@ def _validate_chains(ref: OneLLM, result: dict, root: Path, precision: str, moda
             got = enc.encode(m, x)
             fig = compare(expected, got)
             fig["against"] = "OneLLM.encode (torch fp32)"
-            result["modalities"][m]["parity"] = fig
+            chains[m] = dataclasses.replace(chains[m], parity=fig)
             if not fig["cosine"] >= floor:
                 raise ParityError(
                     f"encoder chain of {m!r} ({precision}): cosine {fig['cosine']:.7f} vs the torch reference "
                     f"is below {floor} (max-abs error {fig['max_abs']:.3g})"
                 )
             log.info("chain %s (%s): cos %.7f max-abs %.3g", m, precision, fig["cosine"], fig["max_abs"])
+    return dataclasses.replace(result, modalities=chains)
 
 
 def count_initializer_bytes(paths: Sequence[Path]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import onnx
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # Ops quantize_dynamic may turn into integer kernels. Conv stays fp32 (the tokenizers'
 # convolutions are small, and ConvInteger is slow on CPU).
 INT8_OP_TYPES = ("MatMul", "Attention")

@@ -19,19 +19,20 @@ Without TensorRT, onnxruntime's TensorRT provider or an NVIDIA GPU this raises
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from onellm.runtime.errors import BackendError
+from onellm.runtime.manifest import EncoderVariant, TensorRTEngines
 from onellm.runtime.modalities import get_modality
 from onellm.runtime.trt import TRT_DIR, current_fingerprint, tensorrt_options
 
 log = logging.getLogger(__name__)
 
 
-def build_engines(stage: Path, enc: dict[str, Any], progress=None) -> dict[str, Any]:
+def build_engines(stage: Path, enc: Mapping[str, EncoderVariant], progress=None) -> TensorRTEngines:
     """Build and cache fp16 engines for every modality chain; returns the manifest entry."""
     from onellm.runtime.encoder import Encoder
 
@@ -41,7 +42,7 @@ def build_engines(stage: Path, enc: dict[str, Any], progress=None) -> dict[str, 
     cache = stage / TRT_DIR
     cache.mkdir(parents=True, exist_ok=True)
     options = tensorrt_options(cache, fp16=True)
-    mods = list(entries["modalities"])
+    mods = list(entries.modalities)
     with Encoder(entries, stage, device="tensorrt", verify=False, provider_options=options) as trt_enc:
         for i, m in enumerate(mods):
             if progress:
@@ -52,4 +53,4 @@ def build_engines(stage: Path, enc: dict[str, Any], progress=None) -> dict[str, 
     if not files:
         raise BackendError("TensorRT provider ran but wrote no engine files (is the engine cache enabled?)")
     log.info("TensorRT: %d cached engine files for %d modalities", len(files), len(mods))
-    return {"dir": TRT_DIR, "source_precision": source, "fingerprint": fingerprint, "files": files}
+    return TensorRTEngines(dir=TRT_DIR, source_precision=source, fingerprint=fingerprint, files=tuple(files))

@@ -38,29 +38,29 @@ def verify_bundle(bundle_dir: str | os.PathLike, checkpoint, *, clip_checkpoint=
     lines: list[str] = []
     failures = 0
     checks = 0
-    manifest = load_manifest(bundle_dir, verify=False)
+    manifest = load_manifest(bundle_dir, verify=False).manifest
     # Always re-hash here (a verify run must not trust the cached stamp), once per file.
-    for rel, digest in manifest["files"].items():
+    for rel, digest in manifest.files.items():
         checks += 1
         if sha256_file(bundle_dir / rel) != digest:
             failures += 1
             lines.append(f"FAIL checksum {rel}")
     if not failures:
-        lines.append(f"ok   checksums of {len(manifest['files'])} files")
-        record_verified(bundle_dir, manifest["files"])
-    cfg = ModelConfig.from_dict(manifest["config"], where=f"{bundle_dir}/manifest.json config")
+        lines.append(f"ok   checksums of {len(manifest.files)} files")
+        record_verified(bundle_dir, dict(manifest.files))
+    cfg = ModelConfig.from_dict(manifest.config, where=f"{bundle_dir}/manifest.json config")
     model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint, dtype="fp32")
     checks += 1
     digest = _checkpoint_digest(report.files)
-    if digest != manifest["source"]["sha256"]:
+    if digest != manifest.source.sha256:
         failures += 1
-        lines.append(f"FAIL checkpoint sha256 {digest[:16]}… differs from the export's {manifest['source']['sha256'][:16]}…")
+        lines.append(f"FAIL checkpoint sha256 {digest[:16]}… differs from the export's {manifest.source.sha256[:16]}…")
     else:
         lines.append("ok   checkpoint is the one the bundle was exported from")
-    mods = manifest["modalities"]
-    n_steps = len(manifest["encoder"]["precisions"]) * len(mods) + len(manifest["decoder"]["quants"])
+    mods = manifest.modalities
+    n_steps = len(manifest.encoder.precisions) * len(mods) + len(manifest.decoder.quants)
     step = 0
-    for prec, entries in manifest["encoder"]["precisions"].items():
+    for prec, entries in manifest.encoder.precisions.items():
         floor = PARITY_MIN_COSINE[prec]
         with Encoder(entries, bundle_dir, device="cpu", verify=False) as enc:
             for i, m in enumerate(mods):
@@ -80,13 +80,14 @@ def verify_bundle(bundle_dir: str | os.PathLike, checkpoint, *, clip_checkpoint=
     x = get_modality(block_mod).dummy_input(np.random.default_rng(0))
     with torch.no_grad():
         block = model.encode(block_mod, torch.from_numpy(x)[None])[0].float().numpy()
-    for quant, dec in manifest["decoder"]["quants"].items():
+    for quant, dec in manifest.decoder.quants.items():
         if progress:
             progress(f"decoder {quant}", step, n_steps)
         step += 1
         checks += 1
         try:
-            fig = validate_gguf(model, cfg, bundle_dir / dec["file"], quant, block=block, seed=1)
+            fig = validate_gguf(model, cfg, bundle_dir / dec.file, quant, block=block, seed=1,
+                                tolerances=dec.tolerance)
             lines.append(f"ok   decoder {quant:6s} logits cos_min {fig['cos_min']:.6f} top-1 {fig['top1']:.3f}")
         except ParityError as exc:
             failures += 1

@@ -541,17 +541,15 @@ class LlamaSampler(_Owner):
         return int(lib().llama_sampler_sample(self.ptr, ctx.ptr, idx))
 
 
-QUANT_FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype values
-
-
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n_threads: int | None = None) -> None:
-    """Rewrite an f16/f32 GGUF as `quant` with llama.cpp's own quantizer (llama_model_quantize)."""
+    """Rewrite an f16/f32 GGUF as `quant` (a registry name) with llama.cpp's own quantizer (llama_model_quantize)."""
+    from .registry import decoder_quant
+
+    spec = decoder_quant(quant)  # ConfigError names the known ones
     ensure_backend()
     C = lib()
-    if quant not in QUANT_FTYPES:
-        raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_FTYPES)}")
     params = C.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[quant]
+    params.ftype = spec.llama_ftype
     params.nthread = n_threads or default_threads()
     rc = C.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), ctypes.byref(params))
     if rc != 0:

@@ -2,27 +2,40 @@
 and the SentencePiece tokenizer. The manifest is the one contract between export and
 runtime; nothing is inferred from file names.
 
-`load_manifest(dir)` checks the schema version and every listed file's sha256 (a
-verified bundle is remembered by size and mtime in a small stamp file in the user's
-cache, so a multi-GB GGUF is hashed once, not at every start).
+`load_manifest(dir)` parses the typed `Manifest` (runtime/manifest.py; older schema
+versions are migrated), checks every listed file's sha256 (a verified bundle is
+remembered by size and mtime in a small stamp file in the user's cache, so a multi-GB
+GGUF is hashed once, not at every start) and returns a `Bundle`: the directory and
+its manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from .errors import BundleError
+from .manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, Manifest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "onellm-bundle"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "SCHEMA", "SCHEMA_VERSION", "Bundle", "Manifest", "cache_dir", "load_manifest", "sha256_file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A bundle on disk: where it is and what its manifest says."""
+
+    dir: Path  # the bundle directory, resolved
+    manifest: Manifest  # the parsed manifest.json
+
+    def path(self, rel: str) -> Path:
+        """A file of the bundle, from its manifest-relative path."""
+        return self.dir / rel
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -56,7 +69,7 @@ def _file_state(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     """Read and check `manifest.json`; with `verify`, every file's sha256 too."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
@@ -65,19 +78,12 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: expected a bundle with {MANIFEST}, found none (build one with `onellm export`)")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: expected a JSON manifest, could not parse it ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{path}: expected schema {SCHEMA!r}, found {manifest.get('schema') if isinstance(manifest, dict) else type(manifest).__name__!r}")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path}: expected schema version {SCHEMA_VERSION}, found {version!r} "
-            f"(re-export the bundle with this onellm version)"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
+    manifest = Manifest.from_dict(data, where=str(path))
+    files = manifest.files
+    if not files:
         raise BundleError(f"{path}: expected a non-empty 'files' table, found {files!r}")
     for rel in files:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -86,8 +92,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
             raise BundleError(f"{bundle_dir}: file {rel!r} listed in the manifest is missing")
     if verify:
         verify_files(bundle_dir, files)
-    manifest["_dir"] = str(bundle_dir.resolve())
-    return manifest
+    return Bundle(bundle_dir.resolve(), manifest)
 
 
 def verify_files(bundle_dir: Path, files: dict[str, str]) -> None:

@@ -44,20 +44,13 @@ log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
-# llama.cpp context settings per GGUF type (the keys of a bundle's decoder quants). An
-# f32 GGUF is the parity setting: an f32 KV cache and exact attention (CPU flash
-# attention rounds Q to f16 as well) keep its logits within float32 noise of the torch
-# reference (tests/test_decoder_f32.py: 2.4e-6 of the logit std on the tiny model, against
-# 5.5e-3 with the defaults). Every other type keeps llama.cpp's defaults (f16 cache, flash
-# attention auto: half the cache memory); its weights round far more than the cache does.
-CONTEXT_SETTINGS: dict[str, dict[str, Any]] = {
-    "f32": {"kv_type": "f32", "flash_attn": False},
-}
-
-
 def context_settings_for(quant: str) -> dict[str, Any]:
-    """`Decoder` keyword arguments (kv_type, flash_attn) for a GGUF of this type; {} = the defaults."""
-    return dict(CONTEXT_SETTINGS.get(quant, {}))
+    """`Decoder` keyword arguments (kv_type, flash_attn) for a GGUF of this type, from the quant
+    registry (`DecoderQuant.context_settings`); {} = llama.cpp's defaults, also for unknown types."""
+    from .registry import DECODER_QUANTS
+
+    q = DECODER_QUANTS.get(quant)
+    return q.context_settings() if q is not None else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,6 +539,10 @@ class Decoder(_llama._Owner):
         s = Session(self)
         self._owner = s
         return s
+
+    def owns(self, session: Session | None) -> bool:
+        """Whether `session` still holds this decoder's KV cache (no newer session took it)."""
+        return session is not None and session is self._owner
 
     def _context_for(self, session: Session) -> _llama.LlamaContext:
         if self._ctx is None:

@@ -1,20 +1,23 @@
 """The encoder chain on onnxruntime, without torch: modality array -> [32, n_embd] block.
 
-In: the encoder part of a bundle manifest (the dict `onellm.export.onnx_encoder.
-export_encoder` returns: graph entries and, per modality, its chain of graph names)
-and the bundle directory. Out: `Encoder.encode(modality, array)`, a view of ONE
+In: one encoder variant of a bundle manifest (`runtime.manifest.EncoderVariant`, or
+its dict form as `onellm.export.onnx_encoder.export_encoders` returns it: graph entries
+and, per modality, its chain of stages with their recorded shapes) and the bundle
+directory. Out: `Encoder.encode(modality, array)`, a view of ONE
 preallocated float32 [n_inserted, n_embd] host buffer that onnxruntime writes directly
 (the output is bound to the buffer's pointer) and that every call reuses.
 
 Per modality the chain is tokenizer -> trunk -> pre -> upm -> post; the point modality
 first groups its cloud in numpy (`point_grouping`); the modality's folded routing
 weights (from its entry) are a constant input of the shared upm graph. Between stages nothing is copied:
-each stage's outputs are preallocated OrtValues (on the session's device) bound as the
-next stage's inputs through IOBinding, all created once per modality on first use.
+each stage's outputs are preallocated OrtValues (on the session's device), shaped as the
+manifest's chain stages record, bound as the next stage's inputs through IOBinding, all
+created once per modality on first use (`prepare`) or ahead of time.
 
 Providers: `device="cpu"` (default), `"cuda"`, `"tensorrt"` or `"auto"` (CUDA when the
-installed onnxruntime has it, else CPU). A GPU device that is not available raises
-BackendError; nothing GPU-specific is imported or touched on CPU. CPU sessions use one
+installed onnxruntime has it, else CPU), from `runtime.registry.EXECUTION_PROVIDERS`.
+A GPU device that is not available raises BackendError; nothing GPU-specific is
+imported or touched on CPU. CPU sessions use one
 intra-op thread per physical core of the cores this process may run on.
 
 The returned array is overwritten by the next `encode` call: copy it to keep it.
@@ -25,17 +28,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import BackendError, BundleError, InputError
+from .manifest import Chain, EncoderVariant, Graph
 from .point_grouping import group_points
+from .registry import DEVICES, resolve_device
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+__all__ = ["DEVICES", "Encoder", "StageHook", "physical_cores", "select_providers"]
+StageHook = Callable[[str, str, float], None]  # (modality, graph name, seconds) after each stage run
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -61,36 +69,14 @@ def select_providers(device: str, trt_options: dict[str, Any] | None = None) -> 
 
     trt_options: extra TensorRT provider options (engine/timing cache; see runtime/trt.py).
     """
-    import onnxruntime as ort
-
-    name, _, index = device.partition(":")
-    device_id = int(index) if index.isdigit() else 0
-    if name not in DEVICES:
-        raise BackendError(f"unknown encoder device {device!r}; known: {', '.join(DEVICES)} (optionally ':<id>')")
-    available = ort.get_available_providers()
-    if name == "auto":
-        name = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if name == "cpu":
-        return ["CPUExecutionProvider"], "cpu", 0
-    if "CUDAExecutionProvider" not in available:
-        raise BackendError(
-            f"encoder device {device!r} needs onnxruntime's CUDAExecutionProvider; this onnxruntime has "
-            f"{', '.join(available)} (install the `gpu` extra: onnxruntime-gpu)"
-        )
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
-    if name == "tensorrt":
-        if "TensorrtExecutionProvider" not in available:
-            raise BackendError(f"encoder device {device!r} needs onnxruntime's TensorrtExecutionProvider; found "
-                               f"{', '.join(available)}")
-        trt = ("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": True, **(trt_options or {})})
-        return [trt, cuda, "CPUExecutionProvider"], "cuda", device_id
-    return [cuda, "CPUExecutionProvider"], "cuda", device_id
+    ep, device_id = resolve_device(device)
+    return ep.session_providers(device_id, trt_options if ep.device == "tensorrt" else None), ep.device_type, device_id
 
 
 class _Stage:
     """One graph run inside one modality's chain: its session and a persistent IOBinding."""
 
-    def __init__(self, name: str, session, entry: dict[str, Any]) -> None:
+    def __init__(self, name: str, session, entry: Graph) -> None:
         self.name = name
         self.session = session
         self.entry = entry
@@ -108,24 +94,21 @@ class _Plan:
     def __init__(self, enc: Encoder, modality: str) -> None:
         import onnxruntime as ort
 
-        entry = enc.modalities[modality]
+        entry: Chain = enc.modalities[modality]
         self.modality = modality
-        self.input_shape = tuple(entry["input_shape"])
-        self.frames = int(entry.get("frames", 1))
-        self.grouping = entry.get("point_grouping")
-        chain = entry["chain"]
-        if len(chain) < 2:
-            raise BundleError(f"encoder modality {modality!r}: chain {chain} is too short")
-        self.stages = [_Stage(g, enc.session(g), enc.graph(g)) for g in chain]
+        self.input_shape = tuple(entry.input_shape)
+        self.grouping = entry.point_grouping
+        if len(entry.stages) < 2:
+            raise BundleError(f"encoder modality {modality!r}: chain {list(entry.chain)} is too short")
+        self.stages = [_Stage(st.graph, enc.session(st.graph), enc.graph(st.graph)) for st in entry.stages]
         self.values: list[Any] = []  # keeps the preallocated OrtValues alive
 
         # the first stage's input: a host staging buffer (CPU) or a device OrtValue
         first = self.stages[0]
-        (inp,) = first.entry["inputs"]
-        n = self.frames  # batch 1: N = frames
-        self.feed_shape = (n, *entry["tokenizer_input_shape"])
-        self.feed_name = inp["name"]
-        self.staging = np.empty(self.feed_shape, dtype=_NP_DTYPES[inp["dtype"]])
+        (inp,) = entry.stages[0].inputs
+        self.feed_shape = tuple(int(d) for d in inp.shape)
+        self.feed_name = inp.name
+        self.staging = np.empty(self.feed_shape, dtype=_NP_DTYPES[inp.dtype])
         if enc.device_type == "cpu":
             first.binding.bind_input(self.feed_name, "cpu", 0, self.staging.dtype, list(self.feed_shape),
                                      self.staging.ctypes.data)
@@ -134,76 +117,65 @@ class _Plan:
             self.device_feed = ort.OrtValue.ortvalue_from_numpy(self.staging, enc.device_type, enc.device_id)
             first.binding.bind_ortvalue_input(self.feed_name, self.device_feed)
 
-        # every intermediate output: a preallocated OrtValue, bound as the next stage's input;
-        # the folded routing weights are a constant input (from the modality entry)
+        # every intermediate output: a preallocated OrtValue of its recorded shape, bound as the
+        # next stage's input; the folded routing weights are a constant input (from the chain)
         produced: dict[str, Any] = {}
-        if "routing_weights" in entry:
-            self.routing = np.ascontiguousarray(entry["routing_weights"], dtype=np.float32)
+        if entry.routing_weights:
+            self.routing = np.ascontiguousarray(entry.routing_weights, dtype=np.float32)
             produced["routing"] = ort.OrtValue.ortvalue_from_numpy(self.routing, enc.device_type, enc.device_id)
             self.values.append(produced["routing"])
-        shapes = _chain_shapes(entry, enc)
-        for k, stage in enumerate(self.stages):
-            for spec in stage.entry["inputs"]:
+        for k, (stage, recorded) in enumerate(zip(self.stages, entry.stages)):
+            for spec in recorded.inputs:
                 if k == 0:
                     continue
-                name = spec["name"]
-                if name not in produced:
+                if spec.name not in produced:
                     raise BundleError(
-                        f"encoder chain of {modality!r}: input {name!r} of graph {stage.name!r} is not an output "
+                        f"encoder chain of {modality!r}: input {spec.name!r} of graph {stage.name!r} is not an output "
                         f"of an earlier graph ({', '.join(produced) or 'none'})"
                     )
-                stage.binding.bind_ortvalue_input(name, produced[name])
-            last = k == len(self.stages) - 1
-            for spec in stage.entry["outputs"]:
-                name = spec["name"]
-                if last:
-                    continue
-                shape = shapes[(stage.name, name)]
+                stage.binding.bind_ortvalue_input(spec.name, produced[spec.name])
+            if k == len(self.stages) - 1:
+                continue
+            for spec in recorded.outputs:
                 value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, _NP_DTYPES[spec["dtype"]], enc.device_type, enc.device_id
+                    [int(d) for d in spec.shape], _NP_DTYPES[spec.dtype], enc.device_type, enc.device_id
                 )
-                stage.binding.bind_ortvalue_output(name, value)
-                produced[name] = value
+                stage.binding.bind_ortvalue_output(spec.name, value)
+                produced[spec.name] = value
                 self.values.append(value)
         # the final block goes straight into the encoder's one host buffer
-        out_spec = self.stages[-1].entry["outputs"]
-        if len(out_spec) != 1 or out_spec[0]["dtype"] != "float32":
-            raise BundleError(f"encoder chain of {modality!r}: the last graph must have one float32 output")
+        out_spec = entry.stages[-1].outputs
         out = enc.buffer
-        self.stages[-1].binding.bind_output(out_spec[0]["name"], "cpu", 0, np.float32, list(out.shape),
+        if len(out_spec) != 1 or out_spec[0].dtype != "float32" or tuple(out_spec[0].shape) != out.shape:
+            raise BundleError(f"encoder chain of {modality!r}: the last graph must have one float32 output of "
+                              f"shape {list(out.shape)} (the manifest records {[s.to_dict() for s in out_spec]})")
+        self.stages[-1].binding.bind_output(out_spec[0].name, "cpu", 0, np.float32, list(out.shape),
                                             out.ctypes.data)
 
     def feed(self, array: np.ndarray) -> None:
         if self.grouping is not None:
             g = self.grouping
-            group_points(array, int(g["groups"]), int(g["k"]), g.get("tie_break", "cuda"), out=self.staging[0])
+            group_points(array, g.groups, g.k, g.tie_break, out=self.staging[0])
         else:
             np.copyto(self.staging, array.reshape(self.feed_shape), casting="same_kind")
         if self.device_feed is not None:
             self.device_feed.update_inplace(self.staging)
 
-    def run(self) -> None:
+    def run(self, hook: StageHook | None = None) -> None:
+        if hook is None:
+            for stage in self.stages:
+                stage.run()
+            return
         for stage in self.stages:
+            t0 = time.perf_counter()
             stage.run()
-
-
-def _chain_shapes(entry: dict[str, Any], enc: Encoder) -> dict[tuple[str, str], list[int]]:
-    """Concrete shapes of every stage output for one sample of a modality."""
-    width, n_out = enc.width, enc.n_inserted - 2
-    frames, tokens = int(entry.get("frames", 1)), int(entry["tokens"])
-    shapes: dict[tuple[str, str], list[int]] = {}
-    c = entry["chain"]
-    shapes[(c[0], enc.graph(c[0])["outputs"][0]["name"])] = [frames, tokens, width]
-    shapes[(c[1], enc.graph(c[1])["outputs"][0]["name"])] = [frames, tokens, width]
-    shapes[(c[2], enc.graph(c[2])["outputs"][0]["name"])] = [1, n_out + tokens, width]
-    shapes[(c[3], enc.graph(c[3])["outputs"][0]["name"])] = [1, n_out, width]
-    return shapes
+            hook(self.modality, stage.name, time.perf_counter() - t0)
 
 
 class Encoder:
     """Runs exported encoder chains with onnxruntime; one reused output buffer.
 
-    `entries`: the encoder dict (graphs + modalities + n_embd + n_inserted + width).
+    `entries`: the manifest's `EncoderVariant` (or its dict form, parsed strictly).
     `bundle_dir`: where the entries' relative file paths start.
     `device`: cpu | cuda | tensorrt | auto, optionally `:<id>`.
     `threads`: intra-op threads for CPU sessions (default: physical cores).
@@ -215,7 +187,7 @@ class Encoder:
 
     def __init__(
         self,
-        entries: dict[str, Any],
+        entries: EncoderVariant | Mapping[str, Any],
         bundle_dir: str | os.PathLike,
         device: str = "cpu",
         threads: int | None = None,
@@ -227,15 +199,15 @@ class Encoder:
             import onnxruntime  # noqa: F401
         except ImportError as exc:  # pragma: no cover - a core dependency
             raise BackendError(f"onnxruntime is not importable ({exc})") from None
-        for key in ("graphs", "modalities", "n_embd", "n_inserted", "width"):
-            if key not in entries:
-                raise BundleError(f"encoder entries: missing {key!r} (found {', '.join(sorted(entries))})")
-        self.graphs: dict[str, dict[str, Any]] = entries["graphs"]
-        self.modalities: dict[str, dict[str, Any]] = entries["modalities"]
-        self.n_embd = int(entries["n_embd"])
-        self.n_inserted = int(entries["n_inserted"])
-        self.width = int(entries["width"])
-        self.precision = entries.get("precision", "fp32")
+        if not isinstance(entries, EncoderVariant):
+            entries = EncoderVariant.from_dict(entries, where="encoder entries")
+        self.variant = entries
+        self.graphs: Mapping[str, Graph] = entries.graphs
+        self.modalities: Mapping[str, Chain] = entries.modalities
+        self.n_embd = entries.n_embd
+        self.n_inserted = entries.n_inserted
+        self.width = entries.width
+        self.precision = entries.precision
         self.bundle_dir = Path(bundle_dir)
         self.device = device
         self.providers, self.device_type, self.device_id = select_providers(device, provider_options)
@@ -250,7 +222,7 @@ class Encoder:
         self._closed = False
 
     # ---------------------------------------------------------------- lookups
-    def graph(self, name: str) -> dict[str, Any]:
+    def graph(self, name: str) -> Graph:
         try:
             return self.graphs[name]
         except KeyError:
@@ -263,15 +235,15 @@ class Encoder:
         import onnxruntime as ort
 
         entry = self.graph(name)
-        path = self.bundle_dir / entry["file"]
+        path = self.bundle_dir / entry.file
         if not path.is_file():
             raise BundleError(f"{path}: encoder graph {name!r} is missing from the bundle")
-        if self.verify and entry.get("sha256"):
+        if self.verify and entry.sha256:
             from .bundle import sha256_file
 
             digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise BundleError(f"{path}: expected sha256 {entry['sha256']}, found {digest}")
+            if digest != entry.sha256:
+                raise BundleError(f"{path}: expected sha256 {entry.sha256}, found {digest}")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -294,6 +266,21 @@ class Encoder:
         return list(self.modalities)
 
     # ---------------------------------------------------------------- encode
+    def prepare(self, modality: str) -> None:
+        """Create the modality's sessions and preallocated buffers now (else its first encode does).
+
+        Safe to call from another thread while the caller reads the input file.
+        """
+        self._plan(modality)
+
+    def is_prepared(self, modality: str) -> bool:
+        """Whether `prepare` (or an encode) already built this modality's chain."""
+        return modality in self._plans
+
+    def feed_shape(self, modality: str) -> tuple[int, ...]:
+        """The first graph's input shape (the reader's array after any numpy grouping), batch 1."""
+        return self._plan(modality).feed_shape
+
     def _plan(self, modality: str) -> _Plan:
         plan = self._plans.get(modality)
         if plan is None:
@@ -304,8 +291,11 @@ class Encoder:
             plan = self._plans[modality] = _Plan(self, modality)
         return plan
 
-    def encode(self, modality: str, array: np.ndarray) -> np.ndarray:
-        """Preprocessed input (the modality's input_shape) -> [n_inserted, n_embd] float32 view of `buffer`."""
+    def encode(self, modality: str, array: np.ndarray, stage_hook: StageHook | None = None) -> np.ndarray:
+        """Preprocessed input (the modality's input_shape) -> [n_inserted, n_embd] float32 view of `buffer`.
+
+        `stage_hook(modality, graph, seconds)` is called after each stage (per-stage timing).
+        """
         if self._closed:
             raise BackendError("encoder: used after close()")
         arr = np.asarray(array)
@@ -318,7 +308,7 @@ class Encoder:
         with self._lock:
             plan.feed(arr)
             try:
-                plan.run()
+                plan.run(stage_hook)
             except Exception as exc:  # onnxruntime's own error types
                 raise BackendError(f"encoder ({modality}): onnxruntime failed ({exc})") from None
         return self.buffer[0]

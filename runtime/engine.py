@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 
 from . import _llama
-from .bundle import load_manifest
+from .bundle import Bundle, load_manifest
+from .registry import decoder_quant
 from .decoder import Sampling, _TextStream, check_gguf_file
 from .errors import BackendError, BundleError, ConfigError, InputError, OneLLMError
 from .prompt import ROLES, Conversation
@@ -272,10 +273,12 @@ class Engine:
     Thread-safe: `submit`, `Handle.cancel`, `stats` and `close` may be called from any thread.
     """
 
-    def __init__(self, manifest: dict[str, Any], encoder, model: _llama.LlamaModel, tokenizer, *,
+    def __init__(self, bundle: Bundle, encoder, model: _llama.LlamaModel, tokenizer, *,
                  parallel: int, n_ctx_slot: int, threads: int | None = None, n_batch: int = 512,
                  prefill_chunk: int = 256, block_cache: int = 16, limits: Limits | None = None,
-                 kv_unified: bool = True) -> None:
+                 kv_unified: bool = True, context: dict[str, Any] | None = None) -> None:
+        context = context or {}  # llama.cpp context settings of the GGUF type (kv_type, flash_attn)
+        manifest = bundle.manifest
         self.manifest = manifest
         self.encoder = encoder
         self.model = model
@@ -285,11 +288,11 @@ class Engine:
         self.n_ctx_slot = n_ctx_slot
         self.prefill_chunk = max(1, prefill_chunk)
         self.kv_unified = kv_unified
-        self.random_weights = bool(manifest.get("random_weights"))
-        self.bundle_dir = Path(manifest["_dir"])
-        self.n_inserted = int(manifest["n_inserted"])
-        self.n_embd = int(manifest["n_embd"])
-        self.stop_strings = tuple(manifest["prompt"]["stop"])
+        self.random_weights = manifest.random_weights
+        self.bundle_dir = bundle.dir
+        self.n_inserted = manifest.n_inserted
+        self.n_embd = manifest.n_embd
+        self.stop_strings = tuple(manifest.prompt.stop)
         n_ctx = parallel * n_ctx_slot
         # llama.cpp warns "n_ctx_seq > n_ctx_train" for a unified cache (any sequence could use all
         # n_ctx cells); we hold each slot to n_ctx_slot <= n_ctx_train, so the warning does not apply
@@ -298,7 +301,7 @@ class Engine:
         native.setLevel(logging.ERROR)
         try:
             self.ctx = _llama.LlamaContext(model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
-                                           n_seq_max=parallel, kv_unified=kv_unified)
+                                           n_seq_max=parallel, kv_unified=kv_unified, **context)
         finally:
             native.setLevel(level)
         self.batch = _llama.LlamaBatch(self.ctx.n_batch)
@@ -328,25 +331,25 @@ class Engine:
         from .pipeline import extra_bufts_for
         from .tokenizer import Tokenizer
 
-        bundle = Path(path)
-        manifest = load_manifest(bundle, verify=verify)
-        enc_all = manifest["encoder"]["precisions"]
-        precision = manifest["encoder"]["default"]
+        bundle = load_manifest(Path(path), verify=verify)
+        manifest = bundle.manifest
+        enc_all = manifest.encoder.precisions
+        precision = manifest.encoder.default
         if precision == "fp16" and device == "cpu" and "fp32" in enc_all:
             precision = "fp32"
-        quants = manifest["decoder"]["quants"]
-        quant = quant or manifest["decoder"]["default"]
+        quants = manifest.decoder.quants
+        quant = quant or manifest.decoder.default
         if quant not in quants:
-            raise ConfigError(f"{bundle}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
+            raise ConfigError(f"{bundle.dir}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
         parallel = parallel or default_parallel()
         if parallel < 1:
             raise ConfigError(f"--parallel: expected a positive number of slots, found {parallel}")
-        tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
-        encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False)
+        tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
+        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False)
         extra = extra_bufts_for(quant)
         if extra is None:
             extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
-        gguf = check_gguf_file(bundle / quants[quant]["file"])
+        gguf = check_gguf_file(bundle.path(quants[quant].file))
         model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
         try:
             arch = model.meta("general.architecture")
@@ -357,14 +360,15 @@ class Engine:
             if n_ctx_slot > n_train:
                 raise ConfigError(f"{gguf}: per-slot context {n_ctx_slot} exceeds the model's context length {n_train}")
             model._build_tables()
-            engine = cls(manifest, encoder, model, tokenizer, parallel=parallel, n_ctx_slot=n_ctx_slot,
-                         threads=threads, limits=limits, prefill_chunk=prefill_chunk, kv_unified=kv_unified)
+            engine = cls(bundle, encoder, model, tokenizer, parallel=parallel, n_ctx_slot=n_ctx_slot,
+                         threads=threads, limits=limits, prefill_chunk=prefill_chunk, kv_unified=kv_unified,
+                         context=decoder_quant(quant).context_settings())
         except BaseException:
             model.close()
             encoder.close()
             raise
         engine.precision, engine.quant = precision, quant
-        log.info("engine: %s, %d slots x %d positions, encoder %s, decoder %s", bundle, parallel, n_ctx_slot,
+        log.info("engine: %s, %d slots x %d positions, encoder %s, decoder %s", bundle.dir, parallel, n_ctx_slot,
                  precision, quant)
         return engine
 
@@ -376,7 +380,7 @@ class Engine:
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.manifest["modalities"])
+        return list(self.manifest.modalities)
 
     # ------------------------------------------------------------------ public API
     def submit(self, request: Request, on_event: Callable[[str, Any], None] | None = None) -> Handle:
@@ -398,7 +402,7 @@ class Engine:
             job.inputs = {"source": "embeddings"}
         elif request.media is not None:
             m = request.media.modality
-            if m not in self.manifest["modalities"]:
+            if m not in self.manifest.modalities:
                 raise InputError("input", f"one of this bundle's modalities ({', '.join(self.modalities)})", repr(m))
         n_rows = self.n_inserted if (request.block is not None or request.media is not None) else 0
         if len(ids) + n_rows >= self.n_ctx_slot:
@@ -449,7 +453,7 @@ class Engine:
 
     # ------------------------------------------------------------------ request preparation
     def _prompt_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        conv = Conversation()
+        conv = Conversation(self.manifest.prompt)
         expect = "user"
         if not messages:
             raise InputError("messages", "at least one user message", "none")

@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import cache_dir, load_manifest
-from .errors import ConfigError, InputError
+from .bundle import Bundle, cache_dir, load_manifest
+from .errors import BundleError, ConfigError, InputError
+from .manifest import Manifest
 from .modalities import ModalityInput, get_modality
 from .prompt import Conversation
+from .registry import decoder_quant, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +86,10 @@ class Answer:
 def extra_bufts_for(quant: str) -> bool | None:
     """Whether to let llama.cpp repack weights into its extra CPU buffer types for this GGUF.
 
-    Off by default (quantized GGUFs crash on their first decode with the AMX buffer type
-    of this llama.cpp; see tests/test_llama_bufts.py). On for q4_k_m where the CPU offers
-    no AMX buffer type: CPU_REPACK's Q4_K kernels measured 1.29x faster decoding there,
-    while they made q8_0 1.41x slower (benchmarks/RESULTS.md). ONELLM_LLAMA_EXTRA_BUFTS
-    (0/1) overrides: None is returned and the decoder reads it.
+    The quantization's buffer-type policy from `runtime.registry.DECODER_QUANTS`;
+    ONELLM_LLAMA_EXTRA_BUFTS (0/1) overrides: None is returned and the decoder reads it.
     """
-    if os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "") != "":
-        return None
-    if quant != "q4_k_m":
-        return False
-    from . import _llama
-
-    try:
-        return "AMX" not in _llama.cpu_extra_buffer_types()
-    except (OSError, AttributeError) as exc:  # an older llama.cpp without the device API
-        log.debug("cannot list llama.cpp's extra buffer types (%s); leaving them off", exc)
-        return False
+    return decoder_quant(quant).use_extra_bufts()
 
 
 def read_input(modality: str, source: Any, options: dict[str, Any] | None = None, image: Any = None) -> ModalityInput:
@@ -117,14 +106,14 @@ def read_input(modality: str, source: Any, options: dict[str, Any] | None = None
 class Pipeline:
     """A loaded bundle: tokenizer, encoder sessions and the llama.cpp decoder."""
 
-    def __init__(self, manifest: dict[str, Any], encoder, decoder, tokenizer, load_seconds: float) -> None:
-        self.manifest = manifest
+    def __init__(self, bundle: Bundle, encoder, decoder, tokenizer, load_seconds: float) -> None:
+        self.manifest: Manifest = bundle.manifest
         self.encoder = encoder
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.load_seconds = load_seconds
-        self.random_weights = bool(manifest.get("random_weights"))
-        self.bundle_dir = Path(manifest["_dir"])
+        self.random_weights = self.manifest.random_weights
+        self.bundle_dir = bundle.dir
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._plan_error: BaseException | None = None
@@ -150,24 +139,24 @@ class Pipeline:
         precision: encoder precision to run (default: fp16 on CUDA when exported, else the
         bundle's CPU default). quant: which exported GGUF to run (default: the bundle's).
         """
-        from .decoder import Decoder, context_settings_for
-        from .encoder import Encoder, select_providers
+        from .decoder import Decoder
+        from .encoder import Encoder
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        bundle = Path(path) if path is not None else default_bundle_dir()
-        manifest = load_manifest(bundle, verify=verify)
-        enc_all = manifest["encoder"]["precisions"]
+        bundle = load_manifest(Path(path) if path is not None else default_bundle_dir(), verify=verify)
+        manifest = bundle.manifest
+        enc_all = manifest.encoder.precisions
         trt_options = None
-        trt_entry = manifest.get("tensorrt")
+        trt_entry = manifest.tensorrt
         if device in ("auto", "tensorrt") and trt_entry:
             from .errors import BackendError
             from .trt import engine_cache_for, tensorrt_options
 
             try:
-                trt_options = tensorrt_options(engine_cache_for(bundle, trt_entry, cache_dir()))
+                trt_options = tensorrt_options(engine_cache_for(bundle.dir, trt_entry, cache_dir()))
                 device = "tensorrt"
-                precision = precision or trt_entry.get("source_precision")
+                precision = precision or trt_entry.source_precision
             except BackendError as exc:
                 if device == "tensorrt":
                     raise
@@ -175,31 +164,27 @@ class Pipeline:
         elif device == "tensorrt":
             from .trt import TRT_DIR, tensorrt_options
 
-            trt_options = tensorrt_options(cache_dir() / TRT_DIR / bundle.resolve().name)
-        _providers, device_type, _ = select_providers(device, trt_options)
+            trt_options = tensorrt_options(cache_dir() / TRT_DIR / bundle.dir.name)
+        provider, _device_id = resolve_device(device)
         if precision is None:
-            if device_type == "cuda" and "fp16" in enc_all:
-                precision = "fp16"
-            else:
-                precision = manifest["encoder"]["default"]
-                if precision == "fp16" and device_type != "cuda":
-                    precision = "fp32" if "fp32" in enc_all else precision
+            precision = provider.pick_precision(enc_all, manifest.encoder.default)
         if precision not in enc_all:
-            raise ConfigError(f"{bundle}: encoder precision {precision!r} was not exported (bundle has {', '.join(enc_all)})")
-        quants = manifest["decoder"]["quants"]
-        quant = quant or manifest["decoder"]["default"]
+            raise ConfigError(f"{bundle.dir}: encoder precision {precision!r} was not exported (bundle has {', '.join(enc_all)})")
+        quants = manifest.decoder.quants
+        quant = quant or manifest.decoder.default
         if quant not in quants:
-            raise ConfigError(f"{bundle}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
-        tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
-        encoder = Encoder(enc_all[precision], bundle, device=device, threads=threads, verify=False,
+            raise ConfigError(f"{bundle.dir}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
+        tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
+        _check_token_ids(bundle, tokenizer)
+        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False,
                           provider_options=trt_options)
-        decoder = Decoder(bundle / quants[quant]["file"], n_ctx=n_ctx, n_threads=threads,
-                          use_extra_bufts=extra_bufts_for(quant), **context_settings_for(quant))
-        _check_reader_constants(manifest)
-        pipe = cls(manifest, encoder, decoder, tokenizer, time.perf_counter() - t0)
+        decoder = Decoder(bundle.path(quants[quant].file), n_ctx=n_ctx, n_threads=threads,
+                          use_extra_bufts=extra_bufts_for(quant), **decoder_quant(quant).context_settings())
+        _check_reader_constants(bundle)
+        pipe = cls(bundle, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant
         if pipe.random_weights:
-            log.info("bundle %s has RANDOM weights: answers are meaningless text", bundle)
+            log.info("bundle %s has RANDOM weights: answers are meaningless text", bundle.dir)
         return pipe
 
     def close(self) -> None:
@@ -215,7 +200,7 @@ class Pipeline:
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.manifest["modalities"])
+        return list(self.manifest.modalities)
 
     # ------------------------------------------------------------------ stages
     def _pick_input(self, inputs: dict[str, Any]) -> tuple[str | None, Any, Any]:
@@ -232,7 +217,7 @@ class Pipeline:
             return None, None, None
         modality, source = chosen[0]
         get_modality(modality)
-        if modality not in self.manifest["modalities"]:
+        if modality not in self.manifest.modalities:
             raise ConfigError(f"this bundle has no {modality!r} encoder (it has {', '.join(self.modalities)})")
         return modality, source, image
 
@@ -247,7 +232,7 @@ class Pipeline:
         # reader parses the file (both take real time on a cold start: session creation for
         # large graphs, and the reader's first imports, e.g. scipy.signal ~0.8 s).
         builder = None
-        if modality not in self.encoder._plans:
+        if not self.encoder.is_prepared(modality):
             builder = threading.Thread(target=self._build_plan, args=(modality,), daemon=True)
             builder.start()
         try:
@@ -269,9 +254,16 @@ class Pipeline:
 
     def _build_plan(self, modality: str) -> None:
         try:
-            self.encoder._plan(modality)
+            self.encoder.prepare(modality)
         except BaseException as exc:  # re-raised on the caller's thread
             self._plan_error = exc
+
+    def default_sampling(self):
+        """The bundle's sampling defaults (`Manifest.prompt.defaults`) as a `Sampling`."""
+        from .decoder import Sampling
+
+        d = self.manifest.prompt.defaults
+        return Sampling(temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens)
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
         return self.tokenizer.encode(conversation.render(), bos=True, eos=False)
@@ -300,7 +292,7 @@ class Pipeline:
         stream=True returns an iterator of text chunks (its `.answer` is set when exhausted);
         otherwise the `Answer`.
         """
-        conv = Conversation()
+        conv = Conversation(self.manifest.prompt)
         conv.add_question(question)
         gen = _AnswerStream(self, conv, embeddings, modality, options, sampling, cancel, inputs, None, logprobs)
         if stream:
@@ -335,8 +327,6 @@ class _AnswerStream:
         self._it.close()
 
     def _gen(self, conv, embeddings, modality, options, sampling, cancel, inputs, chat) -> Iterator[str]:
-        from .decoder import Sampling
-
         pipe = self.pipe
         timings: dict[str, float] = {"bundle_load_s": pipe.load_seconds}
         meta: dict[str, Any] = {}
@@ -372,10 +362,10 @@ class _AnswerStream:
             t1 = time.perf_counter()
             timings["prefill_s"] = t1 - t0
             timings["prefill_positions"] = session.tokens_prefilled + session.rows_injected - prefilled_before
-            sampling = sampling or Sampling()
+            sampling = sampling or pipe.default_sampling()
             first = None
             n0 = session.tokens_generated
-            for chunk in session.generate(sampling, cancel=stop_event, stop=tuple(pipe.manifest["prompt"]["stop"]),
+            for chunk in session.generate(sampling, cancel=stop_event, stop=pipe.manifest.prompt.stop,
                                           logprobs=self.logprobs):
                 if first is None:
                     first = time.perf_counter()
@@ -403,7 +393,7 @@ class ChatSession:
 
     def __init__(self, pipe: Pipeline, *, embeddings, modality, options, inputs) -> None:
         self.pipe = pipe
-        self.conversation = Conversation()
+        self.conversation = Conversation(pipe.manifest.prompt)
         self.block: np.ndarray | None = None
         self.modality = modality
         self.meta: dict[str, Any] = {}
@@ -428,7 +418,7 @@ class ChatSession:
 
     def session(self):
         dec = self.pipe.decoder
-        if self._session is None or dec._owner is not self._session:
+        if not dec.owns(self._session):
             if self._session is not None:
                 log.info("chat: KV cache was used by another request; re-prefilling the conversation")
             self._session = dec.session()
@@ -455,17 +445,26 @@ class ChatSession:
         return gen.answer
 
 
-def _check_reader_constants(manifest: dict[str, Any]) -> None:
+def _check_reader_constants(bundle: Bundle) -> None:
     """Warn when this onellm's readers differ from those the bundle was exported for."""
     from .modalities.base import reader_constants
 
-    for m, entry in manifest.get("preprocessing", {}).items():
-        want = entry.get("constants") or {}
+    for m, entry in bundle.manifest.preprocessing.items():
+        want = entry.constants or {}
         have = reader_constants(m)
         diff = sorted(k for k in want if k in have and not np.allclose(np.asarray(want[k]), np.asarray(have[k])))
         if diff:
             log.warning("%s: the bundle was exported with different %s preprocessing constants (%s); "
-                        "re-export it with this onellm version", manifest.get("_dir"), m, ", ".join(diff))
+                        "re-export it with this onellm version", bundle.dir, m, ", ".join(diff))
+
+
+def _check_token_ids(bundle: Bundle, tokenizer) -> None:
+    """The prompt is encoded with the bundle tokenizer's BOS; it must be the manifest's."""
+    spec = bundle.manifest.tokenizer
+    have = (tokenizer.bos_id, tokenizer.eos_id)
+    if have != (spec.bos_id, spec.eos_id):
+        raise BundleError(f"{bundle.path(spec.file)}: expected bos/eos ids {spec.bos_id}/{spec.eos_id} as the manifest "
+                          f"records, found {have[0]}/{have[1]}")
 
 
 class _AnyEvent:
@@ -478,8 +477,8 @@ class _AnyEvent:
         return any(e.is_set() for e in self._events)
 
 
-def _check_embeddings(block: Any, manifest: dict[str, Any]) -> np.ndarray:
-    rows, n_embd = manifest["n_inserted"], manifest["n_embd"]
+def _check_embeddings(block: Any, manifest: Manifest) -> np.ndarray:
+    rows, n_embd = manifest.n_inserted, manifest.n_embd
     arr = np.asarray(block)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]

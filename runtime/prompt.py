@@ -1,8 +1,15 @@
-"""The `v1` conversation template the checkpoint was tuned on (spec section 8)."""
+"""Prompt rendering from a bundle's `PromptSpec`; the `v1` template the checkpoint was tuned on (spec section 8).
+
+A bundle records its template in the manifest (`Manifest.prompt`); the runtime renders
+with that spec. `V1_PROMPT` is the template export writes, and the default of a
+`Conversation` made without a spec (the torch reference, tests).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+
+from .manifest import PromptSpec, SamplingDefaults
 
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -17,33 +24,49 @@ DEFAULT_TEMPERATURE = 0.1
 DEFAULT_TOP_P = 0.75
 DEFAULT_MAX_NEW_TOKENS = 256
 
+V1_PROMPT = PromptSpec(
+    template="v1",
+    system=SYSTEM,
+    roles=ROLES,
+    sep=SEP,
+    header="{system}\n\n{sep}",
+    turn="{role}: {message}\n{sep}",
+    open_turn="{role}:",
+    stop=STOP_STRINGS,
+    defaults=SamplingDefaults(temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P,
+                              max_new_tokens=DEFAULT_MAX_NEW_TOKENS),
+)
+
 
 @dataclasses.dataclass
 class Conversation:
-    """A multi-turn `v1` conversation: (role, message) pairs, the last answer open."""
+    """A multi-turn conversation in a bundle's template: (role, message) pairs, the last answer open."""
 
+    spec: PromptSpec = V1_PROMPT  # the template (a bundle's `Manifest.prompt`)
     messages: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
 
     def add_question(self, question: str) -> None:
-        self.messages.append((ROLES[0], question))
-        self.messages.append((ROLES[1], None))
+        self.messages.append((self.spec.roles[0], question))
+        self.messages.append((self.spec.roles[1], None))
 
     def set_answer(self, answer: str) -> None:
         role, msg = self.messages[-1]
-        assert role == ROLES[1] and msg is None, "no open answer to fill"
+        assert role == self.spec.roles[1] and msg is None, "no open answer to fill"
         self.messages[-1] = (role, answer)
 
     def render(self) -> str:
         """The prompt text, encoded with BOS and no EOS.
 
-        Earlier turns are `role + ": " + msg + "\\n###"`; the open answer is `role + ":"`.
+        The spec's header, then each answered turn in its `turn` format and the open
+        answer in its `open_turn` format (v1: `role + ": " + msg + "\\n###"`, `role + ":"`).
         """
-        out = SYSTEM + "\n\n" + SEP
+        sp = self.spec
+        out = sp.header.format(system=sp.system, sep=sp.sep)
         for role, msg in self.messages:
             if msg is None:
-                out += role + ":"
+                out += sp.open_turn.format(role=role, sep=sp.sep)
             else:
-                out += role + ": " + msg + "\n" + SEP
+                out += sp.turn.format(role=role, message=msg, sep=sp.sep)
         return out
 
 

@@ -397,8 +397,18 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------- the app
+def _created_unix(created: str) -> int:
+    """The manifest's ISO export time as Unix seconds (0 when unreadable)."""
+    import datetime
+
+    try:
+        return int(datetime.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+    except (ValueError, AttributeError):
+        return 0
+
+
 def model_card(engine: Engine, model_id: str) -> dict[str, Any]:
-    card = {"id": model_id, "object": "model", "created": int(engine.manifest.get("created_unix", 0) or 0),
+    card = {"id": model_id, "object": "model", "created": _created_unix(engine.manifest.created),
             "owned_by": "onellm", "input_modalities": ["text", *engine.modalities],
             "random_weights": engine.random_weights, "parallel": engine.parallel,
             "context_per_request": engine.n_ctx_slot}

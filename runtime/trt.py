@@ -1,6 +1,9 @@
 """TensorRT engine cache: where it lives, which machine it fits (no torch, no TensorRT import
 unless asked).
 
+The provider itself (name, options, fallbacks, availability) is the `tensorrt` entry of
+`runtime.registry.EXECUTION_PROVIDERS`; this module adds the engine cache options.
+
 A bundle exported with `--trt` holds engines built by onnxruntime's TensorRT execution
 provider in `trt/`, valid only for the GPU model, compute capability and TensorRT version
 they were built with (the manifest's `tensorrt.fingerprint`). `engine_cache_for` returns
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError
+from .manifest import TensorRTEngines
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +69,14 @@ def tensorrt_options(cache_dir: Path, fp16: bool = True) -> dict[str, Any]:
     }
 
 
-def engine_cache_for(bundle_dir: Path, entry: dict[str, Any] | None, user_cache: Path) -> Path | None:
+def engine_cache_for(bundle_dir: Path, entry: TensorRTEngines | None, user_cache: Path) -> Path | None:
     """The engine cache to use on this machine, or None when the bundle has no engines."""
     if not entry:
         return None
     here = current_fingerprint()
-    built = entry.get("fingerprint") or {}
+    built = dict(entry.fingerprint)
     if here == built:
-        return Path(bundle_dir) / entry.get("dir", TRT_DIR)
+        return Path(bundle_dir) / entry.dir
     key = hashlib.sha256(json.dumps(here, sort_keys=True).encode()).hexdigest()[:16]
     target = user_cache / "trt" / key
     target.mkdir(parents=True, exist_ok=True)

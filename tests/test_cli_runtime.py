@@ -191,7 +191,7 @@ def test_trt_without_tensorrt_keeps_a_working_onnx_bundle(tiny_checkpoint, tiny_
     with caplog.at_level("WARNING"):
         manifest = build_bundle(out, _tiny_cfg(), tiny_checkpoint, tiny_tokenizer, modalities="imu",
                                 encoder_precision="fp32", decoder_quant="f32", trt=True)
-    assert manifest["tensorrt"] is None
+    assert manifest.tensorrt is None
     assert any("TensorRT is not installed" in r.getMessage() for r in caplog.records)
     with Pipeline.load(out, device="auto") as pipe:
         assert pipe.ask("Q?", imu=IMU).text is not None
@@ -213,10 +213,10 @@ def test_tensorrt_engines_match_onnx(tiny_checkpoint, tiny_tokenizer, tmp_path):
     out = tmp_path / "b"
     manifest = build_bundle(out, _tiny_cfg(), tiny_checkpoint, tiny_tokenizer, encoder_precision="fp32,fp16",
                             decoder_quant="f32", trt=True)
-    assert manifest["tensorrt"]["fingerprint"]["gpu"]
+    assert manifest.tensorrt.fingerprint["gpu"]
     with Pipeline.load(out, device="tensorrt") as trt_pipe, Encoder(
-            manifest["encoder"]["precisions"]["fp32"], out, device="cpu", verify=False) as cpu:
-        for m in manifest["modalities"]:
+            manifest.encoder.precisions["fp32"], out, device="cpu", verify=False) as cpu:
+        for m in manifest.modalities:
             from onellm.runtime.modalities import get_modality
 
             x = get_modality(m).dummy_input(np.random.default_rng(3)).astype(np.float32)

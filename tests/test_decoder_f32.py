@@ -1,7 +1,7 @@
 """The f32 decoder setting: a bundle's f32 GGUF runs with an f32 KV cache and exact attention.
 
-`Pipeline.load` takes the llama.cpp context settings from `decoder.context_settings_for`,
-a table keyed by the bundle's quant name: f32 -> kv_type f32, flash attention off; every
+`Pipeline.load` takes the llama.cpp context settings from the quant registry
+(`DecoderQuant.context_settings`, also `decoder.context_settings_for`), keyed by the bundle's quant name: f32 -> kv_type f32, flash attention off; every
 other type -> llama.cpp's defaults (f16 cache, flash attention auto).
 
 Measured on the tiny f32 bundle (BOS + the bundle's own 32 imu rows + 40 text tokens,
@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from onellm.runtime.decoder import CONTEXT_SETTINGS, Decoder, context_settings_for  # noqa: E402
+from onellm.runtime.decoder import Decoder, context_settings_for  # noqa: E402
+from onellm.runtime.registry import decoder_quant  # noqa: E402
 from onellm.runtime.modalities import get_modality  # noqa: E402
 
 EXACT_REL = 1e-4  # max|diff| / std: float32 summation order only
@@ -41,7 +42,7 @@ def test_settings_table_is_keyed_by_quant():
     for quant in ("f16", "q8_0", "q4_k_m", "a-future-type"):
         assert context_settings_for(quant) == {}
     context_settings_for("f32")["kv_type"] = "f16"  # callers get a copy
-    assert CONTEXT_SETTINGS["f32"]["kv_type"] == "f32"
+    assert decoder_quant("f32").context_settings()["kv_type"] == "f32"
 
 
 def test_pipeline_runs_the_f32_bundle_exactly(tiny_pipeline, parity):

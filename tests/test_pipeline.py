@@ -253,7 +253,7 @@ def test_bundle_checksum_mismatch_is_a_bundle_error(tiny_bundle, tmp_path):
     with pytest.raises(BundleError, match="checksum"):
         load_manifest(copy)
     manifest = copy / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"schema_version": 1', '"schema_version": 99'))
+    manifest.write_text(manifest.read_text().replace('"schema_version": 2', '"schema_version": 99'))
     with pytest.raises(BundleError, match="schema version"):
         load_manifest(copy)
 

@@ -1,0 +1,210 @@
+"""One home for the backend choices: decoder quantizations, encoder precisions, execution providers.
+
+Everything else derives from these tables: the export's accepted values and
+tolerances, the runtime's choices per device, the CLI's `--quant`/`--precision`/
+`--device` choices and help texts, the bench's rows. Adding a quantization or an
+execution provider is one entry here (plus, for a provider, whatever native package
+it needs).
+
+No native library is imported at module import; availability checks import
+onnxruntime / llama.cpp when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- decoder quantizations
+
+
+def _no_extra_bufts() -> bool:
+    return False
+
+
+def _repack_without_amx() -> bool:
+    """llama.cpp's CPU_REPACK weights unless the CPU offers an AMX buffer type (see DecoderQuant)."""
+    from . import _llama
+
+    try:
+        return "AMX" not in _llama.cpu_extra_buffer_types()
+    except (OSError, AttributeError) as exc:  # an older llama.cpp without the device API
+        log.debug("cannot list llama.cpp's extra buffer types (%s); leaving them off", exc)
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderQuant:
+    """A GGUF file type the export writes and the runtime runs.
+
+    Buffer-type policy: llama.cpp's extra CPU buffer types (weight repacking) are off by
+    default, because quantized GGUFs crash on their first decode with this llama.cpp's
+    AMX buffer type (tests/test_llama_bufts.py). q4_k_m turns them on where the CPU
+    offers no AMX type: CPU_REPACK's Q4_K kernels measured 1.29x faster decoding, while
+    they made q8_0 1.41x slower (benchmarks/RESULTS.md).
+    """
+
+    name: str  # the CLI and manifest name
+    gguf_ftype: str  # member name of gguf.LlamaFileType (the GGUF `general.file_type`)
+    llama_ftype: int  # the same file type as llama.cpp's llama_ftype value (llama_model_quantize)
+    written_directly: bool  # gguf-py writes it; otherwise llama.cpp quantizes an f16/f32 file
+    tolerance: Mapping[str, float]  # export parity bounds: rel max|diff|/std, min cosine, top-1 agreement
+    extra_bufts: Callable[[], bool]  # whether to let llama.cpp repack weights (buffer-type policy)
+    flash_attn: bool | None  # llama.cpp flash attention (None: llama.cpp decides)
+    help: str  # one line for --help
+    kv_type: str = "f16"  # llama.cpp KV cache type
+
+    def context_settings(self) -> dict[str, Any]:
+        """`Decoder` keyword arguments for this file type where they differ from llama.cpp's
+        defaults (f16 KV cache, flash attention auto).
+
+        An f32 GGUF is the parity setting: an f32 KV cache and exact attention (CPU flash
+        attention rounds Q to f16 as well) keep its logits within float32 noise of the torch
+        reference (tests/test_decoder_f32.py: 2.4e-6 of the logit std on the tiny model,
+        against 5.5e-3 with the defaults). Every other type keeps the defaults (half the
+        cache memory); its weights round far more than the cache does.
+        """
+        out: dict[str, Any] = {}
+        if self.kv_type != "f16":
+            out["kv_type"] = self.kv_type
+        if self.flash_attn is not None:
+            out["flash_attn"] = self.flash_attn
+        return out
+
+    def use_extra_bufts(self) -> bool | None:
+        """The buffer-type policy on this machine; None when ONELLM_LLAMA_EXTRA_BUFTS overrides it."""
+        if os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "") != "":
+            return None
+        return self.extra_bufts()
+
+
+DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
+    DecoderQuant("f32", "ALL_F32", 0, True, {"rel": 0.02, "cos": 0.9999, "top1": 0.97},
+                 _no_extra_bufts, False, "32-bit floats (reference, largest)", kv_type="f32"),
+    DecoderQuant("f16", "MOSTLY_F16", 1, True, {"rel": 0.05, "cos": 0.9995, "top1": 0.95},
+                 _no_extra_bufts, None, "16-bit floats"),
+    DecoderQuant("q8_0", "MOSTLY_Q8_0", 7, False, {"rel": 0.15, "cos": 0.995, "top1": 0.85},
+                 _no_extra_bufts, None, "8-bit blocks (near-lossless, half of f16)"),
+    DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
+                 _repack_without_amx, None, "4-bit k-quants (smallest, fastest on CPU)"),
+)}
+
+
+def decoder_quant(name: str) -> DecoderQuant:
+    try:
+        return DECODER_QUANTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown decoder quantization {name!r}; choose from {', '.join(DECODER_QUANTS)}") from None
+
+
+# ---------------------------------------------------------------------------- encoder precisions
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderPrecision:
+    """A precision the export derives from the fp32 graphs."""
+
+    name: str  # the CLI and manifest name
+    min_cosine: float  # parity floor vs the torch fp32 reference, per graph and per chain
+    help: str  # one line for --help
+
+
+ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
+    EncoderPrecision("fp32", 0.99999, "32-bit floats (reference)"),
+    EncoderPrecision("fp16", 0.999, "16-bit floats, fp32 inputs/outputs (GPUs)"),
+    EncoderPrecision("int8", 0.99, "dynamic int8 MatMul weights (CPUs)"),
+)}
+
+
+def encoder_precision(name: str) -> EncoderPrecision:
+    try:
+        return ENCODER_PRECISIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown encoder precision {name!r}; choose from {', '.join(ENCODER_PRECISIONS)}") from None
+
+
+# ---------------------------------------------------------------------------- execution providers
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionProvider:
+    """Where the encoder runs: an onnxruntime execution provider and what it implies."""
+
+    device: str  # the --device name
+    ort_provider: str  # onnxruntime's provider name
+    device_type: str  # OrtValue device of its buffers ("cpu" or "cuda")
+    fallbacks: tuple[str, ...]  # devices whose providers follow it in the session (unsupported ops)
+    options: Mapping[str, Any]  # provider options; device_id is added for GPU devices
+    precisions: tuple[str, ...]  # encoder precisions it prefers, best first (else the bundle default)
+    install_hint: str  # what to install when it is missing
+    help: str  # one line for --help
+
+    def is_available(self) -> bool:
+        """Whether the installed onnxruntime offers this provider."""
+        return self.ort_provider in _ort_providers()
+
+    def require(self, asked: str) -> None:
+        """BackendError naming the missing provider(s) unless this device can run here."""
+        have = _ort_providers()
+        for dev in reversed((self.device, *self.fallbacks)):  # the base provider's absence explains most
+            ep = EXECUTION_PROVIDERS[dev]
+            if ep.ort_provider not in have:
+                raise BackendError(f"encoder device {asked!r} needs onnxruntime's {ep.ort_provider}; this "
+                                   f"onnxruntime has {', '.join(have)} ({ep.install_hint})")
+
+    def session_providers(self, device_id: int = 0, extra: Mapping[str, Any] | None = None) -> list[Any]:
+        """The `providers` list for onnxruntime.InferenceSession: this provider, then its fallbacks."""
+        out: list[Any] = []
+        for dev in (self.device, *self.fallbacks):
+            ep = EXECUTION_PROVIDERS[dev]
+            opts = dict(ep.options)
+            if ep.device_type != "cpu":
+                opts["device_id"] = device_id
+            if dev == self.device and extra:
+                opts.update(extra)
+            out.append((ep.ort_provider, opts) if opts else ep.ort_provider)
+        return out
+
+    def pick_precision(self, exported: Mapping[str, Any] | tuple[str, ...], default: str) -> str:
+        """The precision to run: the first preferred one the bundle has, else its default."""
+        return next((p for p in self.precisions if p in exported), default)
+
+
+EXECUTION_PROVIDERS: dict[str, ExecutionProvider] = {e.device: e for e in (
+    ExecutionProvider("cpu", "CPUExecutionProvider", "cpu", (), {}, ("int8", "fp32"),
+                      "any onnxruntime has it", "onnxruntime on the CPU"),
+    ExecutionProvider("cuda", "CUDAExecutionProvider", "cuda", ("cpu",), {}, ("fp16",),
+                      "install the `gpu` extra: onnxruntime-gpu", "onnxruntime's CUDA provider"),
+    ExecutionProvider("tensorrt", "TensorrtExecutionProvider", "cuda", ("cuda", "cpu"), {"trt_fp16_enable": True},
+                      ("fp16",), "install the `gpu` and `trt` extras: onnxruntime-gpu, tensorrt",
+                      "TensorRT engines through onnxruntime (the bundle's, or built once into the cache)"),
+)}
+AUTO_ORDER = ("cuda", "cpu")  # `--device auto` without TensorRT engines: the first available
+DEVICES = (*EXECUTION_PROVIDERS, "auto")
+
+
+def resolve_device(device: str) -> tuple[ExecutionProvider, int]:
+    """(provider, device id) for `cpu`, `cuda:1`, `auto`, ...; BackendError when unknown or unavailable."""
+    name, _, index = device.partition(":")
+    device_id = int(index) if index.isdigit() else 0
+    if name == "auto":
+        name = next((d for d in AUTO_ORDER if EXECUTION_PROVIDERS[d].is_available()), "cpu")
+    ep = EXECUTION_PROVIDERS.get(name)
+    if ep is None:
+        raise BackendError(f"unknown encoder device {device!r}; known: {', '.join(DEVICES)} (optionally ':<id>')")
+    ep.require(device)
+    return ep, device_id
