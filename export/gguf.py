@@ -411,7 +411,10 @@ def validate_gguf(
     if block is None:
         block = rng.standard_normal((cfg.n_inserted, d.dim)).astype(np.float32)
     block = np.ascontiguousarray(block, dtype=np.float32)
-    with Decoder(gguf_path, n_ctx=min(d.max_seq_len, 1 + cfg.n_inserted + n_text + 8), n_threads=n_threads) as decoder:
+    # the llama.cpp settings the runtime runs this file type with (f32: f32 KV cache, exact attention)
+    settings = DECODER_QUANTS[quant].context_settings() if quant in DECODER_QUANTS else {}
+    with Decoder(gguf_path, n_ctx=min(d.max_seq_len, 1 + cfg.n_inserted + n_text + 8), n_threads=n_threads,
+                 **settings) as decoder:
         text = rng.integers(3, min(d.vocab_size, decoder.n_vocab), size=n_text).tolist()
         got = decoder.logits_for(block, text)
         bos = decoder.bos_id

@@ -11,6 +11,8 @@ logit std ~0.22), max|logit diff| / logit std against the torch reference:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -80,9 +82,10 @@ def test_other_quants_keep_the_defaults(quant, tiny_bundle, monkeypatch):
     real = pipeline.load_manifest
 
     def with_alias(path, verify=True):
-        m = real(path, verify=verify)
-        m["decoder"]["quants"][quant] = dict(m["decoder"]["quants"]["f32"])
-        return m
+        bundle = real(path, verify=verify)
+        quants = bundle.manifest.decoder.quants
+        quants[quant] = dataclasses.replace(quants["f32"], quant=quant)
+        return bundle
 
     monkeypatch.setattr(pipeline, "load_manifest", with_alias)
     with pipeline.Pipeline.load(tiny_bundle, device="cpu", quant=quant, n_ctx=64) as pipe:
