@@ -2,7 +2,8 @@
 
 A small "sensor app": it holds six IMU channels in memory (as an app reading a phone's
 sensors would), asks about them with a streamed answer, asks a follow-up that reuses
-the KV cache, and shows cancellation from another thread (a UI's Stop button).
+the KV cache, and shows cancellation from another thread (a UI's Stop button, pressed
+as soon as the first words of the answer appear).
 
     python examples/embed_pipeline.py [BUNDLE_DIR]
 
@@ -10,7 +11,8 @@ Without BUNDLE_DIR it uses the demo bundle (`onellm export --demo` builds it; `o
 ask` builds it on first use). The demo's weights are random: its answers are noise.
 
 Thread-safety rule: one `Pipeline` may be shared by threads, but it runs one request at
-a time (a second `ask` waits for the first); `cancel()` may be called from any thread.
+a time (a second thread's `ask` waits for the first); a stream's `cancel()` (one
+request) and `pipe.cancel()` (every open request) may be called from any thread.
 """
 
 from __future__ import annotations
@@ -31,6 +33,26 @@ def fake_sensor_stream(seconds: float = 3.0, rate: float = 100.0) -> np.ndarray:
     acc = np.stack([0.8 * np.sin(step), 9.81 + 1.5 * np.sin(2 * step), 0.5 * np.cos(step)], axis=1)
     gyro = np.stack([0.3 * np.sin(step), 0.1 * np.cos(step), 0.2 * np.sin(2 * step)], axis=1)
     return np.concatenate([acc, gyro], axis=1).astype(np.float32)
+
+
+def stop_button_demo(pipe: Pipeline, samples: np.ndarray):
+    """Stream an answer and press "Stop" from another thread once the first chunk is shown.
+
+    The Stop button stands for a UI thread: it is started by the first chunk (not by a
+    timer, which could fire after the answer is over) and calls the stream's `cancel()`.
+    The stream notices before its next token and ends with stop_reason "cancelled".
+    """
+    stream = pipe.ask("Describe the scene.", imu=samples, options={"rate": 100.0}, stream=True,
+                      sampling=Sampling(temperature=0.8, top_p=1.0, max_new_tokens=200, seed=7))
+    with stream:  # closes the stream if the loop body raises
+        for i, chunk in enumerate(stream):
+            print(chunk, end="", flush=True)
+            if i == 0:
+                button = threading.Thread(target=stream.cancel, name="stop-button")
+                button.start()
+                button.join()  # the click has landed; the next chunk request sees it
+        print()
+    return stream.answer
 
 
 def main(bundle: str | None) -> int:
@@ -55,15 +77,10 @@ def main(bundle: str | None) -> int:
         print(f"turn 2: first token after {second.timings['first_token_s'] * 1000:.1f} ms, "
               f"{second.timings['prefill_positions']:.0f} positions prefilled")
 
-        # 3. a Stop button: cancel from another thread while the answer streams
-        stream = pipe.ask("Describe the scene.", imu=samples, options={"rate": 100.0}, stream=True,
-                          sampling=Sampling(temperature=0.8, top_p=1.0, max_new_tokens=200))
-        timer = threading.Timer(0.05, pipe.cancel)
-        timer.start()
-        text = "".join(stream)
-        timer.cancel()
-        print(f"cancelled answer: {len(stream.answer.token_ids)} tokens, stop reason {stream.answer.stop_reason!r}")
-        del text
+        # 3. a Stop button: the UI thread cancels this request while its answer streams
+        answer = stop_button_demo(pipe, samples)
+        print(f"cancelled answer: {len(answer.token_ids)} tokens, {answer.text!r}, "
+              f"stop reason {answer.stop_reason!r}")
     return 0
 
 

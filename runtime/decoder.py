@@ -19,6 +19,15 @@ Sampling runs in llama.cpp's sampler chain (penalties -> top-k -> temperature ->
 context, so a decode step copies no vocabulary-sized array into Python. Generation stops
 at EOS, at a stop string (`###`, possibly split across tokens), at max_new_tokens, at a
 full context, or when a `threading.Event` is set (checked between tokens).
+
+The session's bookkeeping (`_items`, one entry per cached position) is the truth about
+the KV cache: whatever interrupts a prefill or a generation (KeyboardInterrupt, an
+exception thrown into or raised by the consumer of the stream, a llama.cpp error, the
+stream being closed), the cache is trimmed back to the bookkeeping (llama_memory_seq_rm)
+before the exception leaves, and every prefill first checks that the cache holds no
+position beyond the bookkeeping (a second Ctrl-C may land inside the rollback itself).
+A session runs one request at a time: while a `generate()` stream is open, a second
+`prefill`/`generate` on it, or a new `Decoder.session()` taking over its cache, raises.
 """
 
 from __future__ import annotations
@@ -76,7 +85,9 @@ class Generation:
 
     text: str = ""  # the answer: cut at the first stop string, stripped
     tokens: list[int] = dataclasses.field(default_factory=list)  # sampled ids (the stop/EOS token included)
-    stop_reason: str = ""  # "stop_string" | "eos" | "max_new_tokens" | "context_full" | "cancelled"
+    # "stop_string" | "eos" | "max_new_tokens" | "context_full" | "cancelled", or, for a stream
+    # that did not end normally, "closed" (closed by its consumer) | "interrupted" (an exception)
+    stop_reason: str = ""
     seconds: float = 0.0
     # with generate(logprobs=K): per sampled token, the K most likely (id, log-probability)
     logprobs: list[list[tuple[int, float]]] | None = None
@@ -184,6 +195,43 @@ class Session:
         self.tokens_reused = 0
         self.last: Generation | None = None
         self._have_logits = False
+        self._busy = False  # a generate() stream is open
+
+    @property
+    def busy(self) -> bool:
+        """True while a `generate()` stream of this session is open (started, not finished or closed)."""
+        return self._busy
+
+    def _check_idle(self, what: str) -> None:
+        if self._busy:
+            raise BackendError(
+                f"{what}: this session's generate() stream is still open; exhaust it or close it "
+                "(stream.close()) before the next request"
+            )
+
+    def cached_positions(self) -> int:
+        """Positions llama.cpp holds for this session (largest cached position + 1)."""
+        return self._ctx().memory_pos_max() + 1
+
+    def _restore(self, ctx: _llama.LlamaContext) -> None:
+        """Trim the KV cache back to the bookkeeping after an interruption (never raises BackendError)."""
+        self._have_logits = False
+        try:
+            ctx.memory_truncate(self.n_past)
+        except BackendError:  # cannot trim: start again from an empty cache
+            log.warning("could not trim the KV cache to %d positions; clearing it", self.n_past)
+            self._items.clear()
+            ctx.memory_clear()
+
+    def _heal(self, ctx: _llama.LlamaContext) -> None:
+        """Make the cache agree with the bookkeeping before new positions go in."""
+        held = ctx.memory_pos_max() + 1
+        if held == self.n_past:
+            return
+        log.info("KV cache holds %d positions, bookkeeping %d: trimming to the bookkeeping", held, self.n_past)
+        if held < self.n_past:  # positions were lost: keep only what both agree on
+            del self._items[max(held, 0):]
+        self._restore(ctx)
 
     @property
     def n_past(self) -> int:
@@ -204,13 +252,13 @@ class Session:
             last_chunk = s + step >= len(ids)
             want = logits if (logits == "all" or last_chunk) else "none"
             ctx.decode(batch.tokens(chunk, self.n_past, want))
-            self.decode_calls += 1
             self._items.extend(int(t) for t in chunk)
+            self.decode_calls += 1
+            self.tokens_prefilled += len(chunk)
             if want == "all":
                 out.append(ctx.logits_all(len(chunk)))
             elif want == "last":
                 out.append(ctx.logits_ith(-1)[None])
-        self.tokens_prefilled += len(ids)
         if logits == "all":
             return np.concatenate(out)
         return out[-1] if out else None
@@ -221,8 +269,8 @@ class Session:
         if n_rows > ctx.n_batch:
             raise InputError("embedding block", f"at most {ctx.n_batch} rows (n_batch)", f"{n_rows}")
         ctx.decode(batch.embd_view(block, self.n_past, logits))
-        self.decode_calls += 1
         self._items.extend((digest, r) for r in range(n_rows))
+        self.decode_calls += 1
         self.rows_injected += n_rows
         if logits == "all":
             return ctx.logits_all(n_rows)
@@ -265,6 +313,7 @@ class Session:
         `cancel`: checked between llama_decode calls; when set, returns None with the
         cache holding what was decoded so far (generate() then refuses to run).
         """
+        self._check_idle("prefill()")
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise InputError("prompt", "at least one token (BOS)", "no tokens")
@@ -287,11 +336,13 @@ class Session:
                 keep += 1
             keep = min(keep, len(target) - 1)  # the last position is decoded again for its logits
         ctx = self._ctx()
-        if keep < len(self._items):
-            ctx.memory_truncate(keep)
-            del self._items[keep:]
-        self.tokens_reused += keep
         self._have_logits = False
+        self._heal(ctx)
+        keep = min(keep, self.n_past)
+        if keep < len(self._items):
+            del self._items[keep:]
+            self._restore(ctx)
+        self.tokens_reused += keep
 
         pieces = []
         # segments of target[keep:]: tokens before the block, the block, tokens after
@@ -318,12 +369,10 @@ class Session:
                     out = self._decode_block(rows, digest, want)
                 if out is not None:
                     pieces.append(out)
-        except BackendError:
-            # an aborted or fatal decode may leave part of a batch in the cache: drop it
-            try:
-                ctx.memory_truncate(self.n_past)
-            except BackendError:
-                self.reset()
+        except BaseException:
+            # KeyboardInterrupt after a decode returned but before its bookkeeping, or an
+            # aborted/fatal decode that left part of a batch: drop what the bookkeeping lacks
+            self._restore(ctx)
             raise
         self._have_logits = logits in ("last", "all")
         assert self._items == target
@@ -335,6 +384,7 @@ class Session:
 
     def reset(self) -> None:
         """Forget the cached conversation."""
+        self._check_idle("reset()")
         self._ctx().memory_clear()
         self._items.clear()
         self._have_logits = False
@@ -355,6 +405,7 @@ class Session:
         sampled token except the final EOS/stop one is decoded into the cache.
         """
         sampling = sampling or Sampling()
+        self._check_idle("generate()")
         if cancel is not None and cancel.is_set():  # e.g. the prefill was cancelled
             self.last = Generation(stop_reason="cancelled")
             return
@@ -362,6 +413,14 @@ class Session:
             raise BackendError("generate() needs a prefill() first (no logits to sample from)")
         dec = self._dec
         ctx, batch = self._ctx(), dec._batch
+        self._busy = True
+        try:
+            yield from self._generate(ctx, batch, sampling, cancel, stop, logprobs)
+        finally:
+            self._busy = False
+
+    def _generate(self, ctx, batch, sampling: Sampling, cancel, stop: Sequence[str], logprobs: int) -> Iterator[str]:
+        dec = self._dec
         model = dec._model
         result = Generation()
         self.last = result
@@ -401,15 +460,23 @@ class Session:
                         reason = "context_full"
                         break
                     ctx.decode(batch.tokens((tok,), self.n_past, "last"))
-                    self.decode_calls += 1
                     self._items.append(tok)
+                    self.decode_calls += 1
                     self._have_logits = True
                 tail = stream.finish()
                 if tail:
                     yield tail
+            except GeneratorExit:  # the consumer closed the stream: the cache is consistent
+                reason = "closed"
+                self._restore(ctx)
+                raise
+            except BaseException:
+                reason = "interrupted"
+                self._restore(ctx)
+                raise
             finally:
                 result.text = stream.text
-                result.stop_reason = "stop_string" if stream.stopped else reason
+                result.stop_reason = "stop_string" if stream.stopped and reason not in ("closed", "interrupted") else reason
                 result.seconds = time.perf_counter() - t_start
 
     def generate_text(self, sampling: Sampling | None = None, **kw) -> Generation:
@@ -535,6 +602,11 @@ class Decoder(_llama._Owner):
         """A fresh session; it owns the context's KV cache until another session is made."""
         if self._ctx is None:
             raise BackendError(f"{self.path}: decoder is closed")
+        if self._owner is not None and self._owner.busy:
+            raise BackendError(
+                f"{self.path}: the KV cache is in use by an open generate() stream; exhaust it or close it "
+                "(stream.close()) before starting another request"
+            )
         self._ctx.memory_clear()
         s = Session(self)
         self._owner = s

@@ -15,7 +15,15 @@ Thread safety: a `Pipeline` may be shared between threads. It owns one encoder o
 buffer and one llama.cpp context, so requests are serialised by the pipeline's lock: a
 second thread's `ask` waits until the first finishes (a streamed answer holds the lock
 until its iterator is exhausted or closed). Use one `Pipeline` per thread for parallel
-requests. `cancel()` (or the `cancel` event passed to `ask`) may be called from any thread.
+requests. A second request on the SAME thread while a stream is open raises a
+BackendError (it would take over the KV cache under the open stream).
+
+Cancellation is per request: `stream.cancel()` (or the `cancel` event passed to `ask`)
+stops that request, even before its first chunk; `Pipeline.cancel()` stops every open
+request. Both may be called from any thread. Chat turns are transactional: a turn that is
+interrupted (an exception, Ctrl-C, the stream closed early) leaves the conversation and
+the KV cache as they were before it; a chat that outgrows the context drops its oldest
+turns (see `Pipeline._fit_prompt`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import resource
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, cache_dir, load_manifest
-from .errors import BundleError, ConfigError, InputError
+from .errors import BackendError, BundleError, ConfigError, InputError
 from .manifest import Manifest
 from .modalities import ModalityInput, get_modality
 from .prompt import Conversation
@@ -65,6 +74,7 @@ class Answer:
     timings: dict[str, float]  # seconds (decode_tokens_per_s in tokens/s)
     inputs: dict[str, Any]  # the readers' metadata
     logprobs: list[list[tuple[int, float]]] | None = None
+    notices: list[str] = dataclasses.field(default_factory=list)  # e.g. "the oldest turns were dropped"
 
     def to_json(self, tokenizer=None) -> dict[str, Any]:
         out = {
@@ -75,6 +85,8 @@ class Answer:
             "timings": self.timings,
             "input": self.inputs,
         }
+        if self.notices:
+            out["notices"] = list(self.notices)
         if self.logprobs is not None:
             out["logprobs"] = [
                 [{"id": t, "piece": tokenizer.id_to_piece(t) if tokenizer else None, "logprob": lp} for t, lp in step]
@@ -114,8 +126,11 @@ class Pipeline:
         self.load_seconds = load_seconds
         self.random_weights = self.manifest.random_weights
         self.bundle_dir = bundle.dir
-        self._lock = threading.RLock()
-        self._cancel = threading.Event()
+        self._lock = threading.RLock()  # one request at a time (re-entered by encode() inside a request)
+        self._active: AnswerStream | None = None  # the request holding the lock
+        self._active_thread: int | None = None
+        self._open: weakref.WeakSet[AnswerStream] = weakref.WeakSet()  # created, not finished
+        self._open_lock = threading.Lock()
         self._plan_error: BaseException | None = None
 
     # ------------------------------------------------------------------ loading
@@ -150,7 +165,6 @@ class Pipeline:
         trt_options = None
         trt_entry = manifest.tensorrt
         if device in ("auto", "tensorrt") and trt_entry:
-            from .errors import BackendError
             from .trt import engine_cache_for, tensorrt_options
 
             try:
@@ -270,8 +284,77 @@ class Pipeline:
 
     # ------------------------------------------------------------------ asking
     def cancel(self) -> None:
-        """Stop the answer being generated now (callable from any thread)."""
-        self._cancel.set()
+        """Cancel every open request: running, waiting for the pipeline, or not yet started.
+
+        Callable from any thread. Requests made after this call are not affected; to stop
+        one request only, call its stream's `cancel()`.
+        """
+        with self._open_lock:
+            streams = list(self._open)
+        for s in streams:
+            s.cancel()
+
+    def _register(self, stream: AnswerStream) -> None:
+        with self._open_lock:
+            self._open.add(stream)
+
+    def _unregister(self, stream: AnswerStream) -> None:
+        with self._open_lock:
+            self._open.discard(stream)
+
+    def _check_reentry(self) -> None:
+        """A BackendError when this thread already has a request open (it would take over the KV cache)."""
+        if self._active is not None and self._active_thread == threading.get_ident():
+            raise BackendError(
+                "a streamed answer is still open on this thread; exhaust it, cancel it or close it "
+                "(stream.close()) before the next request"
+            )
+
+    def _enter(self, stream: AnswerStream) -> None:
+        """Mark `stream` as the running request (the lock is held: another holder is this thread)."""
+        if self._active is not None:
+            raise BackendError(
+                "a streamed answer is still open on this thread; exhaust it, cancel it or close it "
+                "(stream.close()) before the next request"
+            )
+        self._active, self._active_thread = stream, threading.get_ident()
+
+    def _fit_prompt(self, conv: Conversation, n_rows: int, sampling, chat: ChatSession | None) -> tuple[list[int], list[str]]:
+        """The prompt ids of `conv`, dropping a chat's oldest turns when it outgrows the context.
+
+        A chat keeps room for the answer (max_new_tokens, at most a quarter of n_ctx); when it
+        must drop turns it drops down to half the context, so the kept turns are re-prefilled
+        once every few turns rather than on every turn. A question that does not fit even
+        alone is a one-line InputError.
+        """
+        n_ctx = self.decoder.n_ctx
+        ids = self.prompt_ids(conv)
+        reserve = min(sampling.max_new_tokens, n_ctx // 4)
+        notices: list[str] = []
+        if len(ids) + n_rows + reserve <= n_ctx:
+            return ids, notices
+        alone = ids if conv.n_turns == 1 else self.prompt_ids(Conversation(conv.spec, list(conv.messages[-2:])))
+        if len(alone) + n_rows > n_ctx:  # checked before any turn is dropped: a bad question costs no history
+            raise InputError(
+                "question", f"a question that fits the context: at most {n_ctx} positions (n_ctx) with the system "
+                f"prompt{f' and the {n_rows} input rows' if n_rows else ''}", f"{len(alone) + n_rows}")
+        if chat is None or conv.n_turns == 1:
+            return ids, notices  # fits; the answer may stop early with stop_reason "context_full"
+        dropped = 0
+        while conv.n_turns > 1 and (len(ids) + n_rows + reserve > n_ctx or len(ids) + n_rows > n_ctx // 2):
+            conv.drop_oldest_turn()
+            dropped += 1
+            ids = self.prompt_ids(conv)
+        chat.turns_dropped += dropped
+        log.debug("chat: dropped %d oldest turns; the prompt now takes %d of %d positions",
+                  dropped, len(ids) + n_rows, n_ctx)
+        if not chat._warned_context:
+            chat._warned_context = True
+            notice = (f"the conversation outgrew the context ({n_ctx} positions): the oldest turns are "
+                      "dropped from now on (the input and the system prompt are kept)")
+            log.warning("chat: %s", notice)
+            notices.append(notice)
+        return ids, notices
 
     def ask(
         self,
@@ -289,12 +372,13 @@ class Pipeline:
         """Answer one question about one input (imu=..., image=..., depth=... with image=..., ...).
 
         `embeddings`: a precomputed [32, n_embd] block (from `onellm encode`) instead of an input.
-        stream=True returns an iterator of text chunks (its `.answer` is set when exhausted);
-        otherwise the `Answer`.
+        stream=True returns an `AnswerStream` of text chunks (its `.answer` is set when exhausted,
+        its `.cancel()` stops this request); otherwise the `Answer`. `cancel`: an extra Event
+        that stops the request when set.
         """
-        conv = Conversation(self.manifest.prompt)
-        conv.add_question(question)
-        gen = _AnswerStream(self, conv, embeddings, modality, options, sampling, cancel, inputs, None, logprobs)
+        self._check_reentry()
+        gen = AnswerStream(self, question, chat=None, embeddings=embeddings, modality=modality, options=options,
+                           sampling=sampling, cancel=cancel, inputs=inputs, logprobs=logprobs)
         if stream:
             return gen
         for _ in gen:
@@ -307,15 +391,28 @@ class Pipeline:
         return ChatSession(self, embeddings=embeddings, modality=modality, options=options, inputs=inputs)
 
 
-class _AnswerStream:
-    """Iterator of answer chunks holding the pipeline lock while it runs."""
+class AnswerStream:
+    """One request: an iterator of answer chunks that holds the pipeline lock while it runs.
 
-    def __init__(self, pipe: Pipeline, conv, embeddings, modality, options, sampling, cancel, inputs, chat,
-                 logprobs: int = 0) -> None:
+    `.answer` is the `Answer` once the stream has ended (a cancelled answer included).
+    `.cancel()` stops this request only, from any thread, at any time: before the first
+    `next()` (the request then ends at once with stop_reason "cancelled"), during the
+    prefill (checked between llama_decode calls) or between tokens.
+    Stop reading early with `.close()` (or use the stream in a `with` block): until it is
+    exhausted or closed it keeps the pipeline, and a second request on the same thread
+    raises a BackendError. An interrupted or closed chat turn is removed from the
+    conversation and the KV cache is trimmed back, so the next turn works.
+    """
+
+    def __init__(self, pipe: Pipeline, question: str, *, chat: ChatSession | None, embeddings, modality, options,
+                 sampling, cancel: threading.Event | None, inputs, logprobs: int = 0) -> None:
         self.pipe = pipe
         self.answer: Answer | None = None
         self.logprobs = logprobs
-        self._it = self._gen(conv, embeddings, modality, options, sampling, cancel, inputs, chat)
+        self._event = threading.Event()
+        self._stop = _AnyEvent(self._event, cancel)
+        pipe._register(self)
+        self._it = self._gen(question, chat, embeddings, modality, options, sampling, inputs)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -323,73 +420,128 @@ class _AnswerStream:
     def __next__(self) -> str:
         return next(self._it)
 
+    def cancel(self) -> None:
+        """Stop this request (callable from any thread, even before iteration starts)."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
+        """Stop reading: an unfinished request is abandoned and its chat turn rolled back."""
         self._it.close()
 
-    def _gen(self, conv, embeddings, modality, options, sampling, cancel, inputs, chat) -> Iterator[str]:
+    def __enter__(self) -> AnswerStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _gen(self, question, chat, embeddings, modality, options, sampling, inputs) -> Iterator[str]:
+        pipe = self.pipe
+        try:
+            with pipe._lock:
+                pipe._enter(self)
+                try:
+                    yield from self._run(question, chat, embeddings, modality, options, sampling, inputs)
+                finally:
+                    pipe._active = pipe._active_thread = None
+        finally:
+            pipe._unregister(self)
+
+    def _run(self, question, chat, embeddings, modality, options, sampling, inputs) -> Iterator[str]:
+        from .decoder import Sampling
+
         pipe = self.pipe
         timings: dict[str, float] = {"bundle_load_s": pipe.load_seconds}
-        meta: dict[str, Any] = {}
         t_start = time.perf_counter()
-        with pipe._lock:
-            pipe._cancel.clear()
-            stop_event = _AnyEvent(pipe._cancel, cancel)
-            block = None
-            if chat is not None and chat.block is not None:
-                block, modality, meta = chat.block, chat.modality, chat.meta
-                timings.update(preprocess_s=0.0, encode_s=0.0)
-            elif embeddings is not None:
-                block = _check_embeddings(embeddings, pipe.manifest)
-                if modality is None:
-                    raise InputError("--embeddings", "the modality the block was encoded from (--modality)", "none")
-                meta = {"source": "embeddings"}
-                timings.update(preprocess_s=0.0, encode_s=0.0)
+        conv = chat.conversation if chat is not None else Conversation(pipe.manifest.prompt)
+        if chat is not None and conv.drop_open_turn():  # left open by an interrupted rollback
+            log.info("chat: dropped an unanswered turn left by an interrupted request")
+        conv.add_question(question)
+        try:
+            if self._stop.is_set():  # cancelled before it started: encode nothing
+                self.answer = _empty_answer(modality, timings, t_start)
+                if chat is not None:
+                    conv.drop_open_turn()
+                return
+            if chat is not None:
+                block, modality, meta = chat._ensure_block(timings)
             else:
-                m, source, image = pipe._pick_input(inputs)
-                if m is not None:
-                    modality = m
-                    block, meta = pipe.encode(m, source, image=image, options=options, timings=timings)
-                else:
-                    timings.update(preprocess_s=0.0, encode_s=0.0)
-            if chat is not None and chat.block is None and block is not None:
-                chat.block, chat.modality, chat.meta = np.array(block, copy=True), modality, meta
-                block = chat.block
-            ids = pipe.prompt_ids(conv)
+                block, modality, meta = self._input_block(embeddings, modality, options, inputs, timings)
+            sampling = sampling or pipe.default_sampling()
+            n_rows = 0 if block is None else block.shape[0]
+            ids, notices = pipe._fit_prompt(conv, n_rows, sampling, chat)
             session = chat.session() if chat is not None else pipe.decoder.session()
             prefilled_before = session.tokens_prefilled + session.rows_injected
             t0 = time.perf_counter()
-            session.prefill(ids, block, cancel=stop_event)
+            session.prefill(ids, block, cancel=self._stop)
             t1 = time.perf_counter()
             timings["prefill_s"] = t1 - t0
             timings["prefill_positions"] = session.tokens_prefilled + session.rows_injected - prefilled_before
-            sampling = sampling or pipe.default_sampling()
             first = None
             n0 = session.tokens_generated
-            for chunk in session.generate(sampling, cancel=stop_event, stop=pipe.manifest.prompt.stop,
+            for chunk in session.generate(sampling, cancel=self._stop, stop=pipe.manifest.prompt.stop,
                                           logprobs=self.logprobs):
                 if first is None:
                     first = time.perf_counter()
                 yield chunk
-            t2 = time.perf_counter()
-            gen = session.last
-            n_new = session.tokens_generated - n0
-            if first is None:
-                first = t2
-            timings["first_token_s"] = first - t_start
-            timings["decode_s"] = t2 - t1
-            timings["decode_tokens"] = n_new
-            timings["decode_tokens_per_s"] = n_new / (t2 - t1) if t2 > t1 else 0.0
-            timings["total_s"] = t2 - t_start
-            timings["peak_rss_mib"] = peak_rss_mib()
-            self.answer = Answer(text=gen.text, modality=modality, token_ids=list(gen.tokens),
-                                 stop_reason=gen.stop_reason, timings=timings, inputs=meta,
-                                 logprobs=gen.logprobs)
-            if chat is not None:
-                conv.set_answer(gen.text)
+        except BaseException:
+            if chat is not None:  # the unanswered turn goes; the session already trimmed its cache
+                conv.drop_open_turn()
+            raise
+        t2 = time.perf_counter()
+        gen = session.last
+        n_new = session.tokens_generated - n0
+        timings["first_token_s"] = (first if first is not None else t2) - t_start
+        timings["decode_s"] = t2 - t1
+        timings["decode_tokens"] = n_new
+        timings["decode_tokens_per_s"] = n_new / (t2 - t1) if t2 > t1 else 0.0
+        timings["total_s"] = t2 - t_start
+        timings["peak_rss_mib"] = peak_rss_mib()
+        self.answer = Answer(text=gen.text, modality=modality, token_ids=list(gen.tokens),
+                             stop_reason=gen.stop_reason, timings=timings, inputs=meta,
+                             logprobs=gen.logprobs, notices=notices)
+        if chat is not None:
+            if gen.stop_reason == "cancelled" and not gen.text:
+                conv.drop_open_turn()  # nothing was answered: the turn never happened
+            else:
+                conv.set_answer(gen.text)  # a cancelled answer keeps what the user saw
+                chat.turns += 1
+
+    def _input_block(self, embeddings, modality, options, inputs, timings) -> tuple[Any, str | None, dict]:
+        pipe = self.pipe
+        if embeddings is not None:
+            block = _check_embeddings(embeddings, pipe.manifest)
+            if modality is None:
+                raise InputError("--embeddings", "the modality the block was encoded from (--modality)", "none")
+            timings.update(preprocess_s=0.0, encode_s=0.0)
+            return block, modality, {"source": "embeddings"}
+        m, source, image = pipe._pick_input(inputs)
+        if m is None:
+            timings.update(preprocess_s=0.0, encode_s=0.0)
+            return None, modality, {}
+        block, meta = pipe.encode(m, source, image=image, options=options, timings=timings)
+        return block, m, meta
+
+
+def _empty_answer(modality: str | None, timings: dict[str, float], t_start: float) -> Answer:
+    """The answer of a request cancelled before it started."""
+    total = time.perf_counter() - t_start
+    timings.update(preprocess_s=0.0, encode_s=0.0, prefill_s=0.0, prefill_positions=0, first_token_s=total,
+                   decode_s=0.0, decode_tokens=0, decode_tokens_per_s=0.0, total_s=total,
+                   peak_rss_mib=peak_rss_mib())
+    return Answer(text="", modality=modality, token_ids=[], stop_reason="cancelled", timings=timings, inputs={})
 
 
 class ChatSession:
-    """A conversation about one input that keeps its encoder block and KV cache."""
+    """A conversation about one input that keeps its encoder block and KV cache.
+
+    `conversation` holds the turns the model sees: a turn that was interrupted or closed
+    is removed, and when the conversation outgrows the context the oldest turns are
+    dropped (the input block and the system prompt stay); `turns_dropped` counts them.
+    """
 
     def __init__(self, pipe: Pipeline, *, embeddings, modality, options, inputs) -> None:
         self.pipe = pipe
@@ -399,21 +551,33 @@ class ChatSession:
         self.meta: dict[str, Any] = {}
         self._embeddings, self._options, self._inputs = embeddings, options, inputs
         self._session = None
-        self.turns = 0
+        self.turns = 0  # answered turns
+        self.turns_dropped = 0  # oldest turns dropped to stay within the context
+        self._warned_context = False
+
+    def _ensure_block(self, timings: dict[str, float] | None = None) -> tuple[np.ndarray | None, str | None, dict]:
+        """Read and encode the input once (call with the pipeline lock held)."""
+        pipe = self.pipe
+        if self.block is None:
+            if self._embeddings is not None:
+                self.block = _check_embeddings(self._embeddings, pipe.manifest).copy()
+                self.meta = {"source": "embeddings"}
+            else:
+                m, source, image = pipe._pick_input(self._inputs)
+                if m is not None:
+                    block, self.meta = pipe.encode(m, source, image=image, options=self._options, timings=timings)
+                    self.block, self.modality = np.array(block, copy=True), m
+                    return self.block, self.modality, self.meta
+        if timings is not None:
+            timings.update(preprocess_s=0.0, encode_s=0.0)
+        return self.block, self.modality, self.meta
 
     def prepare(self) -> dict[str, Any]:
         """Read and encode the conversation's input now (otherwise the first question does)."""
-        if self.block is None and self.turns == 0:
-            pipe = self.pipe
-            with pipe._lock:
-                if self._embeddings is not None:
-                    self.block = _check_embeddings(self._embeddings, pipe.manifest).copy()
-                    self.meta = {"source": "embeddings"}
-                else:
-                    m, source, image = pipe._pick_input(self._inputs)
-                    if m is not None:
-                        block, self.meta = pipe.encode(m, source, image=image, options=self._options)
-                        self.block, self.modality = np.array(block, copy=True), m
+        pipe = self.pipe
+        pipe._check_reentry()
+        with pipe._lock:
+            self._ensure_block()
         return self.meta
 
     def session(self):
@@ -429,15 +593,10 @@ class ChatSession:
         return self._session
 
     def ask(self, question: str, *, stream: bool = False, sampling=None, cancel: threading.Event | None = None):
-        """One turn; returns an iterator of chunks (stream=True) or the `Answer`."""
-        self.conversation.add_question(question)
-        first = self.turns == 0
-        self.turns += 1
-        gen = _AnswerStream(
-            self.pipe, self.conversation,
-            self._embeddings if first else None, self.modality, self._options, sampling, cancel,
-            self._inputs if first else {}, self,
-        )
+        """One turn; returns an `AnswerStream` (stream=True) or the `Answer`."""
+        self.pipe._check_reentry()
+        gen = AnswerStream(self.pipe, question, chat=self, embeddings=None, modality=self.modality,
+                           options=self._options, sampling=sampling, cancel=cancel, inputs={})
         if stream:
             return gen
         for _ in gen:

@@ -54,6 +54,30 @@ class Conversation:
         assert role == self.spec.roles[1] and msg is None, "no open answer to fill"
         self.messages[-1] = (role, answer)
 
+    @property
+    def has_open_turn(self) -> bool:
+        """True when the last question has no answer yet."""
+        return bool(self.messages) and self.messages[-1] == (self.spec.roles[1], None)
+
+    @property
+    def n_turns(self) -> int:
+        """Questions in the conversation (answered or open)."""
+        return len(self.messages) // 2
+
+    def drop_open_turn(self) -> bool:
+        """Remove the unanswered last turn (question and open answer); False when there is none."""
+        if not self.has_open_turn:
+            return False
+        del self.messages[-2:]
+        return True
+
+    def drop_oldest_turn(self) -> bool:
+        """Remove the first question and its answer; False when only the last turn is left."""
+        if len(self.messages) <= 2:
+            return False
+        del self.messages[:2]
+        return True
+
     def render(self) -> str:
         """The prompt text, encoded with BOS and no EOS.
 

@@ -215,6 +215,28 @@ def test_cancellation_from_another_thread(dec, tok, block):
         next(s.generate())
 
 
+def test_an_open_stream_refuses_a_second_request_on_its_cache(dec, tok, block):
+    """While generate() is open, a prefill/generate on its session or a new session raises;
+    closing the stream frees the session with the cache equal to the bookkeeping."""
+    ids = tok.encode(render_prompt("Describe the scene."))
+    s = dec.session()
+    s.prefill(ids, block)
+    stream = s.generate(Sampling.greedy(40), stop=())
+    next(stream)
+    assert s.busy
+    with pytest.raises(BackendError, match="still open"):
+        s.prefill(ids, block)
+    with pytest.raises(BackendError, match="still open"):
+        next(s.generate())
+    with pytest.raises(BackendError, match="open generate"):
+        dec.session()
+    stream.close()
+    assert not s.busy and s.last.stop_reason == "closed"
+    assert s.cached_positions() == s.n_past > len(ids) + 32
+    s.prefill(ids, block)
+    assert s.generate_text(Sampling.greedy(3), stop=()).stop_reason == "max_new_tokens"
+
+
 def test_context_limits(tiny_gguf, tok, block):
     with Decoder(tiny_gguf("f32"), n_ctx=64) as d:
         ids = tok.encode(render_prompt("What is this?"))[:20]

@@ -199,17 +199,94 @@ def test_two_threads_get_the_answers_of_sequential_calls(tiny_pipeline):
 
 
 def test_cancel_from_another_thread(tiny_pipeline):
+    """Pipeline.cancel() from another thread, after the second chunk: the answer stops there."""
     from onellm.runtime.decoder import Sampling
 
     stream = tiny_pipeline.ask(QUESTION, imu=str(EXAMPLES / "imu" / "walk.csv"), stream=True,
-                               sampling=Sampling(temperature=0.8, top_p=1.0, max_new_tokens=400))
+                               sampling=Sampling(temperature=0.8, top_p=1.0, max_new_tokens=400, seed=1))
     chunks = 0
     for _ in stream:
         chunks += 1
         if chunks == 2:
-            threading.Thread(target=tiny_pipeline.cancel).start()
-    assert stream.answer.stop_reason in ("cancelled", "eos", "stop_string")
+            t = threading.Thread(target=tiny_pipeline.cancel)
+            t.start()
+            t.join()  # the cancel has landed before the next chunk is asked for
+    assert stream.answer.stop_reason == "cancelled"
+    assert chunks == 2
     assert len(stream.answer.token_ids) < 400
+
+
+@pytest.mark.parametrize("how", ["stream", "pipeline", "event"])
+def test_cancel_before_the_first_chunk_is_honoured(tiny_pipeline, monkeypatch, how):
+    """cancel() between ask(stream=True) and the first next(): nothing is encoded or decoded."""
+    calls = []
+    monkeypatch.setattr(tiny_pipeline.encoder, "encode", lambda m, a: calls.append(m))
+    event = threading.Event()
+    stream = tiny_pipeline.ask(QUESTION, imu=str(EXAMPLES / "imu" / "walk.csv"), stream=True,
+                               sampling=_greedy(20), cancel=event)
+    {"stream": stream.cancel, "pipeline": tiny_pipeline.cancel, "event": event.set}[how]()
+    assert list(stream) == []
+    assert stream.answer.stop_reason == "cancelled" and stream.answer.token_ids == []
+    assert calls == []
+
+
+def test_cancel_is_per_request(tiny_pipeline):
+    """Cancelling one stream leaves a later request alone; Pipeline.cancel() spares requests made after it."""
+    csv = str(EXAMPLES / "imu" / "walk.csv")
+    want = tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(8)).token_ids
+    a = tiny_pipeline.ask(QUESTION, imu=csv, stream=True, sampling=_greedy(8))
+    a.cancel()
+    tiny_pipeline.cancel()
+    b = tiny_pipeline.ask(QUESTION, imu=csv, stream=True, sampling=_greedy(8))
+    assert list(a) == [] and a.answer.stop_reason == "cancelled"
+    "".join(b)
+    assert b.answer.token_ids == want and b.answer.stop_reason != "cancelled"
+
+
+def test_a_second_request_on_the_same_thread_while_a_stream_is_open_is_refused(tiny_pipeline):
+    from onellm.runtime.errors import BackendError
+
+    csv = str(EXAMPLES / "imu" / "walk.csv")
+    want = tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(10)).token_ids
+    stream = tiny_pipeline.ask(QUESTION, imu=csv, stream=True, sampling=_greedy(10))
+    first = next(stream)
+    with pytest.raises(BackendError, match="still open on this thread"):
+        tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(3))
+    chat = tiny_pipeline.chat(imu=csv)
+    with pytest.raises(BackendError, match="still open on this thread"):
+        chat.ask("Is it fast?", sampling=_greedy(3))
+    with pytest.raises(BackendError, match="open generate"):
+        tiny_pipeline.decoder.session()
+    # the open stream is unharmed
+    rest = "".join(stream)
+    assert stream.answer.token_ids == want and stream.answer.text == first + rest
+    assert chat.conversation.messages == []  # the refused chat turn left no trace
+    assert tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(10)).token_ids == want
+
+
+def test_a_stream_created_before_another_one_opened_is_refused_when_started(tiny_pipeline):
+    from onellm.runtime.errors import BackendError
+
+    csv = str(EXAMPLES / "imu" / "walk.csv")
+    early = tiny_pipeline.ask(QUESTION, imu=csv, stream=True, sampling=_greedy(4))
+    open_one = tiny_pipeline.ask(QUESTION, imu=csv, stream=True, sampling=_greedy(4))
+    next(open_one)
+    with pytest.raises(BackendError, match="still open on this thread"):
+        next(early)
+    "".join(open_one)
+    assert open_one.answer.stop_reason in ("max_new_tokens", "eos", "stop_string")
+
+
+def test_embed_example_cancels_mid_answer(tiny_pipeline):
+    """examples/embed_pipeline.py's Stop button cancels after the first chunk, not after the answer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("embed_pipeline", EXAMPLES / "embed_pipeline.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    answer = example.stop_button_demo(tiny_pipeline, example.fake_sensor_stream())
+    assert answer.stop_reason == "cancelled"
+    assert 1 <= len(answer.token_ids) < 200 and answer.text
 
 
 def test_embeddings_path_equals_encoding_path(tiny_pipeline):
