@@ -30,6 +30,64 @@ from .errors import BackendError
 log = logging.getLogger(__name__)
 _native_log = logging.getLogger("onellm.runtime.llama_cpp")
 
+# ---------------------------------------------------------------- wait policy
+# llama-cpp-python's CPU backend (libggml-cpu) is built with OpenMP (libgomp): every graph
+# runs in an `omp parallel` region and ggml's barrier between ops is `omp barrier`. With
+# OMP_WAIT_POLICY unset, libgomp spins ~300000 `pause`s (about 3 ms) at each barrier
+# before it sleeps, and its idle workers spin the same way between graphs. When another
+# process holds one of the cores, the thread that arrives first burns its time slice
+# spinning for a partner that is waiting for a core, at hundreds of barriers per token
+# (measured on 2 cores with one `yes` running: 30 % of our CPU samples in libgomp's spin
+# loop and prefill 100x slower; benchmarks/busy_cpu.py). PASSIVE makes waiting threads
+# sleep in the kernel at once (a futex), so the partner gets the core. libgomp reads
+# these variables once, when it is loaded, so they must be in the environment before
+# llama_cpp is imported: this module does it at import time.
+WAIT_POLICY_ENV = "ONELLM_WAIT_POLICY"
+WAIT_POLICIES = ("passive", "native")  # native: leave the OpenMP defaults (spin), the old behaviour
+_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _libgomp_loaded() -> bool:
+    """Whether the shared libgomp.so.1 is already mapped into this process (its policy is then fixed).
+
+    torch ships its own renamed copy (libgomp-<hash>.so.1), a separate instance that does
+    not matter here.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any(line.rstrip().endswith("/libgomp.so.1") or "/libgomp.so.1." in line for line in f)
+    except OSError:  # pragma: no cover - non-Linux
+        return False
+
+
+def apply_wait_policy(environ=None) -> str:
+    """Put the OpenMP wait policy for llama.cpp's threads into `environ` (default os.environ).
+
+    Returns what was done: "passive" (OMP_WAIT_POLICY=PASSIVE set), "native" (left alone,
+    ONELLM_WAIT_POLICY=native) or "user" (the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT:
+    theirs wins). An unknown ONELLM_WAIT_POLICY value is logged and treated as passive,
+    since this runs at import time where raising would break `import onellm.runtime`.
+    """
+    env = os.environ if environ is None else environ
+    policy = env.get(WAIT_POLICY_ENV, "").strip().lower() or "passive"
+    if policy not in WAIT_POLICIES:
+        log.warning("%s=%r is not one of %s; using passive", WAIT_POLICY_ENV, env[WAIT_POLICY_ENV],
+                    ", ".join(WAIT_POLICIES))
+        policy = "passive"
+    if policy == "native":
+        return "native"
+    if any(env.get(v) for v in _OMP_VARS):
+        return "user"
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "passive"
+
+
+_gomp_preloaded = _libgomp_loaded()
+wait_policy = apply_wait_policy()  # what this process's llama.cpp threads do when they wait
+if _gomp_preloaded and wait_policy == "passive":  # pragma: no cover - llama_cpp imported before onellm
+    log.warning("libgomp was loaded before onellm set OMP_WAIT_POLICY=PASSIVE, so llama.cpp's threads will "
+                "spin-wait and slow down badly on a busy CPU; set OMP_WAIT_POLICY=PASSIVE before starting Python")
+
 try:  # llama-cpp-python is a core dependency, but keep the import error readable
     import llama_cpp as _C
 except ImportError as _exc:  # pragma: no cover - exercised only on broken installs

@@ -1,0 +1,198 @@
+"""Thread and wait-policy settings: in place before llama.cpp loads, on every onnxruntime session.
+
+Why they matter (benchmarks/busy_cpu.py, runtime/_llama.py): llama-cpp-python's CPU
+backend waits at OpenMP barriers, and libgomp's default is to spin there for ~3 ms. On
+a CPU shared with another busy process that made prefill 100x slower. The runtime sets
+OMP_WAIT_POLICY=PASSIVE before libgomp is loaded; libgomp itself is asked (through its
+omp_display_env) what it ended up with, in a fresh interpreter each time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from onellm.benchmarks import busy_cpu
+from onellm.runtime import _llama
+
+# Runs in a fresh interpreter: import the runtime's llama.cpp layer, then ask the libgomp
+# that llama.cpp loaded for its settings (omp_display_env prints them to stderr).
+_PROBE = r"""
+import ctypes, json, os, sys
+import onellm.runtime._llama as L
+maps = open("/proc/self/maps").read()
+gomp = [line.split()[-1] for line in maps.splitlines() if line.rstrip().endswith("/libgomp.so.1")
+        or "/libgomp.so.1." in line]
+print(json.dumps({"policy": L.wait_policy, "env": os.environ.get("OMP_WAIT_POLICY"),
+                  "gomp": sorted(set(gomp))}), flush=True)
+if gomp:
+    lib = ctypes.CDLL(gomp[0])
+    if hasattr(lib, "omp_display_env"):
+        lib.omp_display_env(1)
+"""
+
+
+def _probe(**env_overrides: str | None) -> tuple[dict, dict[str, str]]:
+    """(what the probe printed, libgomp's displayed settings) in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", _llama.WAIT_POLICY_ENV)}
+    for k, v in env_overrides.items():
+        if v is not None:
+            env[k] = v
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    shown = {}
+    for line in proc.stderr.splitlines():  # lines like "  GOMP_SPINCOUNT = '0'"
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            shown[key] = value.strip("'")
+    return info, shown
+
+
+def _need_gomp(info: dict, shown: dict) -> None:
+    if not info["gomp"]:
+        pytest.skip("this llama-cpp-python build does not use OpenMP (libgomp): no OpenMP wait policy to check")
+    if "GOMP_SPINCOUNT" not in shown:
+        pytest.skip("this libgomp has no omp_display_env to report its settings")
+
+
+def test_llama_cpp_openmp_threads_sleep_instead_of_spinning():
+    info, shown = _probe()
+    assert info["policy"] == "passive"
+    assert info["env"] == "PASSIVE"
+    _need_gomp(info, shown)
+    # libgomp read the variable when llama.cpp loaded it: no spinning at barriers at all
+    assert shown["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert shown["GOMP_SPINCOUNT"] == "0"
+
+
+def test_native_policy_keeps_libgomps_spinning_default():
+    info, shown = _probe(ONELLM_WAIT_POLICY="native")
+    assert info["policy"] == "native"
+    assert info["env"] is None
+    _need_gomp(info, shown)
+    assert int(shown["GOMP_SPINCOUNT"]) > 1000  # libgomp's own default (300000 spins, ~3 ms)
+
+
+def test_users_openmp_settings_win():
+    info, shown = _probe(OMP_WAIT_POLICY="ACTIVE")
+    assert info["policy"] == "user"
+    assert info["env"] == "ACTIVE"
+    _need_gomp(info, shown)
+    assert shown["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert int(shown["GOMP_SPINCOUNT"]) > 300000
+
+
+@pytest.mark.parametrize(
+    ("given", "expected_policy", "expected_env"),
+    [
+        ({}, "passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"ONELLM_WAIT_POLICY": "Passive "}, "passive", {"ONELLM_WAIT_POLICY": "Passive ", "OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"ONELLM_WAIT_POLICY": "native"}, "native", {"ONELLM_WAIT_POLICY": "native"}),
+        ({"GOMP_SPINCOUNT": "1000"}, "user", {"GOMP_SPINCOUNT": "1000"}),
+        ({"OMP_WAIT_POLICY": "active"}, "user", {"OMP_WAIT_POLICY": "active"}),
+        ({"OMP_WAIT_POLICY": ""}, "passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ],
+)
+def test_apply_wait_policy(given, expected_policy, expected_env):
+    env = dict(given)
+    assert _llama.apply_wait_policy(env) == expected_policy
+    assert env == expected_env
+
+
+def test_unknown_wait_policy_is_logged_and_passive(caplog):
+    env = {"ONELLM_WAIT_POLICY": "spinny"}
+    with caplog.at_level(logging.WARNING, logger=_llama.log.name):
+        assert _llama.apply_wait_policy(env) == "passive"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "ONELLM_WAIT_POLICY='spinny'" in caplog.text and "native" in caplog.text
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 2), (3, 3), (4, 4), (6, 3), (8, 4), (16, 8)])
+def test_default_thread_count_rule(monkeypatch, cpus, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert _llama.default_threads() == threads
+
+
+# ---------------------------------------------------------------- onnxruntime sessions
+
+
+@pytest.fixture()
+def identity_graph(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "g.onnx")
+    return {"graphs": {"g": {"file": "g.onnx"}}, "modalities": {}, "n_embd": 4, "n_inserted": 2, "width": 4}, tmp_path
+
+
+@pytest.mark.parametrize(("spin", "threads"), [(False, 3), (True, 2)])
+def test_onnxruntime_session_threads_and_spinning(identity_graph, spin, threads):
+    from onellm.runtime.encoder import Encoder
+
+    entries, bundle = identity_graph
+    enc = Encoder(entries, bundle, device="cpu", threads=threads, spin=spin, verify=False)
+    opts = enc.session("g").get_session_options()
+    assert opts.intra_op_num_threads == threads
+    assert opts.inter_op_num_threads == 1
+    # idle intra-op workers sleep unless asked to spin (the decoder runs right after, on the same cores)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    enc.close()
+
+
+def test_onnxruntime_session_default_threads_are_physical_cores(identity_graph):
+    from onellm.runtime.encoder import Encoder, physical_cores
+
+    entries, bundle = identity_graph
+    enc = Encoder(entries, bundle, device="cpu", verify=False)
+    assert enc.session("g").get_session_options().intra_op_num_threads == physical_cores()
+    enc.close()
+
+
+# ---------------------------------------------------------------- the benchmark's bookkeeping
+
+
+def test_busy_benchmark_child_env_selects_only_the_policy():
+    env = busy_cpu.child_env("native", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "ONELLM_WAIT_POLICY": "native"}
+    with pytest.raises(ValueError, match="policy must be one of"):
+        busy_cpu.child_env("fast", {})
+
+
+def test_busy_benchmark_medians_and_ratios():
+    def run(policy, comp, ttft, decode, enc=0.1, pre=0.2):
+        return {"bundle": "demo", "policy": policy, "competitors": comp, "ttft_s": ttft, "preprocess_s": 1.0,
+                "encode_s": enc, "prefill_s": pre, "native_ttft_s": enc + pre, "decode_tok_s": decode,
+                "wall_s": ttft + 1, "cpu_s": 1.0}
+
+    runs = [run("native", 0, 1.0, 100), run("native", 0, 3.0, 300), run("native", 0, 2.0, 200),
+            run("native", 1, 8.0, 20, pre=1.4), run("passive", 0, 2.1, 190), run("passive", 1, 3.0, 150)]
+    cells = {(c["policy"], c["competitors"]): c for c in busy_cpu.summarise(runs)}
+    assert cells[("native", 0)]["ttft_s"] == 2.0 and cells[("native", 0)]["decode_tok_s"] == 200
+    assert cells[("native", 0)]["runs"] == 3
+    rows = {r["policy"]: r for r in busy_cpu.ratios(list(cells.values()))}
+    assert rows["native"]["ttft_busy_over_idle"] == pytest.approx(4.0)
+    assert rows["native"]["native_ttft_busy_over_idle"] == pytest.approx(5.0)
+    assert rows["native"]["decode_idle_over_busy"] == pytest.approx(10.0)
+    assert rows["passive"]["ttft_busy_over_idle"] == pytest.approx(3.0 / 2.1)
+    assert rows["passive"]["idle_ttft_vs_native"] == pytest.approx(1.05)
+    assert rows["passive"]["idle_decode_vs_native"] == pytest.approx(0.95)
+    md = busy_cpu.markdown({"load_before": [0.1], "load_after": [0.2], "reps": 3, "max_tokens": 64, "threads": None,
+                            "cells": list(cells.values()), "ratios": list(rows.values())})
+    assert "| demo | passive | 1 | 2.100 | 3.000 | 1.43 |" in md
+
+
+def test_busy_benchmark_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        busy_cpu.main(["--policies", "native,fast"])
+    assert "--policies" in capsys.readouterr().err
