@@ -1,31 +1,33 @@
-"""`onellm ask` on an idle CPU and beside busy processes, with the old and the new wait policy.
+"""`onellm ask` on an idle CPU and beside busy processes, with the old and the new thread settings.
 
 In: one or more bundles (default: the demo bundle in the cache, built by the first
 `onellm ask`). Out: a table on stdout, `busy_cpu.json` and `busy_cpu.md` (one Markdown
-row per bundle and policy) in --out.
+row per bundle and setting) in --out.
 
 Each run is a fresh `python -m onellm.cli ask --json` subprocess on the IMU example, so
 library start-up (where the OpenMP wait policy is read) is part of every run. For each
 repetition, each competitor count (0 = idle; N = N processes spinning in `yes > /dev/null`
-started before the run and killed after it) and each wait policy, in that nesting, so
-slow drifts of the machine's load hit every cell alike. Policies are selected with
-ONELLM_WAIT_POLICY (runtime/_llama.py): `native` leaves libgomp's default spin-then-sleep
-waiting (the behaviour before the fix), `passive` is the runtime's default now;
-OMP_WAIT_POLICY and GOMP_SPINCOUNT are removed from the children's environment so the
-policy alone decides.
+started before the run and killed after it) and each setting, in that nesting, so
+slow drifts of the machine's load hit every cell alike. Settings (environment variables
+read by runtime/_llama.py; the children's own OMP_WAIT_POLICY and GOMP_SPINCOUNT are
+removed): `old` = a fixed thread count and libgomp's spin-then-sleep waiting (the
+behaviour before the fix, ONELLM_ADAPTIVE_THREADS=0); `new` = the runtime's defaults
+(llama.cpp's thread count follows the free cores); `passive` = a fixed thread count with
+OMP_WAIT_POLICY=PASSIVE (the alternative that was measured and rejected).
 
 Figures per cell are medians over the repetitions: TTFT (`first_token_s`: input
 reading, encoding and prefill up to the first token), its parts (preprocess: the reader,
-pure Python and numpy/scipy; encode: onnxruntime; prefill: llama.cpp; native TTFT =
-encode + prefill, the part the thread settings govern), decode tokens/s, the
+pure Python and numpy/scipy; encode: onnxruntime; prefill: llama.cpp; lib TTFT =
+encode + prefill, the native-library part the thread settings govern), decode tokens/s, the
 subprocess's wall time and its CPU seconds (user + system, from RUSAGE_CHILDREN). Ratios:
-busy/idle TTFT, native TTFT and idle/busy decode per policy (the targets: <= 2), and
-each policy's idle figures against native's (the target: passive within 5 %).
+busy/idle TTFT, lib TTFT and idle/busy decode per setting (the targets: <= 2), and
+each setting's idle figures against old's (the target: new within 5 %).
 
 Run: `python -m onellm.benchmarks.busy_cpu [--bundle DIR ...] [--reps 3] [--competitors 0,1]
-[--policies native,passive] [--max-tokens 64] [--threads N] [--out busy-cpu-out]`.
-About 1 to 2 minutes per bundle at the defaults on the demo bundle. The machine should
-otherwise be quiet: the load average before and after is recorded.
+[--policies old,new] [--max-tokens 64] [--threads N] [--out busy-cpu-out]`.
+About 1 to 2 minutes per bundle at the defaults on the demo bundle (an `old` run beside a
+busy process can take a minute by itself). The machine should otherwise be quiet: the
+load average before and after is recorded.
 """
 
 from __future__ import annotations
@@ -45,9 +47,15 @@ from typing import Any
 
 SCHEMA = "onellm-busy-cpu"
 VERSION = 1
-POLICIES = ("native", "passive")
+# setting -> the environment that selects it (runtime/_llama.py)
+SETTINGS = {
+    "old": {"ONELLM_ADAPTIVE_THREADS": "0", "ONELLM_WAIT_POLICY": "native"},  # before the fix
+    "new": {},  # the runtime's defaults: threads follow the free cores, libgomp's own spin policy
+    "passive": {"ONELLM_ADAPTIVE_THREADS": "0", "ONELLM_WAIT_POLICY": "passive"},  # fixed threads, never spin
+}
+POLICIES = tuple(SETTINGS)
 _IMU = Path(__file__).resolve().parent.parent / "examples" / "imu" / "walk.csv"
-_METRICS = ("ttft_s", "preprocess_s", "encode_s", "prefill_s", "native_ttft_s", "decode_tok_s", "wall_s", "cpu_s")
+_METRICS = ("ttft_s", "preprocess_s", "encode_s", "prefill_s", "lib_ttft_s", "decode_tok_s", "wall_s", "cpu_s")
 
 
 def _load() -> list[float]:
@@ -73,13 +81,13 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def child_env(policy: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of one `ask` run: the policy under test and no user OpenMP settings."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    """The environment of one `ask` run: the setting under test and no user OpenMP/onellm thread settings."""
+    if policy not in SETTINGS:
+        raise ValueError(f"policy must be one of {', '.join(SETTINGS)}, not {policy!r}")
     env = dict(os.environ if base is None else base)
-    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ONELLM_WAIT_POLICY", "ONELLM_ADAPTIVE_THREADS"):
         env.pop(var, None)
-    env["ONELLM_WAIT_POLICY"] = policy
+    env.update(SETTINGS[policy])
     return env
 
 
@@ -108,7 +116,7 @@ def run_once(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {err.decode(errors='replace')[-500:]}")
     t = json.loads(out)["timings"]
     return {"ttft_s": t["first_token_s"], "preprocess_s": t["preprocess_s"], "encode_s": t["encode_s"],
-            "prefill_s": t["prefill_s"], "native_ttft_s": t["encode_s"] + t["prefill_s"],
+            "prefill_s": t["prefill_s"], "lib_ttft_s": t["encode_s"] + t["prefill_s"],
             "decode_tok_s": t["decode_tokens_per_s"], "wall_s": wall}
 
 
@@ -138,24 +146,24 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per bundle and policy: busy/idle TTFT, idle/busy decode, and idle change against native."""
+    """Per bundle and setting: busy/idle TTFT, idle/busy decode, and idle change against `old`."""
     by = {(c["bundle"], c["policy"], c["competitors"]): c for c in cells}
     out = []
     for (bundle, policy, comp), c in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         idle = by.get((bundle, policy, 0))
         if comp == 0 or idle is None:
             continue
-        native_idle = by.get((bundle, "native", 0))
+        old_idle = by.get((bundle, "old", 0))
         row = {
             "bundle": bundle, "policy": policy, "competitors": comp,
             "ttft_busy_over_idle": c["ttft_s"] / idle["ttft_s"],
-            "native_ttft_busy_over_idle": c["native_ttft_s"] / idle["native_ttft_s"],
+            "lib_ttft_busy_over_idle": c["lib_ttft_s"] / idle["lib_ttft_s"],
             "decode_idle_over_busy": idle["decode_tok_s"] / c["decode_tok_s"] if c["decode_tok_s"] else float("inf"),
         }
-        if native_idle is not None:
-            row["idle_ttft_vs_native"] = idle["ttft_s"] / native_idle["ttft_s"]
-            row["idle_native_ttft_vs_native"] = idle["native_ttft_s"] / native_idle["native_ttft_s"]
-            row["idle_decode_vs_native"] = idle["decode_tok_s"] / native_idle["decode_tok_s"]
+        if old_idle is not None:
+            row["idle_ttft_vs_old"] = idle["ttft_s"] / old_idle["ttft_s"]
+            row["idle_lib_ttft_vs_old"] = idle["lib_ttft_s"] / old_idle["lib_ttft_s"]
+            row["idle_decode_vs_old"] = idle["decode_tok_s"] / old_idle["decode_tok_s"]
         out.append(row)
     return out
 
@@ -168,9 +176,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['reps']} repetitions, medians; {result['max_tokens']} greedy tokens; threads "
         f"{result['threads'] or 'default'}.",
         "",
-        "| bundle | policy | busy procs | TTFT idle s | TTFT busy s | TTFT busy/idle | native TTFT idle s "
-        "| native TTFT busy s | native TTFT busy/idle | decode idle tok/s | decode busy tok/s | decode idle/busy "
-        "| idle TTFT vs native | idle native TTFT vs native | idle decode vs native |",
+        "| bundle | setting | busy procs | TTFT idle s | TTFT busy s | TTFT busy/idle | lib TTFT idle s "
+        "| lib TTFT busy s | lib TTFT busy/idle | decode idle tok/s | decode busy tok/s | decode idle/busy "
+        "| idle TTFT vs old | idle lib TTFT vs old | idle decode vs old |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["ratios"]:
@@ -179,10 +187,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {Path(r['bundle']).name or r['bundle']} | {r['policy']} | {r['competitors']} "
             f"| {idle['ttft_s']:.3f} | {busy['ttft_s']:.3f} | {r['ttft_busy_over_idle']:.2f} "
-            f"| {idle['native_ttft_s']:.3f} | {busy['native_ttft_s']:.3f} | {r['native_ttft_busy_over_idle']:.2f} "
+            f"| {idle['lib_ttft_s']:.3f} | {busy['lib_ttft_s']:.3f} | {r['lib_ttft_busy_over_idle']:.2f} "
             f"| {idle['decode_tok_s']:.1f} | {busy['decode_tok_s']:.1f} | {r['decode_idle_over_busy']:.2f} "
-            f"| {r.get('idle_ttft_vs_native', nan):.3f} | {r.get('idle_native_ttft_vs_native', nan):.3f} "
-            f"| {r.get('idle_decode_vs_native', nan):.3f} |"
+            f"| {r.get('idle_ttft_vs_old', nan):.3f} | {r.get('idle_lib_ttft_vs_old', nan):.3f} "
+            f"| {r.get('idle_decode_vs_old', nan):.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="Bundle directory (repeatable; default: the demo bundle in the cache).")
     ap.add_argument("--reps", type=int, default=3, help="Repetitions per cell (medians are reported).")
     ap.add_argument("--competitors", default="0,1", help="Comma-separated counts of busy processes (0 = idle).")
-    ap.add_argument("--policies", default="native,passive", help="Comma-separated ONELLM_WAIT_POLICY values.")
+    ap.add_argument("--policies", default="old,new", help=f"Comma-separated settings: {', '.join(SETTINGS)}.")
     ap.add_argument("--max-tokens", type=int, default=64, help="Greedy tokens per answer.")
     ap.add_argument("--threads", type=int, default=None, help="--threads for ask (default: the runtime's).")
     ap.add_argument("--timeout", type=float, default=300.0, help="Seconds before one run counts as failed.")

@@ -1,10 +1,11 @@
-"""Thread and wait-policy settings: in place before llama.cpp loads, on every onnxruntime session.
+"""Thread settings on a shared CPU: llama.cpp's thread governor, the OpenMP wait policy, onnxruntime's options.
 
 Why they matter (benchmarks/busy_cpu.py, runtime/_llama.py): llama-cpp-python's CPU
-backend waits at OpenMP barriers, and libgomp's default is to spin there for ~3 ms. On
-a CPU shared with another busy process that made prefill 100x slower. The runtime sets
-OMP_WAIT_POLICY=PASSIVE before libgomp is loaded; libgomp itself is asked (through its
-omp_display_env) what it ended up with, in a fresh interpreter each time.
+backend waits at OpenMP barriers, and libgomp spins there for ~3 ms. On a CPU shared
+with another busy process that made prefill 100x slower. The runtime runs no more
+llama.cpp threads than there are free cores (`ThreadGovernor`) and can set the wait
+policy before libgomp loads; libgomp itself is asked (through its omp_display_env) what
+it ended up with, in a fresh interpreter each time.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ if gomp:
 
 def _probe(**env_overrides: str | None) -> tuple[dict, dict[str, str]]:
     """(what the probe printed, libgomp's displayed settings) in a fresh interpreter."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", _llama.WAIT_POLICY_ENV)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", _llama.WAIT_POLICY_ENV, _llama.ADAPTIVE_ENV)}
     for k, v in env_overrides.items():
         if v is not None:
             env[k] = v
@@ -61,8 +63,17 @@ def _need_gomp(info: dict, shown: dict) -> None:
         pytest.skip("this libgomp has no omp_display_env to report its settings")
 
 
-def test_llama_cpp_openmp_threads_sleep_instead_of_spinning():
+def test_libgomp_keeps_its_spin_policy_by_default():
+    """An idle machine runs as before: the runtime does not change libgomp's waiting."""
     info, shown = _probe()
+    assert info["policy"] == "native"
+    assert info["env"] is None
+    _need_gomp(info, shown)
+    assert int(shown["GOMP_SPINCOUNT"]) > 1000  # libgomp's own default (300000 spins, ~3 ms)
+
+
+def test_passive_policy_is_in_place_before_llama_cpp_loads_libgomp():
+    info, shown = _probe(ONELLM_WAIT_POLICY="passive")
     assert info["policy"] == "passive"
     assert info["env"] == "PASSIVE"
     _need_gomp(info, shown)
@@ -71,16 +82,8 @@ def test_llama_cpp_openmp_threads_sleep_instead_of_spinning():
     assert shown["GOMP_SPINCOUNT"] == "0"
 
 
-def test_native_policy_keeps_libgomps_spinning_default():
-    info, shown = _probe(ONELLM_WAIT_POLICY="native")
-    assert info["policy"] == "native"
-    assert info["env"] is None
-    _need_gomp(info, shown)
-    assert int(shown["GOMP_SPINCOUNT"]) > 1000  # libgomp's own default (300000 spins, ~3 ms)
-
-
 def test_users_openmp_settings_win():
-    info, shown = _probe(OMP_WAIT_POLICY="ACTIVE")
+    info, shown = _probe(OMP_WAIT_POLICY="ACTIVE", ONELLM_WAIT_POLICY="passive")
     assert info["policy"] == "user"
     assert info["env"] == "ACTIVE"
     _need_gomp(info, shown)
@@ -91,12 +94,14 @@ def test_users_openmp_settings_win():
 @pytest.mark.parametrize(
     ("given", "expected_policy", "expected_env"),
     [
-        ({}, "passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({}, "native", {}),
         ({"ONELLM_WAIT_POLICY": "Passive "}, "passive", {"ONELLM_WAIT_POLICY": "Passive ", "OMP_WAIT_POLICY": "PASSIVE"}),
         ({"ONELLM_WAIT_POLICY": "native"}, "native", {"ONELLM_WAIT_POLICY": "native"}),
-        ({"GOMP_SPINCOUNT": "1000"}, "user", {"GOMP_SPINCOUNT": "1000"}),
+        ({"GOMP_SPINCOUNT": "1000", "ONELLM_WAIT_POLICY": "passive"}, "user",
+         {"GOMP_SPINCOUNT": "1000", "ONELLM_WAIT_POLICY": "passive"}),
         ({"OMP_WAIT_POLICY": "active"}, "user", {"OMP_WAIT_POLICY": "active"}),
-        ({"OMP_WAIT_POLICY": ""}, "passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"OMP_WAIT_POLICY": "", "ONELLM_WAIT_POLICY": "passive"}, "passive",
+         {"OMP_WAIT_POLICY": "PASSIVE", "ONELLM_WAIT_POLICY": "passive"}),
     ],
 )
 def test_apply_wait_policy(given, expected_policy, expected_env):
@@ -105,12 +110,107 @@ def test_apply_wait_policy(given, expected_policy, expected_env):
     assert env == expected_env
 
 
-def test_unknown_wait_policy_is_logged_and_passive(caplog):
+def test_unknown_wait_policy_is_logged_and_native(caplog):
     env = {"ONELLM_WAIT_POLICY": "spinny"}
     with caplog.at_level(logging.WARNING, logger=_llama.log.name):
-        assert _llama.apply_wait_policy(env) == "passive"
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "ONELLM_WAIT_POLICY='spinny'" in caplog.text and "native" in caplog.text
+        assert _llama.apply_wait_policy(env) == "native"
+    assert "OMP_WAIT_POLICY" not in env
+    assert "ONELLM_WAIT_POLICY='spinny'" in caplog.text and "passive" in caplog.text
+
+
+# ---------------------------------------------------------------- the thread governor
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_governor_uses_the_free_cores_and_rechecks_after_its_interval():
+    seen = iter([0, 1, 5, None, 0])
+    calls = []
+
+    def others():
+        calls.append(1)
+        return next(seen)
+
+    clock = _Clock()
+    gov = _llama.ThreadGovernor(4, cores=4, interval=1.0, others=others, clock=clock)
+    assert gov.threads() == 4  # idle: every thread
+    clock.t = 0.5
+    assert gov.threads() == 4 and len(calls) == 1  # within the interval: no new look
+    clock.t = 1.0
+    assert gov.threads() == 3  # one other runnable thread takes a core
+    clock.t = 2.5
+    assert gov.threads() == 1  # more busy threads than cores: one thread, never zero
+    clock.t = 4.0
+    assert gov.threads() == 4  # /proc unreadable: the configured count
+    clock.t = 5.0
+    assert gov.threads() == 4 and len(calls) == 5
+
+
+def test_governor_never_exceeds_its_maximum():
+    gov = _llama.ThreadGovernor(2, cores=16, others=lambda: 3)
+    assert gov.threads() == 2
+
+
+def test_other_running_threads_subtracts_our_own(monkeypatch):
+    reads = iter([7, 5])
+    monkeypatch.setattr(_llama, "_proc_stat_running", lambda path="/proc/stat": next(reads))
+    monkeypatch.setattr(_llama, "_own_running_threads", lambda task_dir="/proc/self/task": 2)
+    assert _llama.other_running_threads() == 3  # min(7, 5) - 2: a blip in one read is not counted
+    monkeypatch.setattr(_llama, "_proc_stat_running", lambda path="/proc/stat": None)
+    assert _llama.other_running_threads() is None
+
+
+def test_proc_readers_parse_real_files(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_bytes(b"cpu  1 2 3 4\nctxt 99\nprocs_running 6\nprocs_blocked 0\n")
+    assert _llama._proc_stat_running(str(stat)) == 6
+    assert _llama._proc_stat_running(str(tmp_path / "missing")) is None
+    tasks = tmp_path / "task"
+    for tid, state in (("10", "R"), ("11", "S"), ("12", "R")):
+        (tasks / tid).mkdir(parents=True)
+        (tasks / tid / "stat").write_bytes(f"{tid} (a (weird) name) {state} 1 2 3".encode())
+    assert _llama._own_running_threads(str(tasks)) == 2
+    # on this machine the caller itself is running
+    assert _llama._own_running_threads() >= 1
+    assert _llama._proc_stat_running() >= 1
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("", True), ("1", True), ("0", False), ("off", False),
+                                           ("False", False)])
+def test_adaptive_threads_switch(value, on):
+    env = {} if value is None else {"ONELLM_ADAPTIVE_THREADS": value}
+    assert _llama.adaptive_threads_enabled(env) is on
+
+
+def test_context_follows_the_governor_and_explicit_threads_stay_fixed(tiny_gguf, monkeypatch):
+    """Each llama_decode runs with the governor's thread count (llama_set_n_threads called on change only)."""
+    calls = []
+    real = _llama.lib().llama_set_n_threads
+    monkeypatch.setattr(_llama.lib(), "llama_set_n_threads", lambda ctx, n, nb: (calls.append((n, nb)), real(ctx, n, nb)))
+    monkeypatch.delenv("ONELLM_ADAPTIVE_THREADS", raising=False)
+    with _llama.LlamaModel(tiny_gguf("f32"), n_gpu_layers=0) as model:
+        with _llama.LlamaContext(model, n_ctx=64, n_threads=None) as ctx, _llama.LlamaBatch(8) as batch:
+            assert ctx.governor is not None
+            answers = iter([1, 1, 2])
+            ctx.governor.threads = lambda: next(answers)
+            ctx.decode(batch.tokens([1, 5, 6], 0))
+            ctx.decode(batch.tokens([7], 3))
+            ctx.decode(batch.tokens([8], 4))
+            assert calls == [(1, 1), (2, 2)]
+            assert _llama.lib().llama_n_threads(ctx.ptr) == 2
+        with _llama.LlamaContext(model, n_ctx=64, n_threads=2) as ctx, _llama.LlamaBatch(8) as batch:
+            assert ctx.governor is None  # --threads N: exactly N
+            ctx.decode(batch.tokens([1, 5], 0))
+        monkeypatch.setenv("ONELLM_ADAPTIVE_THREADS", "0")
+        with _llama.LlamaContext(model, n_ctx=64) as ctx:
+            assert ctx.governor is None
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 2), (3, 3), (4, 4), (6, 3), (8, 4), (16, 8)])
@@ -162,9 +262,13 @@ def test_onnxruntime_session_default_threads_are_physical_cores(identity_graph):
 # ---------------------------------------------------------------- the benchmark's bookkeeping
 
 
-def test_busy_benchmark_child_env_selects_only_the_policy():
-    env = busy_cpu.child_env("native", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5", "PATH": "/bin"})
-    assert env == {"PATH": "/bin", "ONELLM_WAIT_POLICY": "native"}
+def test_busy_benchmark_child_env_selects_only_the_setting():
+    base = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5", "ONELLM_ADAPTIVE_THREADS": "1", "PATH": "/bin"}
+    assert busy_cpu.child_env("old", base) == {"PATH": "/bin", "ONELLM_WAIT_POLICY": "native",
+                                               "ONELLM_ADAPTIVE_THREADS": "0"}
+    assert busy_cpu.child_env("new", base) == {"PATH": "/bin"}
+    assert busy_cpu.child_env("passive", base) == {"PATH": "/bin", "ONELLM_WAIT_POLICY": "passive",
+                                                   "ONELLM_ADAPTIVE_THREADS": "0"}
     with pytest.raises(ValueError, match="policy must be one of"):
         busy_cpu.child_env("fast", {})
 
@@ -172,27 +276,27 @@ def test_busy_benchmark_child_env_selects_only_the_policy():
 def test_busy_benchmark_medians_and_ratios():
     def run(policy, comp, ttft, decode, enc=0.1, pre=0.2):
         return {"bundle": "demo", "policy": policy, "competitors": comp, "ttft_s": ttft, "preprocess_s": 1.0,
-                "encode_s": enc, "prefill_s": pre, "native_ttft_s": enc + pre, "decode_tok_s": decode,
+                "encode_s": enc, "prefill_s": pre, "lib_ttft_s": enc + pre, "decode_tok_s": decode,
                 "wall_s": ttft + 1, "cpu_s": 1.0}
 
-    runs = [run("native", 0, 1.0, 100), run("native", 0, 3.0, 300), run("native", 0, 2.0, 200),
-            run("native", 1, 8.0, 20, pre=1.4), run("passive", 0, 2.1, 190), run("passive", 1, 3.0, 150)]
+    runs = [run("old", 0, 1.0, 100), run("old", 0, 3.0, 300), run("old", 0, 2.0, 200),
+            run("old", 1, 8.0, 20, pre=1.4), run("new", 0, 2.1, 190), run("new", 1, 3.0, 150)]
     cells = {(c["policy"], c["competitors"]): c for c in busy_cpu.summarise(runs)}
-    assert cells[("native", 0)]["ttft_s"] == 2.0 and cells[("native", 0)]["decode_tok_s"] == 200
-    assert cells[("native", 0)]["runs"] == 3
+    assert cells[("old", 0)]["ttft_s"] == 2.0 and cells[("old", 0)]["decode_tok_s"] == 200
+    assert cells[("old", 0)]["runs"] == 3
     rows = {r["policy"]: r for r in busy_cpu.ratios(list(cells.values()))}
-    assert rows["native"]["ttft_busy_over_idle"] == pytest.approx(4.0)
-    assert rows["native"]["native_ttft_busy_over_idle"] == pytest.approx(5.0)
-    assert rows["native"]["decode_idle_over_busy"] == pytest.approx(10.0)
-    assert rows["passive"]["ttft_busy_over_idle"] == pytest.approx(3.0 / 2.1)
-    assert rows["passive"]["idle_ttft_vs_native"] == pytest.approx(1.05)
-    assert rows["passive"]["idle_decode_vs_native"] == pytest.approx(0.95)
+    assert rows["old"]["ttft_busy_over_idle"] == pytest.approx(4.0)
+    assert rows["old"]["lib_ttft_busy_over_idle"] == pytest.approx(5.0)
+    assert rows["old"]["decode_idle_over_busy"] == pytest.approx(10.0)
+    assert rows["new"]["ttft_busy_over_idle"] == pytest.approx(3.0 / 2.1)
+    assert rows["new"]["idle_ttft_vs_old"] == pytest.approx(1.05)
+    assert rows["new"]["idle_decode_vs_old"] == pytest.approx(0.95)
     md = busy_cpu.markdown({"load_before": [0.1], "load_after": [0.2], "reps": 3, "max_tokens": 64, "threads": None,
                             "cells": list(cells.values()), "ratios": list(rows.values())})
-    assert "| demo | passive | 1 | 2.100 | 3.000 | 1.43 |" in md
+    assert "| demo | new | 1 | 2.100 | 3.000 | 1.43 |" in md
 
 
 def test_busy_benchmark_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
-        busy_cpu.main(["--policies", "native,fast"])
+        busy_cpu.main(["--policies", "old,fast"])
     assert "--policies" in capsys.readouterr().err
