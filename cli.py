@@ -558,7 +558,9 @@ def _runtime_options(func):
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
                      help="Encoder precision to run (default: int8 on CPU, fp16 on CUDA, when exported)."),
         click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads, fixed (default: physical cores, fewer for llama.cpp while other "
+                          "processes keep cores busy)."),
         click.option("--imu-rate", type=float, default=None, help="IMU sample rate in Hz when the file has no timestamps."),
         click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
         click.option("--accel-units", type=click.Choice(["auto", "g", "m/s2"]), default=None,

@@ -23,8 +23,10 @@ subprocess's wall time and its CPU seconds (user + system, from RUSAGE_CHILDREN)
 busy/idle TTFT, lib TTFT and idle/busy decode per setting (the targets: <= 2), and
 each setting's idle figures against old's (the target: new within 5 %).
 
-Run: `python -m onellm.benchmarks.busy_cpu [--bundle DIR ...] [--reps 3] [--competitors 0,1]
-[--policies old,new] [--max-tokens 64] [--threads N] [--out busy-cpu-out]`.
+Run: `python -m onellm.benchmarks.busy_cpu [--bundle DIR ...] [--mid] [--reps 3]
+[--competitors 0,1] [--policies old,new] [--max-tokens 64] [--threads N] [--out busy-cpu-out]`.
+--mid adds a mid-size bundle (decoder dim 768, 8 layers, q8_0), exported into the cache
+the first time (needs the export extra; a few minutes).
 About 1 to 2 minutes per bundle at the defaults on the demo bundle (an `old` run beside a
 busy process can take a minute by itself). The machine should otherwise be quiet: the
 load average before and after is recorded.
@@ -56,6 +58,36 @@ SETTINGS = {
 POLICIES = tuple(SETTINGS)
 _IMU = Path(__file__).resolve().parent.parent / "examples" / "imu" / "walk.csv"
 _METRICS = ("ttft_s", "preprocess_s", "encode_s", "prefill_s", "lib_ttft_s", "decode_tok_s", "wall_s", "cpu_s")
+
+
+# The mid-size bundle (--mid): the tiny preset's encoder with a wider decoder, where
+# llama.cpp's compute per op is large enough for threading to pay off on an idle machine.
+MID_DECODER = {"dim": 768, "n_layers": 8, "n_heads": 12, "multiple_of": 256}  # 58 MiB as q8_0
+
+
+def mid_bundle(progress=print) -> Path:
+    """The mid-size IMU bundle in the cache, built once (needs the export extra: torch)."""
+    from onellm.ref.config import PRESET_DIR
+    from onellm.runtime.bundle import cache_dir
+
+    root = cache_dir() / "busy-cpu-mid"
+    bundle = root / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    root.mkdir(parents=True, exist_ok=True)
+    config = json.loads((PRESET_DIR / "tiny.json").read_text())
+    config["name"] = "busy-cpu-mid"
+    config["decoder"].update(MID_DECODER)
+    (root / "mid.json").write_text(json.dumps(config, indent=1))
+    cli = [sys.executable, "-m", "onellm.cli"]
+    progress(f"building the mid-size bundle in {bundle} (once; a few minutes)")
+    subprocess.run([*cli, "reference", "make-tiny", "--out", str(root / "ckpt"), "--config", str(root / "mid.json"),
+                    "--force"], check=True)
+    subprocess.run([*cli, "export", "--checkpoint", str(root / "ckpt"), "--tokenizer",
+                    str(root / "ckpt" / "tokenizer.model"), "--config", str(root / "mid.json"), "--modalities", "imu",
+                    "--encoder-precision", "fp32", "--decoder-quant", "q8_0", "--out", str(bundle), "--force"],
+                   check=True)
+    return bundle
 
 
 def _load() -> list[float]:
@@ -208,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m onellm.benchmarks.busy_cpu", description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", action="append", default=None,
                     help="Bundle directory (repeatable; default: the demo bundle in the cache).")
+    ap.add_argument("--mid", action="store_true",
+                    help="Also run a mid-size bundle (decoder dim 768, 8 layers), built into the cache on first use.")
     ap.add_argument("--reps", type=int, default=3, help="Repetitions per cell (medians are reported).")
     ap.add_argument("--competitors", default="0,1", help="Comma-separated counts of busy processes (0 = idle).")
     ap.add_argument("--policies", default="old,new", help=f"Comma-separated settings: {', '.join(SETTINGS)}.")
@@ -228,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or any(n < 0 for n in competitors):
         ap.error("--reps must be >= 1 and --competitors counts >= 0")
     bundles = args.bundle or [None]
+    if args.mid:
+        bundles.append(str(mid_bundle(lambda msg: print(msg, file=sys.stderr))))
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

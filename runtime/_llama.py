@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,8 +40,8 @@ _native_log = logging.getLogger("onellm.runtime.llama_cpp")
 # `yes`, 30 % of our CPU samples were libgomp's spin loop, prefill ran 100x slower and
 # decode fell to a few tokens/s (benchmarks/busy_cpu.py, benchmarks/RESULTS-busy-cpu.md).
 # Spinning less does not cure it (GOMP_SPINCOUNT 10000 and 30000 collapse too) and never
-# spinning (OMP_WAIT_POLICY=PASSIVE) costs 2x (0.95B-class) to 13x (demo) decode speed on
-# an idle machine, where every barrier then becomes a futex sleep and wake-up.
+# spinning (OMP_WAIT_POLICY=PASSIVE) costs 2x (a 58 MiB q8_0 decoder) to 13x (the demo's)
+# decode speed on an idle machine, where every barrier becomes a futex sleep and wake-up.
 # What works: never run more llama.cpp threads than there are free cores. `ThreadGovernor`
 # looks at how many other threads are runnable (/proc/stat procs_running minus our own
 # running threads) at most every 100 ms and sets the context's thread count before each
@@ -156,8 +157,6 @@ class ThreadGovernor:
 
     def __init__(self, n_max: int, *, cores: int | None = None, interval: float = 0.1,
                  others=other_running_threads, clock=None) -> None:
-        import time
-
         self.n_max = max(1, int(n_max))
         self.cores = cores if cores is not None else _affinity_cores()
         self.interval = interval

@@ -300,3 +300,13 @@ def test_busy_benchmark_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         busy_cpu.main(["--policies", "old,fast"])
     assert "--policies" in capsys.readouterr().err
+
+
+def test_busy_benchmark_reuses_a_built_mid_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONELLM_CACHE_DIR", str(tmp_path))
+    built = tmp_path / "busy-cpu-mid" / "bundle"
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text("{}")
+    messages = []
+    assert busy_cpu.mid_bundle(messages.append) == built
+    assert messages == []  # nothing rebuilt
