@@ -567,7 +567,9 @@ def _runtime_options(func):
                           + "; else the bundle's)."),
         click.option("--quant", type=click.Choice(list(DECODER_QUANTS)), default=None,
                      help="Which exported GGUF to run (default: the bundle's)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads, fixed (default: physical cores, fewer for llama.cpp while other "
+                          "processes keep cores busy)."),
         click.option("--imu-rate", type=float, default=None, help="IMU sample rate in Hz when the file has no timestamps."),
         click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
         click.option("--accel-units", type=click.Choice(["auto", "g", "m/s2"]), default=None,

@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +30,149 @@ from .errors import BackendError
 
 log = logging.getLogger(__name__)
 _native_log = logging.getLogger("onellm.runtime.llama_cpp")
+
+# ---------------------------------------------------------------- threads on a shared CPU
+# llama-cpp-python's CPU backend (libggml-cpu) is built with OpenMP (libgomp): every graph
+# runs in an `omp parallel` region and ggml's barrier between ops is `omp barrier`, where
+# libgomp spins ~300000 `pause`s (about 3 ms) before it sleeps. When another process holds
+# one of the cores, the thread that reaches a barrier first spins for a partner that is
+# waiting for a core, at hundreds of barriers per token: measured on 2 cores beside one
+# `yes`, 30 % of our CPU samples were libgomp's spin loop, prefill ran 100x slower and
+# decode fell to a few tokens/s (benchmarks/busy_cpu.py, benchmarks/RESULTS-busy-cpu.md).
+# Spinning less does not cure it (GOMP_SPINCOUNT 10000 and 30000 collapse too) and never
+# spinning (OMP_WAIT_POLICY=PASSIVE) costs 2x (a 58 MiB q8_0 decoder) to 13x (the demo's)
+# decode speed on an idle machine, where every barrier becomes a futex sleep and wake-up.
+# What works: never run more llama.cpp threads than there are free cores. `ThreadGovernor`
+# looks at how many other threads are runnable (/proc/stat procs_running minus our own
+# running threads) at most every 100 ms and sets the context's thread count before each
+# llama_decode (llama_set_n_threads is a field write); with one thread there is no barrier
+# at all. The spin policy stays libgomp's, so an idle machine runs exactly as before.
+WAIT_POLICY_ENV = "ONELLM_WAIT_POLICY"
+WAIT_POLICIES = ("native", "passive")  # native: libgomp's default spin-then-sleep
+ADAPTIVE_ENV = "ONELLM_ADAPTIVE_THREADS"  # 0: a fixed thread count even on a busy CPU (the old behaviour)
+_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _libgomp_loaded() -> bool:
+    """Whether the shared libgomp.so.1 is already mapped into this process (its policy is then fixed).
+
+    torch ships its own renamed copy (libgomp-<hash>.so.1), a separate instance that does
+    not matter here.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any(line.rstrip().endswith("/libgomp.so.1") or "/libgomp.so.1." in line for line in f)
+    except OSError:  # pragma: no cover - non-Linux
+        return False
+
+
+def apply_wait_policy(environ=None) -> str:
+    """Put the OpenMP wait policy chosen by ONELLM_WAIT_POLICY into `environ` (default os.environ).
+
+    libgomp reads OMP_WAIT_POLICY once, when it is loaded, so this runs at this module's
+    import, before llama_cpp. Returns what was done: "native" (nothing: libgomp's default),
+    "passive" (OMP_WAIT_POLICY=PASSIVE: threads sleep at once when they wait; for machines
+    that are always busy, at a cost on idle ones) or "user" (the user set OMP_WAIT_POLICY
+    or GOMP_SPINCOUNT: theirs wins). An unknown value is logged and treated as native,
+    since raising here would break `import onellm.runtime`.
+    """
+    env = os.environ if environ is None else environ
+    policy = env.get(WAIT_POLICY_ENV, "").strip().lower() or "native"
+    if policy not in WAIT_POLICIES:
+        log.warning("%s=%r is not one of %s; using native", WAIT_POLICY_ENV, env[WAIT_POLICY_ENV],
+                    ", ".join(WAIT_POLICIES))
+        policy = "native"
+    if any(env.get(v) for v in _OMP_VARS):
+        return "user"
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return policy
+
+
+_gomp_preloaded = _libgomp_loaded()
+wait_policy = apply_wait_policy()  # what this process's llama.cpp threads do when they wait
+if _gomp_preloaded and wait_policy == "passive":  # pragma: no cover - llama_cpp imported before onellm
+    log.warning("libgomp was loaded before onellm could set OMP_WAIT_POLICY=PASSIVE (%s=passive); "
+                "set OMP_WAIT_POLICY=PASSIVE before starting Python instead", WAIT_POLICY_ENV)
+
+
+def _proc_stat_running(path: str = "/proc/stat") -> int | None:
+    """procs_running from /proc/stat: threads runnable right now, machine-wide (None if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _own_running_threads(task_dir: str = "/proc/self/task") -> int:
+    """How many of this process's threads are running or runnable (state R) right now."""
+    n = 0
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return 1
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3] == b"R":
+            n += 1
+    return max(1, n)  # the caller itself is running
+
+
+def other_running_threads() -> int | None:
+    """Threads of other processes that are runnable now (None where /proc does not say).
+
+    procs_running is read before and after counting our own threads and the smaller
+    value taken, so a kernel worker that runs for a few microseconds is not counted.
+    """
+    first = _proc_stat_running()
+    if first is None:
+        return None
+    own = _own_running_threads()
+    second = _proc_stat_running()
+    return max(0, min(first, second if second is not None else first) - own)
+
+
+def adaptive_threads_enabled(environ=None) -> bool:
+    """ONELLM_ADAPTIVE_THREADS: on unless set to 0/false/no/off."""
+    env = os.environ if environ is None else environ
+    return env.get(ADAPTIVE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+class ThreadGovernor:
+    """How many threads llama.cpp may use for the next decode: at most the free cores.
+
+    `n_max`: the thread count on an idle machine. `cores`: cores this process may run on.
+    `others`: returns how many threads of other processes are runnable now (None: unknown,
+    then n_max). It is called at most once per `interval` seconds; in between the last
+    answer stands. With k other runnable threads the answer is max(1, min(n_max, cores - k)).
+    """
+
+    def __init__(self, n_max: int, *, cores: int | None = None, interval: float = 0.1,
+                 others=other_running_threads, clock=None) -> None:
+        self.n_max = max(1, int(n_max))
+        self.cores = cores if cores is not None else _affinity_cores()
+        self.interval = interval
+        self._others = others
+        self._clock = clock or time.monotonic
+        self._checked = float("-inf")
+        self.n = self.n_max
+
+    def threads(self) -> int:
+        now = self._clock()
+        if now - self._checked >= self.interval:
+            self._checked = now
+            k = self._others()
+            self.n = self.n_max if k is None else max(1, min(self.n_max, self.cores - k))
+        return self.n
+
 
 try:  # llama-cpp-python is a core dependency, but keep the import error readable
     import llama_cpp as _C
@@ -144,12 +288,19 @@ def cpu_extra_buffer_types() -> list[str]:
     return names
 
 
-def default_threads() -> int:
-    """Threads for generation: every core we may run on, halved above 4 (SMT siblings)."""
+def _affinity_cores() -> int:
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Threads for generation on an idle machine: every core we may run on, halved above 4 (SMT siblings).
+
+    With no --threads given, `ThreadGovernor` lowers this while other processes keep cores busy.
+    """
+    n = _affinity_cores()
     return max(1, n if n <= 4 else n // 2)
 
 
@@ -416,6 +567,10 @@ class LlamaContext(_Owner):
         self.n_threads = n_threads or default_threads()
         params.n_threads = self.n_threads
         params.n_threads_batch = n_threads_batch or self.n_threads
+        # no explicit thread count: follow the free cores (see ThreadGovernor), unless turned off
+        self.governor = (ThreadGovernor(self.n_threads) if not (n_threads or n_threads_batch)
+                         and adaptive_threads_enabled() else None)
+        self._threads_now = (params.n_threads, params.n_threads_batch)
         params.no_perf = True
         if flash_attn is not None:
             params.flash_attn_type = (
@@ -439,9 +594,18 @@ class LlamaContext(_Owner):
             lib().llama_free(self.ptr)
             self.ptr = None
 
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Threads for the next decodes (generation, and batches of more than one token)."""
+        pair = (n_threads, n_threads_batch or n_threads)
+        if pair != self._threads_now:
+            lib().llama_set_n_threads(self.ptr, *pair)
+            self._threads_now = pair
+
     def decode(self, batch) -> None:
         if not self.ptr:
             raise BackendError("llama context is closed")
+        if self.governor is not None:
+            self.set_threads(self.governor.threads())
         rc = lib().llama_decode(self.ptr, batch)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc}: {_DECODE_CODES.get(rc, 'fatal error')}")

@@ -250,10 +250,12 @@ class Encoder:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        if not self.spin:
-            # idle worker threads sleep instead of spinning: the decoder (llama.cpp) runs right
-            # after the encoder on the same cores and must not compete with spinning threads
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # idle worker threads sleep instead of spinning (unless spin=True): the decoder
+        # (llama.cpp) runs right after the encoder on the same cores and must not compete
+        # with spinning threads, and neither must other processes on a shared CPU. Set both
+        # ways so the session says which it got. (inter_op_num_threads=1 with sequential
+        # execution creates no inter-op pool, so there is no inter-op spinning to turn off.)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             sess = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
