@@ -86,8 +86,54 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
             raise BundleError(f"{bundle_dir}: file {rel!r} listed in the manifest is missing")
     if verify:
         verify_files(bundle_dir, files)
+    manifest = _ManifestDict.wrap(manifest, str(path), "")
     manifest["_dir"] = str(bundle_dir.resolve())
     return manifest
+
+
+class ManifestKeyError(BundleError, KeyError):
+    """A key the runtime needs is missing from manifest.json (a BundleError naming the key)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class _ManifestDict(dict):
+    """A manifest table whose missing keys raise `ManifestKeyError` with the key's full path."""
+
+    _file = "manifest.json"
+    _where = ""
+
+    @classmethod
+    def wrap(cls, value: Any, file: str, where: str) -> Any:
+        if isinstance(value, dict):
+            out = cls((k, cls.wrap(v, file, f"{where}.{k}" if where else str(k))) for k, v in value.items())
+            out._file, out._where = file, where
+            return out
+        if isinstance(value, list):
+            return [cls.wrap(v, file, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def __missing__(self, key: Any) -> Any:
+        full = f"{self._where}.{key}" if self._where else str(key)
+        raise ManifestKeyError(f"{self._file}: expected the key {full!r}, found none "
+                               f"(a damaged manifest or another onellm version; re-export the bundle)")
+
+
+def verify_checksums(bundle_dir: str | Path) -> tuple[list[str], int, int]:
+    """Re-hash every file of a bundle (no cached stamp): (report lines, checks, failures)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir, verify=False)
+    lines: list[str] = []
+    failures = 0
+    for rel, digest in manifest["files"].items():
+        if sha256_file(bundle_dir / rel) != digest:
+            failures += 1
+            lines.append(f"FAIL checksum {rel}")
+    if not failures:
+        lines.append(f"ok   checksums of {len(manifest['files'])} files")
+        record_verified(bundle_dir, dict(manifest["files"]))
+    return lines, len(manifest["files"]), failures
 
 
 def verify_files(bundle_dir: Path, files: dict[str, str]) -> None:
