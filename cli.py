@@ -281,7 +281,7 @@ class _ModalityOptionsCommand(click.Command):
             self._modality_options_added = True
             extra = [
                 click.Option([spec.cli_option, spec.name], type=click.Path(), default=None,
-                             help=f"{spec.description} [{' '.join(spec.file_types)}]")
+                             help=f"{spec.description} [{' '.join(spec.file_types)}]; - reads standard input")
                 for spec in all_modalities().values()
             ]
             anchor = getattr(self, "insert_after", "clip_checkpoint")
