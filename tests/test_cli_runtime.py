@@ -427,3 +427,24 @@ def test_verify_rebuilds_a_seeded_random_checkpoint(tiny_config, tiny_checkpoint
     assert res.exit_code == 0, res.output
     assert f"rebuilt the random checkpoint from seed {TINY_SEED}" in res.stdout
     assert "checkpoint is the one the bundle was exported from" in res.stdout and "FAIL" not in res.stdout
+
+
+def test_pipeline_api_takes_an_embeddings_file_and_refuses_mixed_inputs(tiny_bundle, tmp_path):
+    """The Python API shares the CLI's rules: a file path is checked against its metadata;
+    a block plus an input file, or an image next to an IMU file, is refused."""
+    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.errors import InputError
+    from onellm.runtime.pipeline import Pipeline
+
+    emb = tmp_path / "emb.npz"
+    assert _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb)).exit_code == 0
+    with Pipeline.load(tiny_bundle, device="cpu") as pipe:
+        a = pipe.ask("Q?", imu=IMU, sampling=Sampling.greedy(5))
+        b = pipe.ask("Q?", embeddings=str(emb), sampling=Sampling.greedy(5))
+        assert b.modality == "imu" and b.token_ids == a.token_ids
+        with pytest.raises(InputError, match="expected --modality imu"):
+            pipe.ask("Q?", embeddings=emb, modality="audio")
+        with pytest.raises(InputError, match="no input file alongside"):
+            pipe.ask("Q?", embeddings=str(emb), imu=IMU)
+        with pytest.raises(InputError, match="does not take an --image"):
+            pipe.ask("Q?", imu=IMU, image=str(EXAMPLES / "image" / "photo.jpg"))
