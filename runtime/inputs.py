@@ -203,7 +203,7 @@ def sniff_format(head: bytes, modality: str) -> tuple[str, str]:
     from .modalities._io import describe_content
 
     spec = get_modality(modality)
-    expected = f"a {modality} file ({' '.join(spec.file_types)}) on standard input"
+    expected = f"{modality} data ({' '.join(spec.file_types)}) on standard input"
     if not head:
         raise InputError(STDIN_LABEL, expected, "no data (0 bytes)")
     found: tuple[str, str] | None = None

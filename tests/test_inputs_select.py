@@ -126,7 +126,7 @@ def test_sniff_format_from_magic_bytes(head, modality, suffix, name):
 
 
 def test_sniff_refuses_content_of_another_modality():
-    with pytest.raises(InputError, match=r"<stdin>: expected a imu file .* found a PNG image"):
+    with pytest.raises(InputError, match=r"<stdin>: expected imu data .* found a PNG image"):
         sniff_format(b"\x89PNG\r\n\x1a\n\x00", "imu")
     with pytest.raises(InputError, match="found no data"):
         sniff_format(b"", "audio")
