@@ -20,21 +20,69 @@ from onellm.runtime.errors import OneLLMError
 from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS, EXECUTION_PROVIDERS
 
 
+# Optional modules -> the extra that installs them (a missing one names its `pip install`).
+_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "gguf": "export",
+           "matplotlib": "bench", "tensorrt": "trt"}
+
+log = logging.getLogger("onellm.cli")
+
+
 def handle_errors(func):
-    """Run a command body, printing `OneLLMError`s as one line with their exit code."""
+    """Run a command body; any error becomes one line on stderr and a non-zero exit code.
+
+    `OneLLMError`s carry their own message and code; an OSError names its path and what
+    went wrong; a missing optional module names the `pip install` that brings it; anything
+    else is reported as an internal error (its traceback only with -vv).
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except OneLLMError as exc:
-            click.echo(f"onellm: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             click.echo("onellm: interrupted", err=True)
             sys.exit(130)
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").split(".")[0]
+            extra = _EXTRAS.get(root)
+            if extra is None:
+                _internal(exc)
+            _fail(f"this command needs {root}, which is not installed: pip install 'onellm[{extra}]'", 1)
+        except OSError as exc:
+            from onellm.runtime.errors import describe_os_error
+
+            where = exc.filename if exc.filename is not None else "?"
+            _fail(f"{where}: {describe_os_error(exc)}", 1)
+        except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback
+            _internal(exc)
 
     return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    # One line, whatever the message holds (a library's multi-line text is folded).
+    click.echo("onellm: error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+def _internal(exc: BaseException) -> None:
+    log.debug("internal error", exc_info=exc)
+    _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with -vv for the traceback and report it", 70)
+
+
+def _require_extra(command: str) -> None:
+    """Stop early, in one line, when the torch-based export extra is missing."""
+    from onellm.runtime.errors import ConfigError
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"`onellm {command}` needs the export extra (torch, onnx, gguf): "
+                          "pip install 'onellm[export]'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ONELLM"})
@@ -105,6 +153,8 @@ def reference_params_cmd(preset: str | None, config_path: str | None, as_json: b
     """Parameter counts of a model config, split by part."""
     import json
 
+    _require_extra("reference params")
+
     from onellm.ref.config import resolve_config
     from onellm.ref.model import count_parameters
 
@@ -138,7 +188,7 @@ _MAKE_TINY_LIMIT = 200_000_000  # parameters; a random model bigger than this is
 
 
 @reference_group.command("make-tiny")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=click.Path(),
               help="Directory for consolidated.00-of-01.pth, tokenizer.model and config.json.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--preset", default="tiny", show_default=True, help="Model preset name.")
@@ -153,11 +203,14 @@ def reference_make_tiny_cmd(out_dir: str, seed: int, preset: str, config_path: s
     """
     from pathlib import Path
 
+    _require_extra("reference make-tiny")
     from onellm.ref.config import resolve_config
     from onellm.ref.model import count_parameters
     from onellm.ref.testing import save_random_checkpoint, train_tiny_tokenizer
     from onellm.runtime.errors import ConfigError, InputError
+    from onellm.runtime.inputs import check_out_dir
 
+    check_out_dir(out_dir)
     cfg = resolve_config(None if config_path else preset, config_path)
     total = count_parameters(cfg)["total"]
     if total > _MAKE_TINY_LIMIT:
@@ -179,6 +232,42 @@ def reference_make_tiny_cmd(out_dir: str, seed: int, preset: str, config_path: s
                "--greedy \"Describe the scene.\"")
 
 
+# Legal ranges of the numeric options: option -> (test, words for "expected").
+_RANGES = {
+    "--max-tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "--temperature": (lambda v: v >= 0, "a number >= 0"),
+    "--top-p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "--top-k": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "--repeat-penalty": (lambda v: v > 0, "a number > 0 (1: off)"),
+    "--threads": (lambda v: v >= 1, "an integer >= 1"),
+    "--ctx": (lambda v: v >= 1, "an integer >= 1"),
+    "--logprobs": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def _check_ranges(**values) -> None:
+    """Refuse an out-of-range option before anything loads (None: not given)."""
+    import math
+
+    from onellm.runtime.errors import InputError
+
+    for name, value in values.items():
+        option = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        test, words = _RANGES[option]
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise InputError(option, words, repr(value))
+
+
+def _check_question(question: str | None) -> None:
+    from onellm.runtime.errors import InputError
+
+    if question is not None and not question.strip():
+        raise InputError("QUESTION", "a non-empty question (or none, to use the input's caption prompt)",
+                         "an empty string")
+
+
 class _ModalityOptionsCommand(click.Command):
     """A command that gets one file option per registered modality (--image, --imu, ...).
 
@@ -193,9 +282,9 @@ class _ModalityOptionsCommand(click.Command):
             self._modality_options_added = True
             # --imu takes an export folder too, and repeats for one-sensor files (ACC.csv + GYRO.csv).
             extra = [
-                click.Option([spec.cli_option, spec.name], type=click.Path(dir_okay=spec.name == "imu"),
-                             default=None, multiple=spec.name == "imu",
-                             help=f"{spec.description} [{' '.join(spec.file_types)}]")
+                click.Option([spec.cli_option, spec.name], type=click.Path(), default=None,
+                             multiple=spec.several_files,
+                             help=f"{spec.description} [{' '.join(spec.file_types)}]; - reads standard input")
                 for spec in all_modalities().values()
             ]
             anchor = getattr(self, "insert_after", "clip_checkpoint")
@@ -206,42 +295,31 @@ class _ModalityOptionsCommand(click.Command):
 
 def _parse_reader_options(items: tuple[str, ...]) -> dict:
     """KEY=VALUE strings -> keyword arguments (numbers become float, true/false bool)."""
-    from onellm.runtime.errors import InputError
+    from onellm.runtime.inputs import parse_reader_options
 
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise InputError("--reader-option", "KEY=VALUE", repr(item))
-        if value.lower() in ("true", "false"):
-            out[key] = value.lower() == "true"
-        else:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
+    return parse_reader_options(items)
 
 
 def _read_modality_input(files: dict[str, str | None], input_npy: str | None, modality: str | None,
                          options: dict | None = None):
     """(modality name, preprocessed array) from the modality options, or None for text only."""
     from onellm.runtime.errors import InputError
-    from onellm.runtime.modalities import all_modalities, get_modality
+    from onellm.runtime.inputs import check_source, reader_options, select_input
+    from onellm.runtime.modalities import get_modality
 
-    specs = all_modalities()
     given = {name: path for name, path in files.items() if path}
     if input_npy:
         if not modality:
             raise InputError("--input-npy", "--modality NAME saying which modality the array is", "no --modality")
         if given:
             raise InputError("--input-npy", "no modality file options alongside it", " ".join(
-                specs[n].cli_option for n in given))
+                get_modality(n).cli_option for n in given))
         import numpy as np
 
         spec = get_modality(modality)
+        path = check_source(input_npy, "--input-npy", modality)
         try:
-            array = np.load(input_npy, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(input_npy, "a .npy array", f"an unreadable file ({str(exc).splitlines()[0][:120]})") from None
         if tuple(array.shape) not in (spec.input_shape, (1, *spec.input_shape)):
@@ -250,33 +328,21 @@ def _read_modality_input(files: dict[str, str | None], input_npy: str | None, mo
         return spec.name, array.astype(spec.input_dtype, copy=False)
     if modality:
         raise InputError("--modality", "--input-npy FILE to go with it", "no --input-npy")
-    photo = given.get("image")
-    paired = [n for n in given if specs[n].requires_image]
-    others = [n for n in given if n != "image"]
-    if len(others) > 1:
-        raise InputError("options", "one modality input per question",
-                         " and ".join(specs[n].cli_option for n in others))
-    if not given:
+    sel = select_input(given)
+    if sel.modality is None:
         return None
-    name = others[0] if others else "image"
-    spec = specs[name]
-    if spec.requires_image and not photo:
-        raise InputError(spec.cli_option, f"its RGB photo too (--image) for {name}", "no --image")
-    options = dict(options or {})
-    if paired:
-        options["image"] = photo
-    import inspect
-
+    spec = get_modality(sel.modality)
+    options = reader_options(sel.modality, options)
+    source = check_source(sel.source, spec.cli_option, sel.modality)
+    if sel.image is not None:
+        options["image"] = check_source(sel.image, "--image", "image")
     try:
-        inspect.signature(spec.preprocess).bind(given[name], **options)
-    except TypeError as exc:  # an option this reader does not take
-        raise InputError("--reader-option", f"options the {name} reader takes", str(exc)) from None
-    try:
-        result = spec.preprocess(given[name], **options)
+        result = spec.preprocess(source, **options)
     except NotImplementedError:
-        raise InputError(given[name], f"a file the {name} reader can read",
-                         f"no {name} reader yet; pass a preprocessed array with --input-npy FILE --modality {name}") from None
-    return name, result.array
+        raise InputError(sel.source, f"a file the {sel.modality} reader can read",
+                         f"no {sel.modality} reader yet; pass a preprocessed array with --input-npy FILE "
+                         f"--modality {sel.modality}") from None
+    return sel.modality, result.array
 
 
 @reference_group.command("ask", cls=_ModalityOptionsCommand)
@@ -313,6 +379,9 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
     import json
     import time
 
+    _require_extra("reference ask")
+    _check_ranges(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    _check_question(question)
     from onellm.ref.checkpoint import load_model
     from onellm.ref.config import resolve_config
     from onellm.ref.generate import generate
@@ -417,7 +486,7 @@ def _echo_random_notice(manifest) -> None:
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="LLaMA SentencePiece tokenizer.model.")
 @click.option("--clip-checkpoint", type=click.Path(dir_okay=False),
               help="OpenAI or open_clip ViT-L/14 weights, when the checkpoint has no clip.visual.* keys.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to create.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Bundle directory to create.")
 @_model_options
 @click.option("--modalities", default=None, help="Comma-separated modalities to export (default: all in the config).")
 @click.option("--encoder-precision", default="fp32,int8", show_default=True,
@@ -440,16 +509,28 @@ def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, con
     the PyTorch reference, and records checksums and parity figures in manifest.json.
     Needs the export extra: pip install "onellm[export]".
     """
+    from onellm.runtime.inputs import check_out_dir
+
+    _require_extra("export")
+    check_out_dir(out_dir)
+    progress = _Progress("export")
+    try:
+        manifest = _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
+                           encoder_precision, decoder_quant, trt, demo, force, progress)
+    except OSError as exc:
+        from onellm.runtime.errors import os_error
+
+        raise os_error(exc, doing="write the bundle") from None
+    progress.finish()
+    _print_summary(manifest, out_dir)
+    _echo_random_notice(manifest)
+
+
+def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
+            encoder_precision, decoder_quant, trt, demo, force, progress) -> dict:
+    from onellm.export.bundle import build_bundle, build_demo_bundle
     from onellm.runtime.errors import ConfigError
 
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ConfigError("`onellm export` needs the export extra (torch, onnx, gguf): "
-                          "pip install torch==2.13.0 && pip install 'onellm[export]'") from None
-    from onellm.export.bundle import build_bundle, build_demo_bundle
-
-    progress = _Progress("export")
     if demo:
         if checkpoint or tokenizer_path:
             raise ConfigError("--demo builds a random-weight model; do not pass --checkpoint/--tokenizer with it")
@@ -464,9 +545,7 @@ def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, con
         manifest = build_bundle(out_dir, cfg, checkpoint, tokenizer_path, clip_checkpoint=clip_checkpoint,
                                 modalities=modalities, encoder_precision=encoder_precision,
                                 decoder_quant=decoder_quant or "q8_0", trt=trt, force=force, progress=progress)
-    progress.finish()
-    _print_summary(manifest, out_dir)
-    _echo_random_notice(manifest)
+    return manifest
 
 
 def _print_summary(manifest, where) -> None:
@@ -529,19 +608,38 @@ def inspect_cmd(bundle_dir: str, as_json: bool) -> None:
 
 @main.command("verify")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint", required=True, type=click.Path(), help="The checkpoint the bundle was exported from.")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="The checkpoint the bundle was exported from (the demo bundle: rebuilt from its recorded seed).")
 @click.option("--clip-checkpoint", type=click.Path(dir_okay=False), help="Separate CLIP weights, as at export.")
+@click.option("--checksums-only", is_flag=True, help="Only re-hash the bundle's files (no checkpoint, no torch).")
 @handle_errors
-def verify_cmd(bundle_dir: str, checkpoint: str, clip_checkpoint: str | None) -> None:
-    """Re-check a bundle: file checksums, then parity of every graph and GGUF vs the checkpoint."""
-    from onellm.export.verify import verify_bundle
+def verify_cmd(bundle_dir: str, checkpoint: str | None, clip_checkpoint: str | None, checksums_only: bool) -> None:
+    """Re-check a bundle: file checksums, the checkpoint's identity, then parity of every graph and GGUF.
 
-    report = verify_bundle(bundle_dir, checkpoint, clip_checkpoint=clip_checkpoint, progress=_Progress("verify"))
+    A checkpoint other than the one the bundle was exported from stops the run before
+    the slow parity checks.
+    """
+    from onellm.runtime.errors import ParityError
+
+    if checksums_only:
+        if checkpoint or clip_checkpoint:
+            from onellm.runtime.errors import ConfigError
+
+            raise ConfigError("--checksums-only checks the bundle's files alone; drop --checkpoint/--clip-checkpoint")
+        from onellm.runtime.bundle import verify_checksums
+
+        lines, checks, failures = verify_checksums(bundle_dir)
+        report = {"lines": lines, "checks": checks, "failures": failures, "ok": not failures}
+    else:
+        _require_extra("verify")
+        from onellm.export.verify import verify_bundle
+
+        progress = _Progress("verify")
+        report = verify_bundle(bundle_dir, checkpoint, clip_checkpoint=clip_checkpoint, progress=progress)
+        progress.finish()
     for line in report["lines"]:
         click.echo(line)
     if not report["ok"]:
-        from onellm.runtime.errors import ParityError
-
         raise ParityError(f"{bundle_dir}: {report['failures']} check(s) failed")
     click.echo(f"{bundle_dir}: all {report['checks']} checks passed")
 
@@ -610,26 +708,41 @@ def _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, 
                     max_new_tokens=max_tokens)
 
 
-def _reader_kwargs(modality_files: dict, imu_rate, imu_start, accel_units, gyro_units, audio_start,
+def _reader_kwargs(modality: str | None, imu_rate, imu_start, accel_units, gyro_units, audio_start,
                    reader_options) -> dict:
-    opts = _parse_reader_options(reader_options)
-    if modality_files.get("imu"):
-        for key, value in (("rate", imu_rate), ("start", imu_start), ("accel_units", accel_units),
-                           ("gyro_units", gyro_units)):
-            if value is not None:
-                opts[key] = value
-    if modality_files.get("audio") and audio_start is not None:
-        opts["start"] = audio_start
-    return opts
+    """Reader options for the chosen modality; a flag meant for another modality is refused."""
+    from onellm.runtime.inputs import reader_options as _reader_options
+
+    flags = [("--imu-rate", "imu", "rate", imu_rate), ("--imu-start", "imu", "start", imu_start),
+             ("--accel-units", "imu", "accel_units", accel_units), ("--gyro-units", "imu", "gyro_units", gyro_units),
+             ("--audio-start", "audio", "start", audio_start)]
+    return _reader_options(modality, _parse_reader_options(reader_options), flags)
 
 
-def _open_pipeline(bundle, device, precision, quant, threads):
-    from onellm.runtime.pipeline import Pipeline
+def _select(files: dict, *, embeddings: bool = False, stdin_ok: bool = True):
+    """The checked input selection: one legal combination, paths readable, `-` read from stdin."""
+    from onellm.runtime.errors import InputError
+    from onellm.runtime.inputs import STDIN, Selection, check_source, select_input
+    from onellm.runtime.modalities import get_modality
 
-    path = _bundle_path(bundle)
-    pipe = Pipeline.load(path, device=device, precision=precision, quant=quant, threads=threads)
-    _echo_random_notice(pipe.manifest)
-    return pipe
+    sel = select_input(files, embeddings=embeddings)
+    if sel.modality is None:
+        return sel
+    if not stdin_ok and STDIN in (sel.source, sel.image):
+        raise InputError(STDIN, "a file path here (standard input carries the chat's questions)", "-")
+    source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
+    image = check_source(sel.image, "--image", "image") if sel.image is not None else None
+    return Selection(sel.modality, source, image)
+
+
+def _pipeline_inputs(sel) -> dict:
+    """A selection as Pipeline keyword inputs."""
+    if sel.modality is None:
+        return {}
+    out = {sel.modality: sel.source}
+    if sel.image is not None:
+        out["image"] = sel.image
+    return out
 
 
 def _bundle_path(bundle) -> Path:
@@ -647,13 +760,24 @@ def _bundle_path(bundle) -> Path:
                 f"no --bundle given and no demo bundle at {path}; build one where the export extra is installed "
                 f"(`onellm export --demo --out {path}`) or pass --bundle DIR") from None
         from onellm.export.bundle import build_demo_bundle
+        from onellm.runtime.inputs import check_out_dir
 
+        check_out_dir(path, "the demo bundle directory")
         click.secho(f"onellm: building the demo bundle (tiny model, RANDOM weights) in {path} - once", err=True,
                     fg="yellow")
         progress = _Progress("demo bundle")
         build_demo_bundle(path, progress=progress, force=True)
         progress.finish()
     return path
+
+
+def _open_pipeline(bundle, device, precision, quant, threads, n_ctx=None):
+    from onellm.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(_bundle_path(bundle), device=device, precision=precision, quant=quant, threads=threads,
+                         n_ctx=n_ctx)
+    _echo_random_notice(pipe.manifest)
+    return pipe
 
 
 def _split_inputs(kwargs: dict) -> dict:
@@ -670,18 +794,50 @@ def _one_or_list(value):
     return value
 
 
+# Model text on a terminal: C0 controls other than newline and tab, DEL and C1 controls
+# are shown as visible symbols (U+2400 control pictures, U+FFFD for C1), so a model's
+# backspaces or escape sequences cannot move the cursor, recolour or retitle the terminal.
+_TERMINAL_SAFE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)}
+_TERMINAL_SAFE[0x7F] = 0x2421
+_TERMINAL_SAFE.update({c: 0xFFFD for c in range(0x80, 0xA0)})
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with terminal control characters made visible (newline and tab kept)."""
+    return text.translate(_TERMINAL_SAFE)
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
+def _write_chunk(chunk: str, tty: bool) -> None:
+    click.echo(terminal_safe(chunk) if tty else chunk, nl=False)
+    sys.stdout.flush()
+
+
+def _ctx_option(func):
+    return click.option("--ctx", "ctx", type=int, default=None,
+                        help="Context length in tokens (default: the model's context).")(func)
+
+
 @main.command("ask", cls=_RuntimeInputCommand)
 @_runtime_options
-@click.option("--embeddings", type=click.Path(dir_okay=False), help="A [32, n_embd] block from `onellm encode` instead of an input file.")
-@click.option("--modality", default=None, help="Modality the --embeddings block was encoded from.")
+@click.option("--embeddings", type=click.Path(),
+              help="A block file from `onellm encode` (.npz, or .npy with its .json) instead of an input file.")
+@click.option("--modality", default=None, help="Modality of a bare .npy --embeddings block (the file's own metadata otherwise).")
+@_ctx_option
 @_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, token ids, timings, input facts.")
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K log-probabilities of each step.")
 @click.argument("question", required=False)
 @handle_errors
 def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units,
-            audio_start, reader_options, embeddings, modality, max_tokens, temperature, top_p, top_k, repeat_penalty,
-            seed, greedy, as_json, logprobs, **kwargs) -> None:
+            audio_start, reader_options, embeddings, modality, ctx, max_tokens, temperature, top_p, top_k,
+            repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
     """Ask a question about one input and stream the answer.
 
     \b
@@ -689,43 +845,49 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
       onellm ask --imu examples/imu/walk.csv "What is the person doing?"
       onellm ask --depth examples/depth/depth.png --image examples/image/photo.jpg "What is in the room?"
       onellm ask --bundle my-bundle --audio clip.wav --json "Describe the sound."
-    Without a question the modality's evaluation prompt is used.
+      cat walk.csv | onellm ask --imu - "What is the person doing?"
+    Without a question the modality's evaluation prompt is used. Everything given is
+    checked before the bundle loads.
     """
     import json as _json
 
-    import numpy as np
-
+    from onellm.runtime.embeddings import check_embeddings, load_embeddings
     from onellm.runtime.errors import InputError
     from onellm.runtime.modalities import get_modality
 
+    _check_ranges(threads=threads, ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  repeat_penalty=repeat_penalty, logprobs=logprobs)
+    _check_question(question)
     files = _split_inputs(kwargs)
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
-    block = None
+    sel = _select(files, embeddings=bool(embeddings))
+    block = meta = None
     if embeddings:
-        if not modality:
-            raise InputError(embeddings, "--modality NAME naming what the block encodes", "no --modality")
-        get_modality(modality)
-        try:
-            block = np.load(embeddings, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(embeddings, "a .npy array from `onellm encode`", f"an unreadable file ({exc})") from None
+        block, meta = load_embeddings(embeddings)
+        if meta is None and not modality:
+            raise InputError(embeddings, "--modality NAME naming what the block encodes (a bare .npy has no metadata)",
+                             "no --modality")
+        if modality:
+            get_modality(modality)
+    elif modality:
+        raise InputError("--modality", "--embeddings FILE to go with it", "no --embeddings")
+    chosen = sel.modality or modality or (meta or {}).get("modality")
+    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
     if question is None:
-        chosen = modality or next((n for n, f in files.items() if f and n != "image"), None) or (
-            "image" if files.get("image") else None)
         if chosen is None:
-            raise InputError("question", "a question (or an input file, to use its caption prompt)", "neither")
+            raise InputError("QUESTION", "a question (or an input file, to use its caption prompt)", "neither")
         question = get_modality(chosen).caption_prompt
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
-    pipe = _open_pipeline(bundle, device, precision, quant, threads)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)
     with pipe:
+        if block is not None:
+            block, modality = check_embeddings(block, pipe.manifest, modality=modality, meta=meta, source=embeddings)
         stream = pipe.ask(question, stream=True, embeddings=block, modality=modality, options=options,
-                          sampling=sampling, logprobs=logprobs if as_json else 0,
-                          **{k: v for k, v in files.items() if v})
+                          sampling=sampling, logprobs=logprobs if as_json else 0, **_pipeline_inputs(sel))
+        tty = _stdout_is_tty()
         try:
             for chunk in stream:
                 if not as_json:
-                    click.echo(chunk, nl=False)
-                    sys.stdout.flush()
+                    _write_chunk(chunk, tty)
         except KeyboardInterrupt:
             pipe.cancel()
             stream.close()
@@ -745,60 +907,63 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
 
 @main.command("encode", cls=_RuntimeInputCommand)
 @_runtime_options
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npy block.")
+@click.option("--out", "out_path", required=True, type=click.Path(),
+              help="Where to write the block: NAME.npz (block + metadata), or NAME.npy plus NAME.npy.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @handle_errors
 def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
                reader_options, out_path, force, **kwargs) -> None:
     """Encode one input into the float32 [32, n_embd] block that would be injected after BOS.
 
-    Decode it elsewhere with `onellm ask --embeddings FILE --modality NAME "question"`.
+    The file records its modality and the model that made it; decode it elsewhere with
+    `onellm ask --embeddings FILE "question"` (a mismatched bundle or modality is refused).
     """
-    import numpy as np
-
+    from onellm.runtime.embeddings import embeddings_meta, save_embeddings
     from onellm.runtime.errors import InputError
+    from onellm.runtime.inputs import check_out_file
 
+    _check_ranges(threads=threads)
     files = _split_inputs(kwargs)
-    target = Path(out_path)
-    if target.exists() and not force:
-        raise InputError(target, "a new file (pass --force to overwrite)", "an existing file")
-    chosen = [n for n, f in files.items() if f and n != "image"] or (["image"] if files.get("image") else [])
-    if len(chosen) != 1:
-        raise InputError("options", "exactly one input file to encode", f"{len(chosen)}")
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    sel = _select(files)
+    if sel.modality is None:
+        raise InputError("options", "one input file to encode (--imu, --image, ...)", "none")
+    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    target = check_out_file(out_path, force=force)
     pipe = _open_pipeline(bundle, device, precision, quant, threads)
     with pipe:
-        image = files.get("image") if chosen[0] != "image" else None
-        block, meta = pipe.encode(chosen[0], files[chosen[0]], image=image, options=options)
-        tmp = target.with_name(f".{target.name}.partial.npy")
-        np.save(tmp, np.ascontiguousarray(block, dtype=np.float32))
-        os.replace(tmp, target)
-    click.echo(f"wrote {target}: {chosen[0]} block {list(block.shape)} float32")
+        block, meta = pipe.encode(sel.modality, sel.source, image=sel.image, options=options)
+        written = save_embeddings(target, block, embeddings_meta(pipe.manifest, sel.modality, pipe.precision, meta))
+    click.echo(f"wrote {' and '.join(str(p) for p in written)}: {sel.modality} block {list(block.shape)} float32")
 
 
 @main.command("chat", cls=_RuntimeInputCommand)
 @_runtime_options
+@_ctx_option
 @_sampling_options
 @handle_errors
 def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
-             reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
+             reader_options, ctx, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
     """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
 
     The input is encoded once; follow-up questions reuse the KV cache, so only the new
     turn is prefilled.
     """
+    _check_ranges(threads=threads, ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  repeat_penalty=repeat_penalty)
     files = _split_inputs(kwargs)
-    options = _reader_kwargs(files, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    sel = _select(files, stdin_ok=False)
+    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
-    pipe = _open_pipeline(bundle, device, precision, quant, threads)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover
         pass
     with pipe:
-        chat = pipe.chat(options=options, **{k: v for k, v in files.items() if v})
+        chat = pipe.chat(options=options, **_pipeline_inputs(sel))
         chat.prepare()  # read and encode the input before the first prompt (its notices come first)
         click.echo("onellm chat: type a question; Ctrl-C stops an answer, Ctrl-D quits.", err=True)
+        tty = _stdout_is_tty()
         while True:
             try:
                 question = input("you> ")
@@ -814,8 +979,7 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
             click.echo("onellm> ", nl=False)
             try:
                 for chunk in stream:
-                    click.echo(chunk, nl=False)
-                    sys.stdout.flush()
+                    _write_chunk(chunk, tty)
             except KeyboardInterrupt:
                 pipe.cancel()
                 for _ in stream:  # let the turn finish cleanly (cancelled)
@@ -877,7 +1041,7 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
         raise InputError("options", "exactly one input file to preview (e.g. --imu FILE)", found)
     name = chosen[0]
     spec = get_modality(name)
-    options = _reader_kwargs(files, **kwargs)
+    options = _reader_kwargs(name, **kwargs)
     target = Path(out_path or f"preview-{name}.png")
     if target.exists() and not force:
         raise InputError(target, "a new file for the picture (pass --force to overwrite)", "an existing file")
@@ -961,7 +1125,7 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
 @click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
 @click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(), default="bench-out", show_default=True,
               help="Where bench.json, bench.md and bench.png go.")
 @click.option("--bundle", type=click.Path(file_okay=False), default=None,
               help="Reuse this exported bundle (must match the config) instead of the cached one.")
@@ -991,6 +1155,12 @@ def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quant
     """
     import json
 
+    from onellm.runtime.inputs import check_out_dir
+
+    _check_ranges(threads=threads)
+    if not (bundle and no_torch):  # the reference rows and the export of a bundle need torch
+        _require_extra("bench")
+    check_out_dir(out_dir)
     from onellm.benchmarks.bench import BenchOptions, run_bench
     from onellm.benchmarks.report import validate, write_reports
 
@@ -1003,7 +1173,12 @@ def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quant
         plain_baselines=not no_baselines, device=device,
     )
     result = run_bench(opts, progress=lambda msg: click.echo(f"bench: {msg}", err=True))
-    paths = write_reports(result, out_dir)
+    try:
+        paths = write_reports(result, out_dir)
+    except OSError as exc:
+        from onellm.runtime.errors import os_error
+
+        raise os_error(exc, doing="write the bench reports") from None
     problems = validate(json.loads(paths["json"].read_text()))
     for p in problems:
         click.echo(f"onellm: warning: bench.json schema: {p}", err=True)

@@ -113,6 +113,7 @@ def build_bundle(
     trt: bool = False,
     force: bool = False,
     random_weights: bool = False,
+    random_seed: int | None = None,
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
 ) -> Manifest:
@@ -120,6 +121,8 @@ def build_bundle(
 
     `gguf_tolerances`: per quant, overrides of `validate_gguf`'s tolerances (the bench
     relaxes them for random-weight models, whose flat logits inflate max|diff|/std).
+    `random_seed`: the seed `save_random_checkpoint` made the checkpoint with, recorded so
+    `onellm verify` can rebuild that checkpoint (the demo bundle) instead of asking for it.
     """
     import torch
 
@@ -199,6 +202,7 @@ def build_bundle(
                 sha256=src_digest,
                 clip_source=report.clip_source,
                 tokenizer_sha256=sha256_file(tokenizer),
+                random_seed=None if random_seed is None else int(random_seed),
             ),
             n_embd=cfg.decoder.dim,
             n_inserted=cfg.n_inserted,
@@ -249,7 +253,8 @@ def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progre
         if progress:
             progress("random tiny checkpoint", 1, 1)
         return build_bundle(out_dir, cfg, ckpt, tok, encoder_precision=encoder_precision,
-                            decoder_quant=decoder_quant, force=force, random_weights=True, progress=progress)
+                            decoder_quant=decoder_quant, force=force, random_weights=True, random_seed=DEMO_SEED,
+                            progress=progress)
 
 
 def _default_precision(precisions: Sequence[str]) -> str:

@@ -95,6 +95,22 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     return Bundle(bundle_dir.resolve(), manifest)
 
 
+def verify_checksums(bundle_dir: str | Path) -> tuple[list[str], int, int]:
+    """Re-hash every file of a bundle (no cached stamp): (report lines, checks, failures)."""
+    bundle_dir = Path(bundle_dir)
+    files = load_manifest(bundle_dir, verify=False).manifest.files
+    lines: list[str] = []
+    failures = 0
+    for rel, digest in files.items():
+        if sha256_file(bundle_dir / rel) != digest:
+            failures += 1
+            lines.append(f"FAIL checksum {rel}")
+    if not failures:
+        lines.append(f"ok   checksums of {len(files)} files")
+        record_verified(bundle_dir, dict(files))
+    return lines, len(files), failures
+
+
 def verify_files(bundle_dir: Path, files: dict[str, str]) -> None:
     """Check sha256 of every file; remembers a verified state to skip re-hashing."""
     stamp = _stamp_path(bundle_dir)

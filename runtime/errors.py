@@ -48,3 +48,47 @@ class BackendError(OneLLMError):
 
 class ParityError(OneLLMError):
     """An exported artifact disagrees with the PyTorch reference beyond its tolerance."""
+
+
+class OutputError(OneLLMError):
+    """A file or directory onellm must write (--out, a cache) cannot be written.
+
+    The message names the path and what went wrong (permission, read-only file system,
+    missing parent, disk full, a file in the way).
+    """
+
+
+# errno -> what a user reads. Kept to the cases a user can act on; the rest fall back
+# to the OS's own wording.
+_ERRNO_WORDS = {
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EROFS": "read-only file system",
+    "ENOENT": "no such file or directory",
+    "ENOSPC": "no space left on device (disk full)",
+    "EDQUOT": "disk quota exceeded",
+    "EEXIST": "a file is in the way (it already exists)",
+    "ENOTDIR": "a file is in the way (a part of the path is not a directory)",
+    "EISDIR": "a directory is in the way",
+    "ENAMETOOLONG": "the file name is too long",
+    "EMFILE": "too many open files",
+    "EIO": "an input/output error from the device",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A few words on an OSError: its errno in plain words and its symbolic name."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(exc.errno or -1, "")
+    words = _ERRNO_WORDS.get(name) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return f"{words} ({name})" if name else words
+
+
+def os_error(exc: OSError, path: object = None, doing: str = "write") -> OneLLMError:
+    """An OSError as a one-line `OutputError` naming the path and what went wrong.
+
+    `doing` says what onellm was trying to do ("write", "create the directory", "read").
+    """
+    where = path if path is not None else (exc.filename if exc.filename is not None else "?")
+    return OutputError(f"{where}: cannot {doing}: {describe_os_error(exc)}")

@@ -87,7 +87,8 @@ def _load(tp: Any, value: Any, where: str, path: str) -> Any:
             raise _fail(where, _key(path, str(unknown[0])), f"is unknown (expected one of {', '.join(names)})")
         missing = [n for n in names if n not in value]
         if missing:
-            raise _fail(where, _key(path, missing[0]), "is missing")
+            raise BundleError(f"{where}: expected the key {_key(path, missing[0])!r}, found none "
+                              "(a damaged manifest or another onellm version; re-export the bundle)")
         return tp(**{n: _load(hints[n], value[n], where, _key(path, n)) for n in names})
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -306,6 +307,7 @@ class Source(_Strict):
     sha256: str  # sha256 of the checkpoint (over per-file digests when sharded)
     clip_source: str | None  # where the CLIP weights came from
     tokenizer_sha256: str  # sha256 of tokenizer.model
+    random_seed: int | None  # seed of a random-weight checkpoint (demo bundles: `verify` rebuilds it), else null
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +400,7 @@ def chain_stages(names: Sequence[str], graphs: Mapping[str, Graph], *, feed_shap
 def migrate_v1(data: Mapping[str, Any], where: str = MANIFEST) -> dict[str, Any]:
     """A version-1 manifest dict as version 2 (nothing is read from disk).
 
-    Version 2 adds: per-chain `stages` with concrete shapes (version 1 left them to the
+    Version 2 adds: the source's `random_seed` (null), per-chain `stages` with concrete shapes (version 1 left them to the
     runtime's list positions), the prompt's `header`/`turn`/`open_turn` formats, each
     GGUF's `sha256` (from the files table) and `tolerance` (out of its parity figures);
     it drops the encoder entries' inner `schema` and `tokenizer_input_shape` (now the
@@ -413,6 +415,7 @@ def migrate_v1(data: Mapping[str, Any], where: str = MANIFEST) -> dict[str, Any]
         from .prompt import V1_PROMPT  # the formats version-1 runtimes rendered `v1` with
 
         prompt.update(header=V1_PROMPT.header, turn=V1_PROMPT.turn, open_turn=V1_PROMPT.open_turn)
+        d["source"].setdefault("random_seed", None)
         for quant, dec in d["decoder"]["quants"].items():
             parity = dict(dec["parity"])
             dec["tolerance"] = parity.pop("tolerance")

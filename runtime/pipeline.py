@@ -219,21 +219,12 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def _pick_input(self, inputs: dict[str, Any]) -> tuple[str | None, Any, Any]:
         """(modality, source, image) from keyword inputs such as imu=..., depth=..., image=..."""
-        given = {k: v for k, v in inputs.items() if v is not None}
-        image = given.pop("image", None)
-        aliases = {"depth": "rgbd", "normal": "rgbn"}
-        chosen = [(aliases.get(k, k), v) for k, v in given.items()]
-        if len(chosen) > 1:
-            raise InputError("inputs", "one input modality per question", ", ".join(k for k, _ in chosen))
-        if not chosen:
-            if image is not None:
-                return "image", image, None
-            return None, None, None
-        modality, source = chosen[0]
-        get_modality(modality)
-        if modality not in self.manifest.modalities:
-            raise ConfigError(f"this bundle has no {modality!r} encoder (it has {', '.join(self.modalities)})")
-        return modality, source, image
+        from .inputs import select_input
+
+        sel = select_input(inputs)
+        if sel.modality is not None and sel.modality not in self.manifest.modalities:
+            raise ConfigError(f"this bundle has no {sel.modality!r} encoder (it has {', '.join(self.modalities)})")
+        return sel.modality, sel.source, sel.image
 
     def encode(self, modality: str, source: Any = None, *, image: Any = None, options: dict[str, Any] | None = None,
                timings: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -241,7 +232,11 @@ class Pipeline:
 
         The view is overwritten by the next encode: copy it to keep it.
         """
+        from .inputs import check_source, stdin_facts
+
         t0 = time.perf_counter()
+        source = check_source(source, get_modality(modality).cli_option, modality)
+        image = check_source(image, "--image", "image") if image is not None else None
         # First use of a modality: build its onnxruntime sessions on another thread while the
         # reader parses the file (both take real time on a cold start: session creation for
         # large graphs, and the reader's first imports, e.g. scipy.signal ~0.8 s).
@@ -264,7 +259,11 @@ class Pipeline:
         if timings is not None:
             timings["preprocess_s"] = t1 - t0
             timings["encode_s"] = t2 - t1
-        return block, dict(item.meta)
+        meta = dict(item.meta)
+        piped = stdin_facts(source)
+        if piped is not None:  # name standard input, not its temporary file
+            meta["source"], meta["stdin"] = piped["source"], piped
+        return block, meta
 
     def _build_plan(self, modality: str) -> None:
         try:
@@ -513,9 +512,10 @@ class AnswerStream:
     def _input_block(self, embeddings, modality, options, inputs, timings) -> tuple[Any, str | None, dict]:
         pipe = self.pipe
         if embeddings is not None:
-            block = _check_embeddings(embeddings, pipe.manifest)
-            if modality is None:
-                raise InputError("--embeddings", "the modality the block was encoded from (--modality)", "none")
+            from .inputs import select_input
+
+            select_input(inputs, embeddings=True)  # refuses an input file alongside the block
+            block, modality = _check_embeddings(embeddings, pipe.manifest, modality)
             timings.update(preprocess_s=0.0, encode_s=0.0)
             return block, modality, {"source": "embeddings"}
         m, source, image = pipe._pick_input(inputs)
@@ -560,7 +560,8 @@ class ChatSession:
         pipe = self.pipe
         if self.block is None:
             if self._embeddings is not None:
-                self.block = _check_embeddings(self._embeddings, pipe.manifest).copy()
+                block, self.modality = _check_embeddings(self._embeddings, pipe.manifest, self.modality)
+                self.block = block.copy()
                 self.meta = {"source": "embeddings"}
             else:
                 m, source, image = pipe._pick_input(self._inputs)
@@ -636,13 +637,11 @@ class _AnyEvent:
         return any(e.is_set() for e in self._events)
 
 
-def _check_embeddings(block: Any, manifest: Manifest) -> np.ndarray:
-    rows, n_embd = manifest.n_inserted, manifest.n_embd
-    arr = np.asarray(block)
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.shape != (rows, n_embd):
-        raise InputError("--embeddings", f"a float32 array [{rows}, {n_embd}] for this bundle", f"shape {list(arr.shape)}")
-    if not np.isfinite(arr).all():
-        raise InputError("--embeddings", "finite values", "NaN or inf")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+def _check_embeddings(block: Any, manifest: Manifest, modality: str | None = None) -> tuple[np.ndarray, str]:
+    """(float32 block, its modality) from an array or an embeddings file path (runtime/embeddings.py)."""
+    from .embeddings import check_embeddings, load_embeddings
+
+    meta = None
+    if isinstance(block, (str, os.PathLike)):
+        block, meta = load_embeddings(block)
+    return check_embeddings(block, manifest, modality=modality, meta=meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -230,3 +231,220 @@ def _tiny_cfg():
     from onellm.ref.config import load_preset
 
     return load_preset("tiny")
+
+
+# ------------------------------------------------------------------ embeddings files, stdin, terminal, verify
+
+
+def test_encode_npz_records_its_model_and_ask_checks_it(tiny_bundle, tmp_path):
+    """An .npz block carries modality, width and bundle identity; ask uses and checks them."""
+    from onellm.runtime.bundle import load_manifest
+    from onellm.runtime.embeddings import load_embeddings
+
+    emb = tmp_path / "emb.npz"
+    res = _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb))
+    assert res.exit_code == 0, res.output
+    block, meta = load_embeddings(emb)
+    manifest = load_manifest(tiny_bundle, verify=False)
+    assert block.shape == (32, 128) and meta["modality"] == "imu" and meta["n_embd"] == 128
+    assert meta["bundle"]["source_sha256"] == manifest["source"]["sha256"]
+    assert meta["input"]["source"] == IMU
+    a = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "6", "--json", "Q?")
+    b = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "--greedy", "--max-tokens", "6",
+             "--json", "Q?")  # no --modality: the file says imu
+    assert b.exit_code == 0, b.output
+    assert json.loads(b.stdout)["modality"] == "imu"
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+    wrong = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "--modality", "audio", "Q?")
+    assert wrong.exit_code == 2 and "expected --modality imu" in wrong.stderr
+
+
+def test_ask_refuses_a_block_from_another_model(tiny_bundle, tmp_path):
+    emb = tmp_path / "emb.npy"
+    assert _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb)).exit_code == 0
+    side = Path(f"{emb}.json")
+    meta = json.loads(side.read_text())
+    meta["bundle"]["source_sha256"] = "0" * 64
+    side.write_text(json.dumps(meta))
+    res = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "Q?")
+    assert res.exit_code == 2 and "one from another model" in res.stderr and "Traceback" not in res.stderr
+    side.unlink()  # a bare .npy: taken with --modality, refused without
+    bare = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "--modality", "imu", "--greedy",
+                "--max-tokens", "3", "Q?")
+    assert bare.exit_code == 0, bare.output
+    res = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "Q?")
+    assert res.exit_code == 2 and "a bare .npy has no metadata" in res.stderr
+
+
+@pytest.mark.parametrize("modality, path, fmt", [
+    ("imu", EXAMPLES / "imu" / "walk.csv", "text"),
+    ("fmri", EXAMPLES / "fmri" / "betas.npy", "npy"),
+])
+def test_stdin_input_equals_the_file(tiny_bundle, modality, path, fmt):
+    common = ["ask", "--bundle", str(tiny_bundle), "--greedy", "--max-tokens", "6", "--json", "Q?"]
+    a = _run(*common, f"--{modality}", str(path))
+    b = _run(*common, f"--{modality}", "-", input=path.read_bytes())
+    assert b.exit_code == 0, b.output
+    got = json.loads(b.stdout)
+    assert got["token_ids"] == json.loads(a.stdout)["token_ids"]
+    assert got["input"]["source"] == "<stdin>"
+    assert got["input"]["stdin"] == {"source": "<stdin>", "format": fmt, "bytes": path.stat().st_size}
+
+
+class _FakeTTY(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+NASTY = "ok\x08\x08\x1b[2J\x1b]0;pwned\x07 tab\there\r\x7fnew\nline\x9b"
+
+
+def test_terminal_output_escapes_control_characters(monkeypatch):
+    import onellm.cli as cli
+
+    tty = _FakeTTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert cli._stdout_is_tty()
+    cli._write_chunk(NASTY, cli._stdout_is_tty())
+    out = tty.getvalue()
+    assert not any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) < 0xA0 for c in out), repr(out)
+    assert out == "ok\u2408\u2408\u241b[2J\u241b]0;pwned\u2407 tab\there\u240d\u2421new\nline\ufffd"
+    assert cli.terminal_safe("plain text, ünïcode\n") == "plain text, ünïcode\n"
+
+
+def test_ask_escapes_on_a_terminal_and_json_stays_raw(monkeypatch):
+    """The same answer: made visible on a terminal, raw in --json and through a pipe."""
+    import onellm.cli as cli
+
+    class Stream:
+        answer = None
+
+        def __init__(self):
+            self._it = iter([NASTY[:6], NASTY[6:]])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self._it)
+
+        def close(self):
+            pass
+
+    class Answer:
+        def to_json(self, tok):
+            return {"answer": NASTY}
+
+    class Pipe:
+        tokenizer = bundle_dir = precision = quant = None
+        random_weights = False
+        manifest = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+        def ask(self, *a, **k):
+            s = Stream()
+            s.answer = Answer()
+            return s
+
+    monkeypatch.setattr(cli, "_open_pipeline", lambda *a, **k: Pipe())
+    raw = _run("ask", "--imu", IMU, "Q?")
+    assert raw.stdout == NASTY + "\n"  # not a terminal: the model's text as it is
+    assert json.loads(_run("ask", "--imu", IMU, "--json", "Q?").stdout)["answer"] == NASTY
+    monkeypatch.setattr(cli, "_stdout_is_tty", lambda: True)
+    shown = _run("ask", "--imu", IMU, "Q?").stdout
+    assert shown == cli.terminal_safe(NASTY) + "\n" and "\x1b" not in shown and "\x08" not in shown
+
+
+def test_ctx_option_sets_the_context(tiny_bundle):
+    from onellm.runtime.pipeline import Pipeline
+
+    res = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--ctx", "160", "--greedy", "--max-tokens", "4",
+               "Q?")
+    assert res.exit_code == 0, res.output
+    short = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--ctx", "20", "Q?")
+    assert short.exit_code != 0 and short.stderr.count("onellm: error:") == 1 and "Traceback" not in short.stderr
+    with Pipeline.load(tiny_bundle, device="cpu", n_ctx=160) as pipe:
+        assert pipe.decoder.n_ctx == 160
+
+
+def test_verify_checksums_only_needs_no_torch(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    res = _run("verify", str(tiny_bundle), "--checksums-only")
+    assert res.exit_code == 0, res.output
+    assert "ok   checksums of" in res.stdout and "checks passed" in res.stdout
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    gguf = next(copy.glob("*.gguf"))
+    with open(gguf, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    res = _run("verify", str(copy), "--checksums-only")
+    assert res.exit_code == 1 and f"FAIL checksum {gguf.name}" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_verify_stops_at_a_different_checkpoint(tiny_bundle, tiny_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint other than the exported one: FAIL, and no model load or parity run."""
+    import shutil
+
+    import onellm.ref.checkpoint as ckpt
+
+    other = tmp_path / "consolidated.00-of-01.pth"
+    shutil.copyfile(tiny_checkpoint, other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    loads = []
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError))
+    res = _run("verify", str(tiny_bundle), "--checkpoint", str(other))
+    assert res.exit_code == 1, res.output
+    assert "FAIL checkpoint sha256" in res.stdout and "parity checks skipped" in res.stdout
+    assert loads == []
+    res = _run("verify", str(tiny_bundle))  # this bundle records no seed: the checkpoint is needed
+    assert res.exit_code != 0 and "--checkpoint is needed" in res.stderr
+
+
+def test_verify_rebuilds_a_seeded_random_checkpoint(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """A bundle that records its random seed (as the demo bundle does) verifies with no --checkpoint."""
+    from conftest import TINY_SEED
+
+    from onellm.export.bundle import DEMO_SEED, build_bundle
+
+    out = tmp_path / "b"
+    manifest = build_bundle(out, tiny_config, tiny_checkpoint, tiny_tokenizer, modalities="imu",
+                            encoder_precision="fp32", decoder_quant="f32", random_weights=True, random_seed=TINY_SEED)
+    assert manifest["source"]["random_seed"] == TINY_SEED == DEMO_SEED
+    res = _run("verify", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"rebuilt the random checkpoint from seed {TINY_SEED}" in res.stdout
+    assert "checkpoint is the one the bundle was exported from" in res.stdout and "FAIL" not in res.stdout
+
+
+def test_pipeline_api_takes_an_embeddings_file_and_refuses_mixed_inputs(tiny_bundle, tmp_path):
+    """The Python API shares the CLI's rules: a file path is checked against its metadata;
+    a block plus an input file, or an image next to an IMU file, is refused."""
+    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.errors import InputError
+    from onellm.runtime.pipeline import Pipeline
+
+    emb = tmp_path / "emb.npz"
+    assert _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb)).exit_code == 0
+    with Pipeline.load(tiny_bundle, device="cpu") as pipe:
+        a = pipe.ask("Q?", imu=IMU, sampling=Sampling.greedy(5))
+        b = pipe.ask("Q?", embeddings=str(emb), sampling=Sampling.greedy(5))
+        assert b.modality == "imu" and b.token_ids == a.token_ids
+        with pytest.raises(InputError, match="expected --modality imu"):
+            pipe.ask("Q?", embeddings=emb, modality="audio")
+        with pytest.raises(InputError, match="no input file alongside"):
+            pipe.ask("Q?", embeddings=str(emb), imu=IMU)
+        with pytest.raises(InputError, match="does not take an --image"):
+            pipe.ask("Q?", imu=IMU, image=str(EXAMPLES / "image" / "photo.jpg"))

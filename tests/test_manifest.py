@@ -66,7 +66,7 @@ def test_from_dict_names_a_missing_key(tiny_bundle, path):
     for key in parents:
         node = node[key]
     del node[last]
-    with pytest.raises(BundleError, match=re.escape(f"'{path}' is missing")):
+    with pytest.raises(BundleError, match=re.escape(f"expected the key '{path}', found none")):
         Manifest.from_dict(data)
 
 

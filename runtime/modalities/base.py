@@ -47,6 +47,8 @@ class ModalitySpec:
     caption_prompt: str  # the evaluation question of spec section 8
     input_dtype: str = "float32"  # numpy dtype name of the encoder input
     requires_image: bool = False  # rgbd/rgbn: the map must come with its RGB photo
+    several_files: bool = False  # the reader takes a list of files (one-sensor IMU exports): a repeatable option
+    accepts_folder: bool = False  # the reader takes a folder (an app's export folder)
 
     def __post_init__(self) -> None:
         if self.tokenizer_kind not in TOKENIZER_KINDS:

@@ -1028,4 +1028,6 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Describe the scene.',
+    several_files=True,
+    accepts_folder=True,
 )
