@@ -981,10 +981,14 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
                 for chunk in stream:
                     _write_chunk(chunk, tty)
             except KeyboardInterrupt:
-                pipe.cancel()
+                stream.cancel()
                 for _ in stream:  # let the turn finish cleanly (cancelled)
                     pass
                 click.echo(" [stopped]", nl=False)
+            except OneLLMError as exc:  # one failed turn (e.g. a question longer than the context) ends no chat
+                click.echo("")
+                click.secho(f"onellm: {exc}", err=True, fg="red")
+                continue
             click.echo("")
 
 

@@ -143,6 +143,8 @@ class _TextStream:
         return chunk
 
     def feed(self, piece: bytes) -> str:
+        if self.stopped:  # everything after a stop string is dropped
+            return ""
         self.raw += self.utf8.decode(piece)
         return self._advance()
 

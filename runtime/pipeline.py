@@ -119,6 +119,7 @@ class Pipeline:
     """A loaded bundle: tokenizer, encoder sessions and the llama.cpp decoder."""
 
     def __init__(self, bundle: Bundle, encoder, decoder, tokenizer, load_seconds: float) -> None:
+        self.bundle = bundle  # where the bundle is and what its manifest says
         self.manifest: Manifest = bundle.manifest
         self.encoder = encoder
         self.decoder = decoder

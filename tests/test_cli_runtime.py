@@ -245,9 +245,9 @@ def test_encode_npz_records_its_model_and_ask_checks_it(tiny_bundle, tmp_path):
     res = _run("encode", "--bundle", str(tiny_bundle), "--imu", IMU, "--out", str(emb))
     assert res.exit_code == 0, res.output
     block, meta = load_embeddings(emb)
-    manifest = load_manifest(tiny_bundle, verify=False)
+    manifest = load_manifest(tiny_bundle, verify=False).manifest
     assert block.shape == (32, 128) and meta["modality"] == "imu" and meta["n_embd"] == 128
-    assert meta["bundle"]["source_sha256"] == manifest["source"]["sha256"]
+    assert meta["bundle"]["source_sha256"] == manifest.source.sha256
     assert meta["input"]["source"] == IMU
     a = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "6", "--json", "Q?")
     b = _run("ask", "--bundle", str(tiny_bundle), "--embeddings", str(emb), "--greedy", "--max-tokens", "6",
@@ -422,7 +422,7 @@ def test_verify_rebuilds_a_seeded_random_checkpoint(tiny_config, tiny_checkpoint
     out = tmp_path / "b"
     manifest = build_bundle(out, tiny_config, tiny_checkpoint, tiny_tokenizer, modalities="imu",
                             encoder_precision="fp32", decoder_quant="f32", random_weights=True, random_seed=TINY_SEED)
-    assert manifest["source"]["random_seed"] == TINY_SEED == DEMO_SEED
+    assert manifest.source.random_seed == TINY_SEED == DEMO_SEED
     res = _run("verify", str(out))
     assert res.exit_code == 0, res.output
     assert f"rebuilt the random checkpoint from seed {TINY_SEED}" in res.stdout
@@ -448,3 +448,15 @@ def test_pipeline_api_takes_an_embeddings_file_and_refuses_mixed_inputs(tiny_bun
             pipe.ask("Q?", embeddings=str(emb), imu=IMU)
         with pytest.raises(InputError, match="does not take an --image"):
             pipe.ask("Q?", imu=IMU, image=str(EXAMPLES / "image" / "photo.jpg"))
+
+
+def test_chat_survives_a_question_longer_than_the_context(tiny_bundle):
+    """One turn that cannot fit gets a one-line error; the chat goes on and answers the next."""
+    long_question = " ".join(["word"] * 400)
+    res = _run("chat", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--max-tokens", "4", "--ctx", "256",
+               input=f"{long_question}\nWhat is the person doing?\n")
+    assert res.exit_code == 0, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("onellm: ") and "n_ctx" in line]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.output
+    assert res.stdout.count("onellm> ") == 2  # both turns were taken, the second one answered

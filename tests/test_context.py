@@ -38,7 +38,7 @@ def exact_pipe(tiny_pipeline):
     from onellm.runtime.pipeline import Pipeline
 
     dec = Decoder(tiny_pipeline.decoder.path, kv_type="f32", flash_attn=False)
-    yield Pipeline(tiny_pipeline.manifest, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
+    yield Pipeline(tiny_pipeline.bundle, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
     dec.close()
 
 

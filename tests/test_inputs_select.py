@@ -88,7 +88,8 @@ def test_check_source_missing_directory_and_unreadable(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="its directory .* does not exist"):
         check_source(str(tmp_path / "gone" / "a.csv"), "--imu", "imu")
     with pytest.raises(InputError, match="found a directory"):
-        check_source(str(tmp_path), "--imu", "imu")
+        check_source(str(tmp_path), "--audio", "audio")
+    assert check_source(str(tmp_path), "--imu", "imu") == tmp_path  # an IMU export folder is a source
     f = tmp_path / "a.csv"
     f.write_text("t,ax\n")
     real_open = open
@@ -205,7 +206,14 @@ def test_out_checks_find_files_in_the_way_and_missing_parents(tmp_path):
 # ------------------------------------------------------------------ embeddings files
 
 
-MANIFEST = {"n_embd": 8, "n_inserted": 4, "source": {"sha256": "ab" * 32}, "preset": "t", "_dir": "/b"}
+def _manifest(n_embd: int = 8, sha: str = "ab" * 32):
+    """The manifest fields the embeddings checks read (a stand-in for the typed Manifest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(n_embd=n_embd, n_inserted=4, source=SimpleNamespace(sha256=sha), preset="t")
+
+
+MANIFEST = _manifest()
 
 
 @pytest.mark.parametrize("name", ["emb.npz", "emb.npy"])
@@ -229,10 +237,10 @@ def test_embeddings_mismatches_are_refused(tmp_path):
     meta = embeddings_meta(MANIFEST, "audio")
     with pytest.raises(InputError, match="expected --modality audio .* found --modality imu"):
         check_embeddings(block, MANIFEST, modality="imu", meta=meta)
-    other = {**MANIFEST, "source": {"sha256": "cd" * 32}}
+    other = _manifest(sha="cd" * 32)
     with pytest.raises(InputError, match="one from another model"):
         check_embeddings(block, other, meta=meta)
-    wider = {**MANIFEST, "n_embd": 16}
+    wider = _manifest(n_embd=16)
     with pytest.raises(InputError, match=r"\[4, 16\] for this bundle, found one made for \[4, 8\]"):
         check_embeddings(np.zeros((4, 16), np.float32), wider, meta=meta)
     with pytest.raises(InputError, match="--modality"):

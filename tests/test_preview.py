@@ -179,7 +179,7 @@ def test_cli_passes_the_reader_options_like_ask(tmp_path):
     res = _run([*EXAMPLE["imu"][1], "--imu-start", "1.5", "--accel-units", "m/s2",
                 "--out", str(tmp_path / "p.png"), "--json"])
     facts = json.loads(res.output)["input"]
-    assert facts["window_s"] == [1.5, 3.5] and facts["accel_units"].startswith("m/s2 (given)")
+    assert facts["window_s"] == [1.5, 3.5] and facts["accel_units"].startswith("m/s2 (given")
     res = _run(["--audio", EXAMPLE["audio"][0], "--audio-start", "1", "--out", str(tmp_path / "a.png"), "--json"])
     assert json.loads(res.output)["input"]["padded_frames"] > json.loads(
         _run(["--audio", EXAMPLE["audio"][0], "--out", str(tmp_path / "b.png"), "--json"]).output)["input"]["padded_frames"]
@@ -188,7 +188,7 @@ def test_cli_passes_the_reader_options_like_ask(tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "options: expected exactly one input file to preview (e.g. --imu FILE), found none"),
     (["--imu", "IMU", "--audio", "AUDIO"], "found --audio and --imu"),
-    (["--imu", "IMU", "--reader-option", "colour=red"], "--reader-option: expected options the imu reader takes"),
+    (["--imu", "IMU", "--reader-option", "colour=red"], "--reader-option: expected an option of the imu reader"),
     (["--depth", "DEPTH"], "expected the RGB photo as well"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
