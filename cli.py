@@ -892,10 +892,14 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
               help="Reader option for every job (a job's own \"options\" win; repeatable).")
 @_sampling_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the jobs as a Ray Data pipeline (pip install onellm[ray]): a new local Ray, or ADDRESS.")
+@click.option("--ray-actors", type=int, default=2, show_default=True, help="With --ray: pipelines (actors) to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
 @handle_errors
 def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
-              reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, as_json) -> None:
+              reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
+              ray_actors, as_json) -> None:
     """Answer many jobs into a resumable JSONL results file.
 
     \b
@@ -940,7 +944,15 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 
     with ResultsFile(out_path) as results:
         pending = sum(1 for j in jobs if j.id not in results.done)
-        if pending:
+        if pending and ray_address:
+            from onellm.runtime.pipeline import default_bundle_dir
+            from onellm.runtime.ray_batch import run_batch_ray
+
+            state = run_batch_ray(jobs, results, bundle=bundle or default_bundle_dir(),
+                                  address=None if ray_address == "local" else ray_address, actors=ray_actors,
+                                  sampling=sampling, device="cpu" if device == "auto" else device, threads=threads,
+                                  progress=show)
+        elif pending:
             with _open_pipeline(bundle, device, precision, quant, threads) as pipe:
                 state = run_batch(pipe, jobs, results, sampling=sampling, progress=show)
         else:
