@@ -43,3 +43,28 @@ def test_ray_batch_refuses_a_missing_bundle_before_starting(tmp_path):
 
     with ResultsFile(tmp_path / "r.jsonl") as results, pytest.raises(BundleError):
         run_batch_ray(read_jobs(_write_jobs(tmp_path)), results, bundle=tmp_path / "nothing")
+
+
+def test_killed_actor_loses_no_job(two_node_cluster, tiny_bundle, tiny_pipeline, tmp_path):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    jobs = read_jobs(_write_jobs(tmp_path))
+    _batch(tiny_pipeline, jobs, tmp_path / "local.jsonl")
+    killed = []
+
+    def kill_one_actor(state):  # after the first record: the other actor is mid-job
+        if not killed:
+            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "_Answerer" in a.class_name]
+            assert len(workers) == 2
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append(workers[0].pid)
+
+    out = tmp_path / "ray.jsonl"
+    with ResultsFile(out) as results:
+        state = run_batch_ray(jobs, results, bundle=tiny_bundle, actors=2, sampling=GREEDY, threads=1,
+                              progress=kill_one_actor)
+    assert killed and state.done + state.failed == len(jobs)
+    assert _by_id(read_results(out)) == _by_id(read_results(tmp_path / "local.jsonl"))  # each id once, all equal
