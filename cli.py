@@ -1115,6 +1115,104 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
         engine.close()
 
 
+# --------------------------------------------------------------------------- batch
+
+
+@main.command("batch")
+@click.argument("jobs_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Results JSONL: appended to, never overwritten; ids already in it are skipped.")
+@click.option("--inputs", "inputs_dir", type=click.Path(file_okay=False), default=None,
+              help="Instead of JOBS_FILE: every file of --modality's types in this folder (id = relative path).")
+@click.option("--question", default=None, help="With --inputs: the question asked about every file.")
+@click.option("--modality", default=None, help="With --inputs: which modality the files are.")
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory (default: the demo bundle in the cache, built on first use).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+              help="Where the encoder runs (as for `onellm ask`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None, help="Encoder precision.")
+@click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
+              help="Reader option for every job (a job's own \"options\" win; repeatable).")
+@_sampling_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the jobs as a Ray Data pipeline (pip install onellm[ray]): a new local Ray, or ADDRESS.")
+@click.option("--ray-actors", type=int, default=2, show_default=True, help="With --ray: pipelines (actors) to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
+@handle_errors
+def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
+              reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
+              ray_actors, as_json) -> None:
+    """Answer many jobs into a resumable JSONL results file.
+
+    \b
+    Each line of JOBS_FILE is a JSON object, e.g.
+      {"id": "w1", "imu": "walk.csv", "question": "What is the person doing?",
+       "options": {"start": 1.0}, "sampling": {"temperature": 0, "max_tokens": 32, "seed": 1}}
+    ("questions": [...] asks several in one chat). Relative paths are relative to JOBS_FILE.
+    \b
+    Examples:
+      onellm batch jobs.jsonl --out results.jsonl
+      onellm batch --inputs clips/ --modality imu --question "What is the person doing?" --out r.jsonl
+    A rerun skips the ids already in --out; a bad input becomes {"id", "error"} and the run goes on.
+    """
+    import json as _json
+
+    from onellm.runtime.batch import ResultsFile, jobs_from_dir, read_jobs, run_batch
+    from onellm.runtime.errors import InputError
+
+    defaults = _parse_reader_options(reader_options)
+    if inputs_dir is not None:
+        if jobs_file is not None:
+            raise InputError("--inputs", "either JOBS_FILE or --inputs DIR", "both")
+        if not modality:
+            raise InputError("--inputs", "--modality NAME saying which files to take", "no --modality")
+        jobs = jobs_from_dir(inputs_dir, modality, question or "", defaults)
+    else:
+        if jobs_file is None:
+            raise InputError("batch", "a JOBS_FILE (or --inputs DIR --modality M --question Q)", "neither")
+        jobs = read_jobs(jobs_file)
+        if defaults:
+            import dataclasses
+
+            jobs = [dataclasses.replace(j, options={**defaults, **j.options}) for j in jobs]
+    sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
+    tty = sys.stderr.isatty()
+
+    def show(p) -> None:
+        if tty:
+            eta = "?" if p.eta_s is None else f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
+            click.echo(f"\rbatch: {p.finished}/{p.total} ({p.failed} failed) {p.jobs_per_s:.2f} jobs/s ETA {eta}  ",
+                       err=True, nl=False)
+
+    with ResultsFile(out_path) as results:
+        pending = sum(1 for j in jobs if j.id not in results.done)
+        if pending and ray_address:
+            from onellm.runtime.pipeline import default_bundle_dir
+            from onellm.runtime.ray_batch import run_batch_ray
+
+            state = run_batch_ray(jobs, results, bundle=bundle or default_bundle_dir(),
+                                  address=None if ray_address == "local" else ray_address, actors=ray_actors,
+                                  sampling=sampling, device="cpu" if device == "auto" else device, threads=threads,
+                                  progress=show)
+        elif pending:
+            with _open_pipeline(bundle, device, precision, quant, threads) as pipe:
+                state = run_batch(pipe, jobs, results, sampling=sampling, progress=show)
+        else:
+            from onellm.runtime.batch import Progress
+
+            state = Progress(total=0, skipped=len(jobs))
+    if tty:
+        click.echo("", err=True)
+    summary = state.summary()
+    if as_json:
+        click.echo(_json.dumps(summary))
+    else:
+        click.echo(f"batch: {summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped "
+                   f"in {summary['seconds']:.1f} s ({summary['jobs_per_s']:.2f} jobs/s) -> {out_path}", err=True)
+
+
 # --------------------------------------------------------------------------- bench
 
 

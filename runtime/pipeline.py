@@ -218,7 +218,7 @@ class Pipeline:
         return list(self.manifest.modalities)
 
     # ------------------------------------------------------------------ stages
-    def _pick_input(self, inputs: dict[str, Any]) -> tuple[str | None, Any, Any]:
+    def pick_input(self, inputs: dict[str, Any]) -> tuple[str | None, Any, Any]:
         """(modality, source, image) from keyword inputs such as imu=..., depth=..., image=..."""
         from .inputs import select_input
 
@@ -519,7 +519,7 @@ class AnswerStream:
             block, modality = _check_embeddings(embeddings, pipe.manifest, modality)
             timings.update(preprocess_s=0.0, encode_s=0.0)
             return block, modality, {"source": "embeddings"}
-        m, source, image = pipe._pick_input(inputs)
+        m, source, image = pipe.pick_input(inputs)
         if m is None:
             timings.update(preprocess_s=0.0, encode_s=0.0)
             return None, modality, {}
@@ -565,7 +565,7 @@ class ChatSession:
                 self.block = block.copy()
                 self.meta = {"source": "embeddings"}
             else:
-                m, source, image = pipe._pick_input(self._inputs)
+                m, source, image = pipe.pick_input(self._inputs)
                 if m is not None:
                     block, self.meta = pipe.encode(m, source, image=image, options=self._options, timings=timings)
                     self.block, self.modality = np.array(block, copy=True), m

@@ -44,7 +44,7 @@ def exact_pipe(tiny_pipeline):
 
 def _open_copy(conv: Conversation) -> Conversation:
     """`conv` with its last answer reopened: the prompt that answer was generated from."""
-    return Conversation(list(conv.messages[:-1]) + [("Assistant", None)])
+    return Conversation(conv.spec, list(conv.messages[:-1]) + [("Assistant", None)])
 
 
 def _fresh_tokens(pipe, conv: Conversation, block) -> list[int]:

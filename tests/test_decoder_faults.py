@@ -187,7 +187,7 @@ def test_chat_survives_a_fault_at_every_native_call(exact_pipe, block, monkeypat
                 # the next turn works and equals a fresh prefill of the kept history
                 again = chat.ask(Q1 if turn == 1 else Q2, sampling=_greedy())
                 _check_consistent(chat)
-                conv = Conversation(list(chat.conversation.messages[:-1]) + [("Assistant", None)])
+                conv = Conversation(chat.conversation.spec, list(chat.conversation.messages[:-1]) + [("Assistant", None)])
                 assert again.token_ids == _fresh_tokens(pipe, conv, block), point
                 if not kept:
                     assert again.token_ids == (want1 if turn == 1 else want2).token_ids, point
@@ -297,7 +297,7 @@ def test_chat_turn_stopped_by_its_consumer(exact_pipe, block, how, after):
         assert stream.answer is None and chat.turns == 1
         assert chat.conversation.messages == [("Human", Q1), ("Assistant", first.text)]
     nxt = chat.ask("And now?", sampling=_greedy())
-    conv = Conversation(list(chat.conversation.messages[:-1]) + [("Assistant", None)])
+    conv = Conversation(chat.conversation.spec, list(chat.conversation.messages[:-1]) + [("Assistant", None)])
     assert nxt.token_ids == _fresh_tokens(pipe, conv, block)
     _check_consistent(chat)
     MATRIX[f"consumer {how} after {after} chunks"] = [outcome, f"turns kept {chat.turns - 1}",

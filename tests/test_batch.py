@@ -1,0 +1,310 @@
+"""`onellm batch`: job validation, resumable results, error records, and equality with single asks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from onellm.cli import main
+from onellm.runtime import batch
+from onellm.runtime.batch import ResultsFile, jobs_from_dir, read_jobs, read_results, run_batch
+from onellm.runtime.decoder import Sampling
+from onellm.runtime.errors import InputError
+from onellm.runtime.pipeline import read_input
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+IMU = EXAMPLES / "imu" / "walk.csv"
+FMRI = EXAMPLES / "fmri" / "betas.npy"
+GREEDY = Sampling.greedy(max_new_tokens=6)
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _write_jobs(folder: Path, n_imu: int = 4) -> Path:
+    """A jobs file in `folder` with relative input paths: n_imu IMU questions, one fMRI chat, one bad input."""
+    shutil.copy(IMU, folder / "walk.csv")
+    shutil.copy(FMRI, folder / "betas.npy")
+    (folder / "broken.csv").write_text("time_s,acc_x\n0,1\n")
+    lines = [{"id": f"imu-{i}", "imu": "walk.csv", "question": f"What is happening, take {i}?"} for i in range(n_imu)]
+    lines.insert(2, {"id": "bad", "imu": "broken.csv", "question": "What?"})
+    lines.append({"id": "brain", "fmri": "betas.npy", "questions": ["What was seen?", "Where?"]})
+    lines.append({"id": "late", "imu": "walk.csv", "question": "Later?", "options": {"start": 1.0}})
+    path = folder / "jobs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _essence(rec: dict) -> dict:
+    """A record without its timings (what must repeat exactly)."""
+    out = {k: v for k, v in rec.items() if k != "seconds"}
+    if "input" in out:
+        out["input"] = {k: v for k, v in out["input"].items() if k != "preprocess_s"}
+    return out
+
+
+def _by_id(records: list[dict]) -> dict[str, dict]:
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), f"duplicated ids: {ids}"
+    return {r["id"]: _essence(r) for r in records}
+
+
+def _batch(pipe, jobs, out: Path, sampling=GREEDY):
+    with ResultsFile(out) as results:
+        return run_batch(pipe, jobs, results, sampling=sampling)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("lines, number, expect", [
+    (['{"id": "a", "question": "Q"}', '{"id": "b", "question": '], 2, "invalid JSON"),
+    (['{"id": "a", "question": "Q"}', "", '{"question": "Q"}'], 3, '"id"'),
+    (['{"id": "a", "question": "Q"}', '{"id": "a", "question": "R"}'], 2, "first on line 1"),
+    (['{"id": 1, "imu": "x.csv"}'], 1, '"question" or "questions"'),
+    (['{"id": 1, "question": "Q", "colour": "red"}'], 1, "colour"),
+    (['{"id": 1, "question": "Q", "sampling": {"temperature": "hot"}}'], 1, "temperature"),
+    (['{"id": 1, "questions": []}'], 1, "non-empty"),
+    (['[1, 2]'], 1, "a JSON object"),
+])
+def test_bad_jobs_file_names_the_line(tmp_path, lines, number, expect):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as err:
+        read_jobs(path)
+    msg = str(err.value)
+    assert f"jobs.jsonl:{number}:" in msg and expect in msg and "\n" not in msg
+
+
+def test_bad_jobs_file_fails_before_the_bundle_loads(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"id": "a", "question": "Q"}\n{"id": "a", "question": "Q"}\n')
+    res = _run("batch", str(path), "--out", str(tmp_path / "r.jsonl"), "--bundle", str(tmp_path / "no-bundle"))
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "jobs.jsonl:2:" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r.jsonl").exists() or (tmp_path / "r.jsonl").read_bytes() == b""
+
+
+def test_relative_paths_resolve_against_the_jobs_folder(tmp_path):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    assert jobs[0].inputs == {"imu": str(tmp_path.resolve() / "walk.csv")}
+    assert [j.line for j in jobs] == list(range(1, len(jobs) + 1))
+    assert jobs[-2].questions == ("What was seen?", "Where?") and jobs[-2].multi
+    assert jobs[-1].options == {"start": 1.0}
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_results_equal_single_asks_and_bad_inputs_are_records(tiny_pipeline, tmp_path):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    state = _batch(tiny_pipeline, jobs, tmp_path / "r.jsonl")
+    assert (state.done, state.failed, state.skipped) == (len(jobs) - 1, 1, 0)
+    got = _by_id(read_results(tmp_path / "r.jsonl"))
+    assert list(got) == [j.id for j in jobs]  # in job order
+    with pytest.raises(InputError) as err:
+        read_input("imu", str(tmp_path / "broken.csv"))
+    assert got["bad"] == {"id": "bad", "error": str(err.value)}
+    for job in jobs:
+        if job.id == "bad":
+            continue
+        if job.multi:
+            chat = tiny_pipeline.chat(options=job.options, **job.inputs)
+            want = [chat.ask(q, sampling=GREEDY) for q in job.questions]
+            assert [a["answer"] for a in got[job.id]["answers"]] == [a.text for a in want]
+            assert [a["token_ids"] for a in got[job.id]["answers"]] == [a.token_ids for a in want]
+        else:
+            want = tiny_pipeline.ask(job.questions[0], options=job.options, sampling=GREEDY, **job.inputs)
+            assert got[job.id]["answer"] == want.text and got[job.id]["token_ids"] == want.token_ids
+            assert got[job.id]["stop_reason"] == want.stop_reason and got[job.id]["input"]["n_samples"] > 0
+    # the window option reached the reader
+    assert got["late"]["input"]["window_s"] == [1.0, 3.0]
+    assert len(got["imu-0"]["token_ids"]) > 0
+
+
+def test_seeded_sampling_repeats_exactly(tiny_pipeline, tmp_path):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    hot = Sampling(temperature=1.5, top_p=1.0, seed=7, max_new_tokens=8)
+    _batch(tiny_pipeline, jobs, tmp_path / "a.jsonl", sampling=hot)
+    _batch(tiny_pipeline, jobs, tmp_path / "b.jsonl", sampling=hot)
+    a, b = _by_id(read_results(tmp_path / "a.jsonl")), _by_id(read_results(tmp_path / "b.jsonl"))
+    assert a == b
+    _batch(tiny_pipeline, jobs, tmp_path / "g.jsonl")
+    greedy = _by_id(read_results(tmp_path / "g.jsonl"))
+    assert any(a[k].get("token_ids") != greedy[k].get("token_ids") for k in a)  # the sampling did something
+
+
+def test_job_sampling_overrides_the_run_default(tiny_pipeline, tmp_path):
+    shutil.copy(FMRI, tmp_path / "betas.npy")
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"id": "short", "fmri": "betas.npy", "question": "Q?", "sampling": {"max_tokens": 2}}\n'
+        '{"id": "long", "fmri": "betas.npy", "question": "Q?"}\n')
+    _batch(tiny_pipeline, read_jobs(tmp_path / "jobs.jsonl"), tmp_path / "r.jsonl",
+           sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=5, seed=3))
+    got = _by_id(read_results(tmp_path / "r.jsonl"))
+    assert len(got["short"]["token_ids"]) <= 2 and got["long"]["token_ids"][:2] == got["short"]["token_ids"]
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def test_interrupt_in_the_middle_then_resume_loses_and_duplicates_nothing(tiny_pipeline, tmp_path, monkeypatch):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    _batch(tiny_pipeline, jobs, tmp_path / "clean.jsonl")
+    clean = _by_id(read_results(tmp_path / "clean.jsonl"))
+
+    real = batch.Runner._answer
+    calls = []
+
+    def interrupted(self, prep):
+        calls.append(prep.job.id)
+        if len(calls) == 3:  # the third answered job: Ctrl-C while it decodes
+            raise KeyboardInterrupt
+        return real(self, prep)
+
+    monkeypatch.setattr(batch.Runner, "_answer", interrupted)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _batch(tiny_pipeline, jobs, out)
+    first = read_results(out)
+    assert [r["id"] for r in first] == ["imu-0", "imu-1", "bad"]  # two answers + the error record, then the kill
+    before = out.read_bytes()
+    monkeypatch.setattr(batch.Runner, "_answer", real)
+    state = _batch(tiny_pipeline, jobs, out)
+    assert (state.skipped, state.done + state.failed) == (3, len(jobs) - 3)
+    assert out.read_bytes().startswith(before)  # appended, never rewritten
+    assert _by_id(read_results(out)) == clean
+
+
+def test_reader_failure_stops_the_run_and_keeps_what_was_written(tiny_pipeline, tmp_path, monkeypatch):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    real = batch.Runner._prepare
+
+    def broken(self, job):
+        if job.id == "imu-3":
+            raise RuntimeError("reader crashed")
+        return real(self, job)
+
+    monkeypatch.setattr(batch.Runner, "_prepare", broken)
+    with pytest.raises(RuntimeError, match="reader crashed"):
+        _batch(tiny_pipeline, jobs, tmp_path / "r.jsonl")
+    assert [r["id"] for r in read_results(tmp_path / "r.jsonl")] == ["imu-0", "imu-1", "bad", "imu-2"]
+
+
+def test_torn_last_line_is_stepped_over_not_cut(tiny_pipeline, tmp_path):
+    jobs = read_jobs(_write_jobs(tmp_path))
+    out = tmp_path / "r.jsonl"
+    _batch(tiny_pipeline, jobs[:2], out)
+    full = _by_id(read_results(out))
+    with open(out, "ab") as fh:
+        fh.write(b'{"id":"bad","error":"half a reco')  # a kill -9 in the middle of a write
+    torn = out.read_bytes()
+    results = ResultsFile(out)
+    assert results.done == {"imu-0", "imu-1"} and results.torn_lines == 1
+    results.close()
+    assert out.read_bytes() == torn + b"\n"  # the torn line is kept; the next record starts on its own line
+    state = _batch(tiny_pipeline, jobs, out)
+    assert (state.skipped, state.done + state.failed) == (2, len(jobs) - 2)
+    data = out.read_bytes()
+    assert data.startswith(torn + b"\n")
+    got = _by_id(read_results(out))
+    assert set(got) == {j.id for j in jobs} and got["imu-0"] == full["imu-0"]
+    assert "broken.csv" in got["bad"]["error"]
+
+
+KILLER = textwrap.dedent("""
+    import sys, threading
+    from onellm.runtime import batch
+    real = batch.Runner._answer
+    calls = []
+    def slow_after(self, prep):
+        calls.append(prep.job.id)
+        if len(calls) > {k}:
+            threading.Event().wait()  # stuck in the decode of job {k}+1 until the test kills us
+        return real(self, prep)
+    batch.Runner._answer = slow_after
+    from onellm.cli import main
+    sys.argv = ["onellm"] + sys.argv[1:]
+    main()
+""")
+
+
+def test_kill_9_loses_only_the_job_in_flight(tiny_bundle, tmp_path):
+    jobs_file = _write_jobs(tmp_path)
+    n_jobs = len(read_jobs(jobs_file))
+    out = tmp_path / "r.jsonl"
+    k = 3  # answered jobs before the stall (plus the error record among them)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(k=k))
+    args = ["batch", str(jobs_file), "--out", str(out), "--bundle", str(tiny_bundle), "--greedy", "--max-tokens", "6"]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and len(read_results(out)) >= k + 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    first = [r["id"] for r in read_results(out)]
+    assert first == ["imu-0", "imu-1", "bad", "imu-2"]
+    res = _run(*args, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["skipped"] == 4 and summary["done"] + summary["failed"] == n_jobs - 4
+    clean = tmp_path / "clean.jsonl"
+    assert _run(*[a if a != str(out) else str(clean) for a in args]).exit_code == 0
+    assert _by_id(read_results(out)) == _by_id(read_results(clean))
+    again = _run(*args, "--json")
+    assert json.loads(again.output.strip().splitlines()[-1])["skipped"] == n_jobs  # nothing left to do
+
+
+# ----------------------------------------------------------------------------- --inputs DIR
+
+
+def test_inputs_folder_form(tiny_bundle, tmp_path):
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    shutil.copy(IMU, clips / "b.csv")
+    shutil.copy(IMU, clips / "sub" / "a.CSV")
+    (clips / "notes.md").write_text("not an IMU file")
+    jobs = jobs_from_dir(clips, "imu", "What?")
+    assert [j.id for j in jobs] == ["b.csv", "sub/a.CSV"]
+    out = tmp_path / "r.jsonl"
+    res = _run("batch", "--inputs", str(clips), "--modality", "imu", "--question", "What is the person doing?",
+               "--out", str(out), "--bundle", str(tiny_bundle), "--greedy", "--max-tokens", "5", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (2, 0, 0) and summary["jobs_per_s"] > 0
+    recs = read_results(out)
+    assert [r["id"] for r in recs] == ["b.csv", "sub/a.CSV"]
+    assert recs[0]["token_ids"] == recs[1]["token_ids"]  # the same recording, the same greedy answer
+    assert recs[0]["question"] == "What is the person doing?"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--inputs", "DIR", "--question", "Q"], "--modality"),
+    (["--inputs", "DIR", "--modality", "imu"], "--question"),
+    (["--inputs", "DIR", "--modality", "depth", "--question", "Q"], "jobs file"),
+    (["--inputs", "DIR/none", "--modality", "imu", "--question", "Q"], "no such folder"),
+    ([], "JOBS_FILE"),
+])
+def test_inputs_folder_errors_are_one_line(tmp_path, args, expect):
+    args = [a.replace("DIR", str(tmp_path)) for a in args]
+    res = _run("batch", *args, "--out", str(tmp_path / "r.jsonl"))
+    assert res.exit_code == 2 and expect in res.output and res.output.strip().count("\n") == 0
