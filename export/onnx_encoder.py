@@ -64,7 +64,7 @@ from onellm.runtime.bundle import sha256_file
 from onellm.runtime.errors import ConfigError, ParityError
 from onellm.runtime.modalities import get_modality
 
-from .quantize import PRECISIONS, convert_fp16, optimize_graph, quantize_int8
+from .quantize import DEFAULT_INT8_RECIPE, PRECISIONS, convert_fp16, optimize_graph, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -392,13 +392,15 @@ def export_encoders(
     batched_experts: bool = False,
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
+    int8_recipe: str = DEFAULT_INT8_RECIPE,
 ) -> dict[str, dict[str, Any]]:
     """Like `export_encoder` for several precisions at once: {precision: entries}.
 
     Each graph is traced from torch once; the precisions are derived from that fp32
     graph (files `<graph>.<precision>.onnx`). `optimize` runs onnxruntime's transformer
     fusions on the trunk and the UPM; `batched_experts` exports the UPM with the three
-    experts stacked into batched MatMuls instead of three chains.
+    experts stacked into batched MatMuls instead of three chains. `int8_recipe` picks how
+    the int8 graphs are quantised (`export.quantize.INT8_RECIPES`; calibration-free ones only).
     """
     for p in precisions:
         if p not in PRECISIONS:
@@ -419,7 +421,8 @@ def export_encoders(
         for i, job in enumerate(jobs):
             if progress:
                 progress(f"graph {job.name}", i, total)
-            for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed).items():
+            for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed,
+                                        int8_recipe).items():
                 graphs[p][job.name] = entry
     results = {}
     references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # modality -> (input, torch output)
@@ -473,7 +476,7 @@ def _is_decoder_key(name: str) -> bool:
 
 
 def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[str], optimize: bool, root: Path,
-                seed: int) -> dict[str, dict[str, Any]]:
+                seed: int, int8_recipe: str = DEFAULT_INT8_RECIPE) -> dict[str, dict[str, Any]]:
     """Trace one graph, fuse it, derive each precision, validate each right after writing it."""
     started = time.perf_counter()
     raw = tmp / f"{job.name}.raw.onnx"
@@ -496,9 +499,11 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
             elif effective == "fp16":
                 convert_fp16(src, dst)
             else:
-                quantize_int8(src, dst)
+                quantization = quantize_int8(src, dst, recipe=int8_recipe)
         parity = _validate_graph(job, dst, effective, seed)
         entry = graph_entry(dst, root)
+        if effective == "int8":
+            entry["quantization"] = quantization
         entry.update(
             used_by=list(job.used_by),
             fused_ops=fused,
