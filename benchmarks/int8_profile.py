@@ -14,8 +14,8 @@ candidate alike):
 * profiles one run per recipe with onnxruntime's profiler (`SessionOptions.enable_profiling`)
   and groups the kernel time by operator class: int8 GEMM, activation (de)quantisation,
   fp32 GEMM, attention, LayerNorm, softmax, GELU, other;
-* measures the int8 GEMM ceiling (2048^3 MatMulInteger, `bench.measure_gemm`) and gives
-  the int8 GEMM's rate as a fraction of it.
+* measures the int8 GEMM ceiling (2048^3 MatMulInteger, `bench.measure_gemm`, best of 5)
+  and gives the int8 GEMM kernels' rate as a fraction of it.
 
 Prints one JSON object (load average at start and end included).
 """
@@ -189,9 +189,11 @@ def run(cfg, modality: str, recipes: list[str], repeats: int, threads: int, n_ca
     result: dict = {"preset": cfg.name, "trunk_layers": cfg.clip.layers, "width": cfg.clip.width,
                     "modality": modality, "threads": threads, "repeats": repeats,
                     "calibration_inputs": n_calib, "load_average_start": list(os.getloadavg())}
-    gemm = measure_gemm(2048, 3, threads)
-    result["ceilings_gflop_s"] = {k: v["gflop_s"]["median"] for k, v in gemm.items() if isinstance(v, dict)}
-    int8_peak = result["ceilings_gflop_s"].get("onnxruntime_int8")
+    gemm = measure_gemm(2048, 5, threads)
+    # on a loaded machine the median is disturbed; the best run is the closest to the ceiling
+    result["ceilings_gflop_s"] = {k: {"median": v["gflop_s"]["median"], "max": v["gflop_s"]["max"]}
+                                  for k, v in gemm.items() if isinstance(v, dict)}
+    int8_peak = result["ceilings_gflop_s"].get("onnxruntime_int8", {}).get("max")
     with tempfile.TemporaryDirectory(prefix="onellm-int8prof-") as tmpdir:
         tmp = Path(tmpdir)
         graphs = export_fp32(cfg, tmp, modality)
@@ -217,6 +219,13 @@ def run(cfg, modality: str, recipes: list[str], repeats: int, threads: int, n_ca
         result["ms"]["trunk+upm"] = {}
         for r in paths["trunk"]:
             result["ms"]["trunk+upm"][r] = result["ms"]["trunk"][r] + result["ms"]["upm"][r]
+        # the int8 ceiling again, right before the profiles: the best of both is the least disturbed
+        again = measure_gemm(2048, 3, threads).get("onnxruntime_int8")
+        if again:
+            result["ceilings_gflop_s"]["onnxruntime_int8_before_profiles"] = {
+                "median": again["gflop_s"]["median"], "max": again["gflop_s"]["max"]}
+            int8_peak = max(int8_peak or 0.0, again["gflop_s"]["max"]) or None
+        result["int8_ceiling_used_gop_s"] = int8_peak
         # profiles: one warm run per recipe after the timing rounds
         for (g, r), p in ((k, paths[k[0]][k[1]]) for k in sessions):
             feed = graphs[g][1][-1]
@@ -227,8 +236,9 @@ def run(cfg, modality: str, recipes: list[str], repeats: int, threads: int, n_ca
             if int8_peak and r != "fp32":
                 ops = int8_gemm_ops(p, feed)
                 us = prof["per_class_us"].get("int8_gemm", 0.0)
-                prof["int8_gemm_gop_s"] = ops / us / 1e3 if us else None
-                prof["int8_gemm_fraction_of_ceiling"] = ops / us / 1e3 / int8_peak if us else None
+                # QDQ graphs hold MatMul + DequantizeLinear (fused only in the session): ops unknown here
+                prof["int8_gemm_gop_s"] = ops / us / 1e3 if us and ops else None
+                prof["int8_gemm_fraction_of_ceiling"] = ops / us / 1e3 / int8_peak if us and ops else None
             result.setdefault("profile", {}).setdefault(g, {})[r] = prof
     result["load_average_end"] = list(os.getloadavg())
     return result
@@ -243,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config")
     ap.add_argument("--layers", type=int, help="trunk depth override (same width), for a quick look")
     ap.add_argument("--modality", default="image", help="whose tokenizer feeds the trunk (image, imu, ...)")
-    ap.add_argument("--recipes", default=",".join(["fp32", *INT8_RECIPES]),
-                    help=f"comma list of fp32 and int8 recipes (default int8 recipe: {DEFAULT_INT8_RECIPE})")
+    ap.add_argument("--recipes", default="fp32,dynamic,dynamic_per_tensor,static_qoperator",
+                    help=f"comma list of fp32 and int8 recipes ({', '.join(INT8_RECIPES)}; the export's "
+                         f"default: {DEFAULT_INT8_RECIPE})")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=4, help="how many of the 8 random inputs calibrate")
