@@ -4,6 +4,8 @@
     python -m onellm.benchmarks.encoder chain --preset tiny  # torch eager vs ORT fp32/int8, fusions,
                                                            # batched experts, thread spinning
     python -m onellm.benchmarks.encoder chain --config big.json --modalities image --repeats 2
+    python -m onellm.benchmarks.encoder chain --preset bench --modalities image,imu \
+        --variants int8,int8@dynamic_per_tensor    # torch fp32/bf16 vs int8 recipes, encoder+UPM
 
 Prints one JSON object. Random weights (seeded); timings are medians of `--repeats` runs
 after one warm-up, single input, on this machine's CPU.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -140,7 +143,12 @@ def bench_grouping(repeats: int) -> dict:
 # ---------------------------------------------------------------------------- chains
 
 
-def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str]) -> dict:
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str], bf16: bool = True) -> dict:
     """Export each variant, then time every (variant, precision, modality) chain interleaved.
 
     Interleaving (round-robin over the candidates, `repeats` rounds, median per candidate)
@@ -158,7 +166,8 @@ def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str]) -
     model = OneLLM(cfg).init_random_(0).eval()
     rng = np.random.default_rng(0)
     inputs = {m: get_modality(m).dummy_input(rng).astype(np.float32) for m in modalities}
-    out: dict = {"torch_threads": torch.get_num_threads(), "ort": ort.__version__, "times_s": {}}
+    out: dict = {"torch_threads": torch.get_num_threads(), "ort": ort.__version__, "times_s": {},
+                 "load_average_start": list(os.getloadavg())}
     # torch first, on its own: its OpenMP threads and onnxruntime's must not alternate
     for m in modalities:
         x = torch.from_numpy(inputs[m])[None]
@@ -168,11 +177,31 @@ def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str]) -
                 model.encode(m, x)
 
         out["times_s"][f"torch_eager/{m}"] = _median_seconds(run_torch, repeats)
+    if bf16:
+        import copy
+
+        model16 = copy.deepcopy(model).to(torch.bfloat16)
+        if "point" in model16.conv1:
+            model16.conv1["point"].float()  # the point tokenizer runs in fp32 (spec section 4), as in bench
+        for m in modalities:
+            x = torch.from_numpy(inputs[m])[None]
+            with torch.inference_mode():
+                ref = model.encode(m, x).float().numpy()
+
+                def run_bf16(m=m, x=x):
+                    with torch.inference_mode():
+                        return model16.encode(m, x)
+
+                out["times_s"][f"torch_bf16/{m}"] = _median_seconds(run_bf16, repeats)
+                out.setdefault("parity", {})[f"torch_bf16/{m}"] = {"cosine": _cosine(ref, run_bf16().float().numpy())}
+        del model16
     runners = {}
     encoders = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             opts = {"optimize": "nofuse" not in variant, "batched_experts": "batched" in variant}
+            if "@" in variant:  # e.g. int8@dynamic_per_tensor: an export.quantize.INT8_RECIPES name
+                opts["int8_recipe"] = variant.split("@", 1)[1]
             precs = [p for p in ("fp32", "fp16", "int8") if p in variant] or ["fp32"]
             t0 = time.perf_counter()
             res = export_encoders(model, cfg, Path(tmp) / variant, modalities, precs, **opts)
@@ -217,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modalities", default="image,audio,point")
     ap.add_argument("--variants", default="fp32+int8,nofuse_fp32,batched_fp32+int8,spin_fp32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 chain (on by default)")
     args = ap.parse_args(argv)
     if args.what == "grouping":
         result = bench_grouping(args.repeats)
@@ -224,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         from onellm.ref.config import resolve_config
 
         cfg = resolve_config(None if args.config else args.preset, args.config)
-        result = bench_chain(cfg, args.modalities.split(","), args.repeats, args.variants.split(","))
+        result = bench_chain(cfg, args.modalities.split(","), args.repeats, args.variants.split(","),
+                             bf16=not args.no_bf16)
+        result["load_average_end"] = list(os.getloadavg())
     print(json.dumps(result, indent=1, sort_keys=True))
 
 

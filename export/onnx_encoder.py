@@ -67,7 +67,7 @@ from onellm.runtime.manifest import Chain, EncoderVariant, Graph, PointGrouping,
 from onellm.runtime.modalities import get_modality
 from onellm.runtime.registry import ENCODER_PRECISIONS
 
-from .quantize import convert_fp16, optimize_graph, quantize_int8
+from .quantize import DEFAULT_INT8_RECIPE, convert_fp16, optimize_graph, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +395,15 @@ def export_encoders(
     batched_experts: bool = False,
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
+    int8_recipe: str = DEFAULT_INT8_RECIPE,
 ) -> dict[str, dict[str, Any]]:
     """Like `export_encoder` for several precisions at once: {precision: entries} (dicts).
 
     `export_encoder_variants` takes the same arguments and returns the typed variants.
     """
     variants = export_encoder_variants(model, cfg, out_dir, modalities, precisions, progress, optimize=optimize,
-                                       batched_experts=batched_experts, relative_to=relative_to, seed=seed)
+                                       batched_experts=batched_experts, relative_to=relative_to, seed=seed,
+                                       int8_recipe=int8_recipe)
     return {p: v.to_dict() for p, v in variants.items()}
 
 
@@ -417,13 +419,15 @@ def export_encoder_variants(
     batched_experts: bool = False,
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
+    int8_recipe: str = DEFAULT_INT8_RECIPE,
 ) -> dict[str, EncoderVariant]:
     """The graphs of `modalities` at each precision, validated: {precision: EncoderVariant}.
 
     Each graph is traced from torch once; the precisions are derived from that fp32
     graph (files `<graph>.<precision>.onnx`). `optimize` runs onnxruntime's transformer
     fusions on the trunk and the UPM; `batched_experts` exports the UPM with the three
-    experts stacked into batched MatMuls instead of three chains.
+    experts stacked into batched MatMuls instead of three chains. `int8_recipe` picks how
+    the int8 graphs are quantised (`export.quantize.INT8_RECIPES`; calibration-free ones only).
     """
     for p in precisions:
         if p not in ENCODER_PRECISIONS:
@@ -444,7 +448,8 @@ def export_encoder_variants(
         for i, job in enumerate(jobs):
             if progress:
                 progress(f"graph {job.name}", i, total)
-            for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed).items():
+            for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed,
+                                        int8_recipe).items():
                 graphs[p][job.name] = entry
     results = {}
     references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # modality -> (input, torch output)
@@ -496,7 +501,7 @@ def _is_decoder_key(name: str) -> bool:
 
 
 def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[str], optimize: bool, root: Path,
-                seed: int) -> dict[str, Graph]:
+                seed: int, int8_recipe: str = DEFAULT_INT8_RECIPE) -> dict[str, Graph]:
     """Trace one graph, fuse it, derive each precision, validate each right after writing it."""
     started = time.perf_counter()
     raw = tmp / f"{job.name}.raw.onnx"
@@ -519,12 +524,13 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
             elif effective == "fp16":
                 convert_fp16(src, dst)
             else:
-                quantize_int8(src, dst)
+                quantization = quantize_int8(src, dst, recipe=int8_recipe)
         parity = _validate_graph(job, dst, effective, seed)
         entry = graph_entry(dst, root,
                             used_by=tuple(job.used_by),
                             fused_ops=fused,
                             precision=effective,
+                            quantization=quantization if effective == "int8" else None,
                             parity=parity,
                             export_seconds=round(base_seconds + time.perf_counter() - t0, 2))
         log.info("%s: %.1f MB, cos %.7f, max-abs %.3g", dst.name, entry.bytes / 1e6, parity["min_cosine"],

@@ -11,16 +11,28 @@ In: an fp32 `.onnx` file written by `export/onnx_encoder.py`. Out: a new `.onnx`
 * `convert_fp16`: `onnxruntime.transformers.float16.convert_float_to_float16` with fp32
   inputs/outputs kept (`keep_io_types`), so stages of mixed precision chain without casts
   in the runtime; ops on the converter's default block list stay fp32.
-* `quantize_int8`: `onnxruntime.quantization.quantize_dynamic`, int8 weights for MatMul
-  (and fused Attention) nodes, activations quantised per call; for CPUs.
+* `quantize_int8`: int8 weights for MatMul (and fused Attention) nodes, for CPUs, by one of
+  the `INT8_RECIPES` (measured side by side by `benchmarks/int8_profile.py`):
+  - `dynamic` (the default): `quantize_dynamic`, activations quantised per call
+    (DynamicQuantizeMatMul / QAttention kernels), per-channel weight scales;
+  - `dynamic_per_tensor`: the same with one scale per weight matrix;
+  - `static_qoperator` / `static_qdq`: `quantize_static` with activation scales calibrated
+    once at export (MinMax over `calibration`, a list of feed dicts), QLinearMatMul kernels
+    or QuantizeLinear/DequantizeLinear pairs. onnxruntime has no static kernel for the
+    fused Attention node, so its QKV projection stays fp32 there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
+
+from onellm.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +70,77 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: tuple[str, ...] = ()) ->
     onnx.save(model16, str(dst))
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time).
+# name -> (kind, per-channel weights, quant format); see the module docstring
+INT8_RECIPES = {
+    "dynamic": ("dynamic", True, None),
+    "dynamic_per_tensor": ("dynamic", False, None),
+    "static_qoperator": ("static", True, "QOperator"),
+    "static_qdq": ("static", True, "QDQ"),
+}
+DEFAULT_INT8_RECIPE = "dynamic"
 
-    Per-channel scales when every MatMul weight is a 2-D matrix; onnxruntime's
-    MatMulIntegerToFloat rejects per-channel zero points of stacked [E, in, out] weights
-    (the batched-experts UPM), which then gets per-tensor scales.
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool | None = None, *, recipe: str = DEFAULT_INT8_RECIPE,
+                  calibration: Sequence[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """int8 weights for src's MatMul (and Attention) nodes by `recipe`; returns what was done.
+
+    `per_channel` overrides the recipe's choice. Per-channel scales need every MatMul weight
+    to be a 2-D matrix; onnxruntime's MatMulIntegerToFloat rejects per-channel zero points of
+    stacked [E, in, out] weights (the batched-experts UPM), which then gets per-tensor scales.
+    The static recipes need `calibration`: feed dicts of src's inputs (fp32 activations of
+    the real chain), at least one.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    if recipe not in INT8_RECIPES:
+        raise ConfigError(f"unknown int8 recipe {recipe!r}; known: {', '.join(INT8_RECIPES)}")
+    kind, recipe_pc, fmt = INT8_RECIPES[recipe]
+    per_channel = recipe_pc if per_channel is None else per_channel
     if per_channel and _has_stacked_matmul_weights(src):
         per_channel = False
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    info: dict[str, Any] = {"recipe": recipe, "per_channel": per_channel}
     # onnxruntime.quantization logs its advice through the root logger; keep it quiet here.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(
-            str(src), str(dst), op_types_to_quantize=list(INT8_OP_TYPES), per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        if kind == "dynamic":
+            quantize_dynamic(
+                str(src), str(dst), op_types_to_quantize=list(INT8_OP_TYPES), per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        else:
+            feeds = list(calibration or ())
+            if not feeds:
+                raise ConfigError(f"int8 recipe {recipe!r} needs calibration inputs for {Path(src).name}; got none")
+            qoperator = fmt == "QOperator"
+            quantize_static(
+                str(src), str(dst), _FeedReader(feeds),
+                quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                # QLinearMatMul's fast CPU path is u8 activations x s8 weights
+                activation_type=QuantType.QUInt8 if qoperator else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+            info["calibration_inputs"] = len(feeds)
     finally:
         root.setLevel(level)
+    return info
+
+
+class _FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not called by MinMax calibration
+        raise NotImplementedError
 
 
 def _has_stacked_matmul_weights(path: Path) -> bool:

@@ -170,6 +170,7 @@ class Graph(_Strict):
     used_by: tuple[str, ...]  # modalities whose chain runs this graph
     fused_ops: dict[str, int]  # onnxruntime transformer-optimizer fusion counts
     precision: str  # the precision the graph really has (the point tokenizer stays fp32)
+    quantization: Any  # int8 graphs: how they were quantised (recipe, per-channel, calibration); else null
     parity: Any  # onnxruntime vs the torch export module: min_cosine, max_abs, per output
     export_seconds: float  # time to trace, fuse, convert and validate it
 
@@ -400,7 +401,7 @@ def chain_stages(names: Sequence[str], graphs: Mapping[str, Graph], *, feed_shap
 def migrate_v1(data: Mapping[str, Any], where: str = MANIFEST) -> dict[str, Any]:
     """A version-1 manifest dict as version 2 (nothing is read from disk).
 
-    Version 2 adds: the source's `random_seed` (null), per-chain `stages` with concrete shapes (version 1 left them to the
+    Version 2 adds: the source's `random_seed` and each graph's `quantization` (null), per-chain `stages` with concrete shapes (version 1 left them to the
     runtime's list positions), the prompt's `header`/`turn`/`open_turn` formats, each
     GGUF's `sha256` (from the files table) and `tolerance` (out of its parity figures);
     it drops the encoder entries' inner `schema` and `tokenizer_input_shape` (now the
@@ -423,6 +424,8 @@ def migrate_v1(data: Mapping[str, Any], where: str = MANIFEST) -> dict[str, Any]
             dec["sha256"] = d["files"][dec["file"]]
         for variant in d["encoder"]["precisions"].values():
             variant.pop("schema", None)
+            for g in variant["graphs"].values():
+                g.setdefault("quantization", None)
             graphs = {name: Graph.from_dict(g, where, f"encoder.graphs.{name}") for name, g in variant["graphs"].items()}
             for m, entry in variant["modalities"].items():
                 feed = [int(entry.get("frames", 1)), *entry.pop("tokenizer_input_shape")]

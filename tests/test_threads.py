@@ -236,7 +236,7 @@ def identity_graph(tmp_path):
     spec = [{"name": "x", "shape": [1, 4], "dtype": "float32"}]
     graph_entry = {"file": "g.onnx", "sha256": "", "bytes": 0, "inputs": spec,
                    "outputs": [{"name": "y", "shape": [1, 4], "dtype": "float32"}], "used_by": [], "fused_ops": {},
-                   "precision": "fp32", "parity": None, "export_seconds": 0.0}
+                   "precision": "fp32", "quantization": None, "parity": None, "export_seconds": 0.0}
     return {"precision": "fp32", "n_embd": 4, "n_inserted": 2, "width": 4, "opset": 17, "optimized": False,
             "batched_experts": False, "graphs": {"g": graph_entry}, "modalities": {}}, tmp_path
 
