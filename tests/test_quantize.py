@@ -122,7 +122,7 @@ def test_default_export_records_default_recipe(tiny_encoder_export):
     q = results["int8"]["graphs"]["trunk"]["quantization"]
     assert q["recipe"] == DEFAULT_INT8_RECIPE
     assert q["per_channel"] == INT8_RECIPES[DEFAULT_INT8_RECIPE][1]
-    assert "quantization" not in results["fp32"]["graphs"]["trunk"]
+    assert results["fp32"]["graphs"]["trunk"]["quantization"] is None
 
 
 # ----------------------------------------------------------------------------- profiling
