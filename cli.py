@@ -8,7 +8,6 @@ code. Heavy imports (torch, onnxruntime, llama.cpp) happen inside the commands, 
 from __future__ import annotations
 
 import functools
-import os
 import logging
 import sys
 from pathlib import Path

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from onellm.runtime.errors import ConfigError
+from onellm.runtime.pipeline import peak_rss_mib
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,6 @@ def rss_mib() -> float:
     """Current resident set size of this process, MiB (Linux; else the peak)."""
     cur = _status_bytes("VmRSS")
     return cur / 2**20 if cur else peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -791,9 +786,7 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
     entry = manifest.decoder.quants[quant]
     path = bundle / entry.file
     n_ctx = min(entry.n_ctx, N_CTX)
-    extra = decoder_quant(quant).use_extra_bufts()  # the runtime's buffer-type policy (None: the env decides)
-    if extra is None:
-        extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
+    extra = decoder_quant(quant).use_extra_bufts()  # the runtime's buffer-type policy (or the env's choice)
 
     rss0 = rss_mib()
     t0 = time.perf_counter()
@@ -970,16 +963,12 @@ def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: 
     }
 
 
-# ru_maxrss survives fork+exec on Linux (the child would report the bench's own peak);
-# VmHWM belongs to the process image and starts afresh at exec.
+# peak_rss_mib reads VmHWM, which belongs to the process image and starts afresh at exec
+# (ru_maxrss survives fork+exec on Linux: the child would report the bench's own peak).
 FOOTPRINT_PROBE = r"""
 import json, sys, time
 from onellm.runtime.decoder import Sampling
-from onellm.runtime.pipeline import Pipeline
-
-def peak_rss_mib():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024.0
+from onellm.runtime.pipeline import Pipeline, peak_rss_mib
 
 bundle, precision, quant, modality, source, threads, n_ctx = sys.argv[1:8]
 source = json.loads(source)

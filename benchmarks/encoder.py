@@ -1,4 +1,4 @@
-"""Encoder measurements behind the choices in export/onnx_encoder.py (see notes/encoder.md).
+"""Encoder measurements behind the choices in export/onnx_encoder.py (results: benchmarks/RESULTS.md).
 
     python -m onellm.benchmarks.encoder grouping           # FPS+kNN: numpy vs inside an ONNX graph
     python -m onellm.benchmarks.encoder chain --preset tiny  # torch eager vs ORT fp32/int8, fusions,

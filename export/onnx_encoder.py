@@ -704,28 +704,43 @@ def _validate_chains(ref: OneLLM, result: EncoderVariant, root: Path, precision:
     """
     from onellm.runtime.encoder import Encoder
 
-    floor = PARITY_MIN_COSINE[precision]
     chains = dict(result.modalities)
     with Encoder(result, root, device="cpu", verify=False) as enc:
         for i, m in enumerate(modalities):
             if progress:
                 progress(f"chain {m}", done + i, total)
             if m not in references:
-                x = get_modality(m).dummy_input(np.random.default_rng([seed, i])).astype(np.float32)
-                with torch.no_grad():
-                    references[m] = (x, ref.encode(m, torch.from_numpy(x)[None]).float().numpy()[0])
+                x = chain_input(m, [seed, i])
+                references[m] = (x, reference_block(ref, m, x))
             x, expected = references[m]
-            got = enc.encode(m, x)
-            fig = compare(expected, got)
-            fig["against"] = "OneLLM.encode (torch fp32)"
+            fig, ok = check_chain(enc, m, x, expected, precision)
             chains[m] = dataclasses.replace(chains[m], parity=fig)
-            if not fig["cosine"] >= floor:
+            if not ok:
                 raise ParityError(
                     f"encoder chain of {m!r} ({precision}): cosine {fig['cosine']:.7f} vs the torch reference "
-                    f"is below {floor} (max-abs error {fig['max_abs']:.3g})"
+                    f"is below {PARITY_MIN_COSINE[precision]} (max-abs error {fig['max_abs']:.3g})"
                 )
             log.info("chain %s (%s): cos %.7f max-abs %.3g", m, precision, fig["cosine"], fig["max_abs"])
     return dataclasses.replace(result, modalities=chains)
+
+
+def chain_input(modality: str, seed) -> np.ndarray:
+    """The seeded random input a chain check runs on (the modality's own `dummy_input`)."""
+    return get_modality(modality).dummy_input(np.random.default_rng(seed)).astype(np.float32)
+
+
+def reference_block(ref: OneLLM, modality: str, x: np.ndarray) -> np.ndarray:
+    """`OneLLM.encode` of one input as a float32 [n_inserted, n_embd] array."""
+    with torch.no_grad():
+        return ref.encode(modality, torch.from_numpy(x)[None]).float().numpy()[0]
+
+
+def check_chain(enc, modality: str, x: np.ndarray, expected: np.ndarray, precision: str) -> tuple[dict[str, Any], bool]:
+    """One chain check, the same at export and in `onellm verify`: the runtime's encoder on `x`
+    against the reference block; (figures, whether the cosine meets the precision's floor)."""
+    fig = compare(expected, enc.encode(modality, x))
+    fig["against"] = "OneLLM.encode (torch fp32)"
+    return fig, bool(fig["cosine"] >= PARITY_MIN_COSINE[precision])
 
 
 def count_initializer_bytes(paths: Sequence[Path]) -> dict[str, Any]:

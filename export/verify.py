@@ -16,11 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from onellm.runtime.bundle import load_manifest, verify_checksums
 from onellm.runtime.errors import ConfigError, ParityError
-from onellm.runtime.modalities import get_modality
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +54,13 @@ def verify_bundle(bundle_dir: str | os.PathLike, checkpoint=None, *, clip_checkp
 
 def _verify_against(bundle_dir: Path, manifest, checkpoint, clip_checkpoint, progress, lines: list[str], checks: int,
                     failures: int) -> dict[str, Any]:
-    import torch
-
     from onellm.ref.checkpoint import find_checkpoint_files, load_model
     from onellm.ref.config import ModelConfig
     from onellm.runtime.encoder import Encoder
 
     from .bundle import _checkpoint_digest
     from .gguf import validate_gguf
-    from .onnx_encoder import PARITY_MIN_COSINE, compare
+    from .onnx_encoder import PARITY_MIN_COSINE, chain_input, check_chain, reference_block
 
     cfg = ModelConfig.from_dict(manifest.config, where=f"{bundle_dir}/manifest.json config")
     # The checkpoint's identity first: hashing is quick next to loading it and the parity runs.
@@ -87,19 +83,14 @@ def _verify_against(bundle_dir: Path, manifest, checkpoint, clip_checkpoint, pro
                 if progress:
                     progress(f"encoder {prec} {m}", step, n_steps)
                 step += 1
-                x = get_modality(m).dummy_input(np.random.default_rng([7, i])).astype(np.float32)
-                with torch.no_grad():
-                    ref = model.encode(m, torch.from_numpy(x)[None]).float().numpy()[0]
-                fig = compare(ref, enc.encode(m, x))
+                x = chain_input(m, [7, i])
+                fig, ok = check_chain(enc, m, x, reference_block(model, m, x), prec)
                 checks += 1
-                ok = fig["cosine"] >= floor
                 failures += not ok
                 lines.append(f"{'ok  ' if ok else 'FAIL'} encoder {prec:5s} {m:6s} cosine {fig['cosine']:.7f} "
                              f"(floor {floor}) max-abs {fig['max_abs']:.3g}")
     block_mod = mods[0]
-    x = get_modality(block_mod).dummy_input(np.random.default_rng(0))
-    with torch.no_grad():
-        block = model.encode(block_mod, torch.from_numpy(x)[None])[0].float().numpy()
+    block = reference_block(model, block_mod, chain_input(block_mod, 0))
     for quant, dec in manifest.decoder.quants.items():
         if progress:
             progress(f"decoder {quant}", step, n_steps)

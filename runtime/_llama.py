@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .env import ADAPTIVE_THREADS, env_flag
 from .errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ _native_log = logging.getLogger("onellm.runtime.llama_cpp")
 # at all. The spin policy stays libgomp's, so an idle machine runs exactly as before.
 WAIT_POLICY_ENV = "ONELLM_WAIT_POLICY"
 WAIT_POLICIES = ("native", "passive")  # native: libgomp's default spin-then-sleep
-ADAPTIVE_ENV = "ONELLM_ADAPTIVE_THREADS"  # 0: a fixed thread count even on a busy CPU (the old behaviour)
+ADAPTIVE_ENV = ADAPTIVE_THREADS  # 0: a fixed thread count even on a busy CPU (the old behaviour)
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -142,25 +143,70 @@ def other_running_threads() -> int | None:
 
 def adaptive_threads_enabled(environ=None) -> bool:
     """ONELLM_ADAPTIVE_THREADS: on unless set to 0/false/no/off."""
-    env = os.environ if environ is None else environ
-    return env.get(ADAPTIVE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ADAPTIVE_ENV, environ) is not False
+
+
+def _cpu_busy_seconds(path: str = "/proc/stat") -> float | None:
+    """CPU time spent busy on all cores since boot, seconds (the `cpu` line of /proc/stat:
+    user, nice, system, irq, softirq, steal; None if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.readline().split()
+        if fields[0] != b"cpu":
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherCpuLoad:
+    """How many cores other processes kept busy since the previous call (None: unknown).
+
+    The machine's busy CPU time (/proc/stat) minus this process's own (os.times) over the
+    window since the last call, divided by its length, rounded to whole cores: a process
+    that spins all the time counts as one core, while one that runs for an instant (a
+    shell command, a kernel worker) is lost in the rounding. The first window starts when
+    the object is made (a context is made at load, before the first decode).
+    """
+
+    def __init__(self, busy=_cpu_busy_seconds, own=None, clock=time.monotonic, min_window: float = 0.02) -> None:
+        self._busy, self._clock, self.min_window = busy, clock, min_window
+        self._own = own or (lambda: sum(os.times()[:2]))
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        return self._clock(), self._busy(), self._own()
+
+    def __call__(self) -> int | None:
+        now = self._sample()
+        t0, busy0, own0 = self._last
+        if now[1] is None or busy0 is None:
+            self._last = now
+            return None
+        if now[0] - t0 < self.min_window:  # too short to tell a spinning process from noise
+            return other_running_threads()
+        self._last = now
+        others = (now[1] - busy0 - (now[2] - own0)) / (now[0] - t0)
+        return max(0, int(others + 0.5))
 
 
 class ThreadGovernor:
     """How many threads llama.cpp may use for the next decode: at most the free cores.
 
     `n_max`: the thread count on an idle machine. `cores`: cores this process may run on.
-    `others`: returns how many threads of other processes are runnable now (None: unknown,
-    then n_max). It is called at most once per `interval` seconds; in between the last
-    answer stands. With k other runnable threads the answer is max(1, min(n_max, cores - k)).
+    `others`: returns how many cores other processes keep busy (None: unknown, then n_max);
+    default an `OtherCpuLoad` made with the governor. It is called at most once per
+    `interval` seconds; in between the last answer stands. With k busy cores elsewhere
+    the answer is max(1, min(n_max, cores - k)).
     """
 
     def __init__(self, n_max: int, *, cores: int | None = None, interval: float = 0.1,
-                 others=other_running_threads, clock=None) -> None:
+                 others=None, clock=None) -> None:
         self.n_max = max(1, int(n_max))
         self.cores = cores if cores is not None else _affinity_cores()
         self.interval = interval
-        self._others = others
+        self._others = others if others is not None else OtherCpuLoad()
         self._clock = clock or time.monotonic
         self._checked = float("-inf")
         self.n = self.n_max
@@ -245,16 +291,6 @@ def capture_native_log() -> Iterator[list[str]]:
         yield lines
     finally:
         _log_capture.remove(lines)
-
-
-def supports_gpu_offload() -> bool:
-    ensure_backend()
-    return bool(lib().llama_supports_gpu_offload())
-
-
-def system_info() -> str:
-    ensure_backend()
-    return lib().llama_print_system_info().decode("utf-8", errors="replace").strip()
 
 
 def cpu_extra_buffer_types() -> list[str]:

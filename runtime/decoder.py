@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from . import _llama
+from .env import EXTRA_BUFTS, env_flag
 from .errors import BackendError, BundleError, ConfigError, InputError
 from .prompt import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, STOP_STRINGS
 
@@ -508,8 +509,8 @@ class Decoder(_llama._Owner):
     `n_ctx`: context length (default: the GGUF's context_length, i.e. max_seq_len).
     `n_gpu_layers`: default all layers when llama.cpp was built with GPU offload, else 0.
     `use_extra_bufts`: llama.cpp's extra CPU weight buffer types (repacking); off by
-    default because quantized models crash on their first decode with them on this
-    llama.cpp build (see /work/notes/decoder.md); ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on.
+    default because quantized models crash on their first decode with the AMX buffer type
+    (tests/test_llama_bufts.py); the quant registry's policy or ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on.
     `kv_type` ("f16" or "f32") and `flash_attn` (None: llama.cpp's auto): the KV cache and
     attention kernel; `context_settings_for(quant)` gives the ones a GGUF type runs with.
     """
@@ -528,7 +529,7 @@ class Decoder(_llama._Owner):
     ) -> None:
         self.path = check_gguf_file(gguf_path)
         if use_extra_bufts is None:
-            use_extra_bufts = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
+            use_extra_bufts = bool(env_flag(EXTRA_BUFTS))
         self._model = None
         self._ctx = None
         self._batch = None

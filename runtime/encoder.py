@@ -182,7 +182,7 @@ class Encoder:
     `verify`: check each graph file's sha256 before loading it (the bundle loader may
     already have done so).
     `spin`: let onnxruntime's idle CPU threads spin-wait (faster hand-offs inside a run,
-    but they keep cores busy after it; off by default, see notes/encoder.md).
+    but they keep cores busy after it, where the decoder runs next; off by default).
     """
 
     def __init__(

@@ -328,7 +328,6 @@ class Engine:
         """Load a bundle for `parallel` concurrent requests of up to `n_ctx_slot` positions each
         (default: the model's context length)."""
         from .encoder import Encoder
-        from .pipeline import extra_bufts_for
         from .tokenizer import Tokenizer
 
         bundle = load_manifest(Path(path), verify=verify)
@@ -346,9 +345,7 @@ class Engine:
             raise ConfigError(f"--parallel: expected a positive number of slots, found {parallel}")
         tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
         encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False)
-        extra = extra_bufts_for(quant)
-        if extra is None:
-            extra = os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "0") not in ("", "0", "false", "no")
+        extra = decoder_quant(quant).use_extra_bufts()
         gguf = check_gguf_file(bundle.path(quants[quant].file))
         model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
         try:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import InputError, describe_os_error, os_error
-from .modalities import all_modalities, get_modality
+from .modalities import get_modality
 
 log = logging.getLogger(__name__)
 

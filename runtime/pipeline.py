@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import os
 import resource
+import sys
 import threading
 import time
 import weakref
@@ -59,8 +60,17 @@ def default_bundle_dir() -> Path:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set size so far, MiB: VmHWM on Linux (it starts afresh at
+    exec, unlike ru_maxrss, which a child inherits from its parent), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 @dataclasses.dataclass
@@ -93,15 +103,6 @@ class Answer:
                 for step in self.logprobs
             ]
         return out
-
-
-def extra_bufts_for(quant: str) -> bool | None:
-    """Whether to let llama.cpp repack weights into its extra CPU buffer types for this GGUF.
-
-    The quantization's buffer-type policy from `runtime.registry.DECODER_QUANTS`;
-    ONELLM_LLAMA_EXTRA_BUFTS (0/1) overrides: None is returned and the decoder reads it.
-    """
-    return decoder_quant(quant).use_extra_bufts()
 
 
 def read_input(modality: str, source: Any, options: dict[str, Any] | None = None, image: Any = None) -> ModalityInput:
@@ -194,7 +195,7 @@ class Pipeline:
         encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False,
                           provider_options=trt_options)
         decoder = Decoder(bundle.path(quants[quant].file), n_ctx=n_ctx, n_threads=threads,
-                          use_extra_bufts=extra_bufts_for(quant), **decoder_quant(quant).context_settings())
+                          use_extra_bufts=decoder_quant(quant).use_extra_bufts(), **decoder_quant(quant).context_settings())
         _check_reader_constants(bundle)
         pipe = cls(bundle, encoder, decoder, tokenizer, time.perf_counter() - t0)
         pipe.precision, pipe.quant = precision, quant
@@ -451,8 +452,6 @@ class AnswerStream:
             pipe._unregister(self)
 
     def _run(self, question, chat, embeddings, modality, options, sampling, inputs) -> Iterator[str]:
-        from .decoder import Sampling
-
         pipe = self.pipe
         timings: dict[str, float] = {"bundle_load_s": pipe.load_seconds}
         t_start = time.perf_counter()

@@ -16,8 +16,8 @@ dependent part on the host, bit-for-bit like `onellm.ref.point_utils`:
   smallest, equal distances to the lower index (the neighbour order is irrelevant: the
   tokenizer takes a max over neighbours).
 
-Measured against doing both inside the ONNX graph (see export/onnx_encoder.py and
-notes/encoder.md): numpy is faster and reproduces the reference's ties exactly.
+Measured against doing both inside the ONNX graph (`python -m onellm.benchmarks.encoder
+grouping`): numpy is faster and reproduces the reference's ties exactly.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .env import EXTRA_BUFTS, env_flag
 from .errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,10 @@ class DecoderQuant:
             out["flash_attn"] = self.flash_attn
         return out
 
-    def use_extra_bufts(self) -> bool | None:
-        """The buffer-type policy on this machine; None when ONELLM_LLAMA_EXTRA_BUFTS overrides it."""
-        if os.environ.get("ONELLM_LLAMA_EXTRA_BUFTS", "") != "":
-            return None
-        return self.extra_bufts()
+    def use_extra_bufts(self) -> bool:
+        """The buffer-type policy on this machine; ONELLM_LLAMA_EXTRA_BUFTS (0/1), when set, wins."""
+        flag = env_flag(EXTRA_BUFTS)
+        return self.extra_bufts() if flag is None else flag
 
 
 DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (

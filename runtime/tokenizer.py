@@ -96,9 +96,6 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return self._sp.piece_to_id(piece)
 
-    def score(self, token_id: int) -> float:
-        return self._sp.get_score(int(token_id))
-
     def is_control(self, token_id: int) -> bool:
         return self._sp.is_control(int(token_id))
 

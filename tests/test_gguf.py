@@ -2,7 +2,7 @@
 
 Parity is measured on BOS + the tiny model's own 32-row encoder output (imu) + 40 random
 text tokens, at every one of the 73 positions. Tolerances (measured on this tiny model,
-logit std ~0.22; see /work/notes/decoder.md):
+logit std ~0.22):
 - f32 with an f32 KV cache and no flash attention: max|diff| / std <= 1e-4 (measured 2e-6:
   float32 summation order only, which proves the unpermuted Meta layout is right).
 - f32 / f16 with llama.cpp's defaults (f16 KV cache, flash attention auto = on for CPU):

@@ -5,7 +5,7 @@ GGML_AMX_INT8 on an AMX-capable Intel CPU): a q8_0 or q4_k_m model loaded with
 `use_extra_bufts=True` (llama.cpp's default) segfaults on its first llama_decode; f16 does
 not. Of the extra buffer types an x86 build can offer, only AMX takes Q8_0 weights
 (CPU_REPACK repacks Q4_0/Q4_K/IQ4_NL/MXFP4/Q2_K on x86, never Q8_0) and AMX leaves F16
-un-repacked, so AMX is the one at fault (details in /work/notes/decoder.md). Our loader
+un-repacked, so AMX is the one at fault (llama.cpp's ggml-cpu repack and AMX sources). Our loader
 therefore keeps extra buffer types off by default.
 
 Every load runs in a subprocess so a segfault fails a test instead of killing pytest.

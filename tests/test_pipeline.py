@@ -370,7 +370,10 @@ def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch):
 
 def test_extra_buffer_types_only_for_q4_k_m_without_amx(monkeypatch):
     from onellm.runtime import _llama
-    from onellm.runtime.pipeline import extra_bufts_for
+    from onellm.runtime.registry import decoder_quant
+
+    def extra_bufts_for(quant):
+        return decoder_quant(quant).use_extra_bufts()
 
     monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
@@ -379,4 +382,6 @@ def test_extra_buffer_types_only_for_q4_k_m_without_amx(monkeypatch):
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
     assert extra_bufts_for("q4_k_m") is False  # the crashing configuration stays off
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "1")
-    assert extra_bufts_for("q8_0") is None  # the user's explicit choice wins
+    assert extra_bufts_for("q8_0") is True  # the user's explicit choice wins
+    monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "off")
+    assert extra_bufts_for("q4_k_m") is False

@@ -34,7 +34,7 @@ def test_each_quant_buffer_policy_runs(name, monkeypatch):
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
     assert DECODER_QUANTS[name].use_extra_bufts() is (name == "q4_k_m")
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "0")
-    assert DECODER_QUANTS[name].use_extra_bufts() is None
+    assert DECODER_QUANTS[name].use_extra_bufts() is False  # the environment wins
 
 
 def test_quantize_model_rejects_an_unknown_quant(tmp_path):

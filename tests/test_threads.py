@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -143,13 +144,36 @@ def test_governor_uses_the_free_cores_and_rechecks_after_its_interval():
     clock.t = 0.5
     assert gov.threads() == 4 and len(calls) == 1  # within the interval: no new look
     clock.t = 1.0
-    assert gov.threads() == 3  # one other runnable thread takes a core
+    assert gov.threads() == 3  # one other busy core takes one of ours
     clock.t = 2.5
-    assert gov.threads() == 1  # more busy threads than cores: one thread, never zero
+    assert gov.threads() == 1  # more busy cores than ours: one thread, never zero
     clock.t = 4.0
     assert gov.threads() == 4  # /proc unreadable: the configured count
     clock.t = 5.0
     assert gov.threads() == 4 and len(calls) == 5
+
+
+def test_other_cpu_load_counts_sustained_use_and_rounds_away_blips():
+    """Busy CPU time of the machine minus our own, per second of window, in whole cores."""
+    t, busy, own = [0.0], [100.0], [5.0]
+    load = _llama.OtherCpuLoad(busy=lambda: busy[0], own=lambda: own[0], clock=lambda: t[0])
+    t[0], busy[0], own[0] = 1.0, 102.0, 6.0  # 2 s busy in 1 s of window, 1 s of it ours: one other core
+    assert load() == 1
+    t[0], busy[0], own[0] = 2.0, 103.3, 7.0  # 0.3 s of others': a short burst, not a core
+    assert load() == 0
+    t[0], busy[0], own[0] = 2.5, 104.3, 7.5  # both cores busy, half of it ours: one other core
+    assert load() == 1
+    busy[0] = None  # /proc/stat unreadable
+    t[0] = 3.0
+    assert load() is None
+
+
+def test_other_cpu_load_reads_this_machine():
+    assert _llama._cpu_busy_seconds() is not None
+    load = _llama.OtherCpuLoad(min_window=0.0)
+    time.sleep(0.05)
+    k = load()
+    assert k is not None and 0 <= k <= (os.cpu_count() or 64)
 
 
 def test_governor_never_exceeds_its_maximum():

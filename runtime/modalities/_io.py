@@ -149,13 +149,6 @@ def load_npy(path: Path, expected: str) -> np.ndarray:
     return arr
 
 
-def require_numeric(label: str, arr: np.ndarray, expected: str) -> np.ndarray:
-    """Real-valued numeric array (bool/int/float), else InputError."""
-    if arr.dtype.kind not in "biuf":
-        raise InputError(label, expected, f"an array of dtype {arr.dtype}")
-    return arr
-
-
 def require_finite(label: str, arr: np.ndarray, expected: str, what: str = "values") -> None:
     """No NaN/Inf; the message counts them and gives the first position."""
     if arr.dtype.kind != "f":
