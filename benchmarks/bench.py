@@ -330,48 +330,38 @@ def measure_gemm(n: int, repeats: int, threads: int) -> dict[str, Any]:
 def _ort_matmul_int8(n: int, threads: int) -> Callable[[], Any]:
     """An n x n x n MatMulInteger (uint8 activations x constant int8 weights), the integer GEMM
     that the int8 encoder graphs' MatMulIntegerToFloat / DynamicQuantizeMatMul / QAttention run."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (n, n), dtype=np.uint8)
     b = rng.integers(-128, 128, (n, n), dtype=np.int8)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm_int8",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
-        initializer=[numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return lambda: sess.run(None, {"a": a})
+    return _ort_gemm("MatMulInteger", a, b, threads)
 
 
 def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int) -> Callable[[], Any]:
+    return _ort_gemm("MatMul", a, b, threads)
+
+
+def _ort_gemm(op: str, a: np.ndarray, b: np.ndarray, threads: int) -> Callable[[], Any]:
+    """One-node onnxruntime graph `op(a, b)` with b a constant; returns a call that runs it on a."""
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     n = a.shape[0]
+    out_type = onnx.TensorProto.INT32 if op == "MatMulInteger" else onnx.TensorProto.FLOAT
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", helper.np_dtype_to_tensor_dtype(a.dtype), [n, n])],
+        [helper.make_tensor_value_info("c", out_type, [n, n])],
         initializer=[numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    onnx.checker.check_model(model)
     return lambda: sess.run(None, {"a": a})
 
 

@@ -122,3 +122,17 @@ def tiny_pipeline(tiny_bundle):
     pipe = Pipeline.load(tiny_bundle, device="cpu")
     yield pipe
     pipe.close()
+
+
+@pytest.fixture(scope="session")
+def exact_pipe(tiny_pipeline):
+    """The tiny pipeline's bundle with an f32 KV cache and no flash attention, set explicitly:
+    a conversation prefilled in pieces (or re-prefilled after a trim) is then bit-identical to
+    a fresh prefill, so "equals a fresh prefill" holds exactly even at the random model's
+    near-ties (with an f16 cache a merged piece and its two halves can swap places)."""
+    from onellm.runtime.decoder import Decoder
+    from onellm.runtime.pipeline import Pipeline
+
+    dec = Decoder(tiny_pipeline.decoder.path, kv_type="f32", flash_attn=False)
+    yield Pipeline(tiny_pipeline.bundle, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
+    dec.close()

@@ -29,19 +29,6 @@ def block(tiny_pipeline):
     return np.array(b, copy=True)
 
 
-@pytest.fixture(scope="module")
-def exact_pipe(tiny_pipeline):
-    """The tiny pipeline (n_ctx 512) with an f32 KV cache and no flash attention: the kept turns
-    re-prefilled after a trim are bit-identical to a fresh prefill, so the comparison is exact
-    even at the random model's near-ties."""
-    from onellm.runtime.decoder import Decoder
-    from onellm.runtime.pipeline import Pipeline
-
-    dec = Decoder(tiny_pipeline.decoder.path, kv_type="f32", flash_attn=False)
-    yield Pipeline(tiny_pipeline.bundle, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
-    dec.close()
-
-
 def _open_copy(conv: Conversation) -> Conversation:
     """`conv` with its last answer reopened: the prompt that answer was generated from."""
     return Conversation(conv.spec, list(conv.messages[:-1]) + [("Assistant", None)])

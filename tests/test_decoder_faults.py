@@ -93,19 +93,6 @@ def block(tiny_pipeline):
     return np.array(b, copy=True)
 
 
-@pytest.fixture(scope="module")
-def exact_pipe(tiny_pipeline):
-    """The tiny pipeline with an f32 KV cache and no flash attention: a conversation prefilled
-    in pieces is bit-identical to a fresh prefill, so "equals a fresh prefill" can be exact
-    even at the random model's near-ties (with the f16 default a merged piece and its two
-    halves can swap places)."""
-    from onellm.runtime.pipeline import Pipeline
-
-    dec = Decoder(tiny_pipeline.decoder.path, kv_type="f32", flash_attn=False)
-    yield Pipeline(tiny_pipeline.bundle, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
-    dec.close()
-
-
 def _fresh_tokens(pipe, conv: Conversation, block, n: int = N_NEW) -> list[int]:
     """Greedy tokens of a brand-new session prefilled with the whole of `conv`."""
     s = pipe.decoder.session()
