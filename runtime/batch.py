@@ -39,11 +39,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .modalities import all_modalities, get_modality
+from .modalities import get_modality, input_names
 
 log = logging.getLogger(__name__)
 
-INPUT_ALIASES = {"depth": "rgbd", "normal": "rgbn"}  # job keys accepted besides the modality names
 SAMPLING_KEYS = {  # job "sampling" key -> (Sampling field, accepted types)
     "temperature": ("temperature", (int, float)),
     "top_p": ("top_p", (int, float)),
@@ -108,7 +107,7 @@ def parse_job(obj: Any, base: Path, where: str, line: int = 0) -> Job:
     if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or job_id == "":
         raise InputError(where, 'an "id" (string or integer)', "none" if job_id is None else repr(job_id))
     job_id = str(job_id)
-    input_keys = set(all_modalities()) | set(INPUT_ALIASES)
+    input_keys = set(input_names())  # modality names and their option words (depth, normal)
     unknown = sorted(k for k in obj if k not in JOB_KEYS and k not in input_keys)
     if unknown:
         raise InputError(where, f"keys among {', '.join(sorted(JOB_KEYS | input_keys))}", f"{', '.join(unknown)}")
@@ -148,7 +147,7 @@ def parse_job(obj: Any, base: Path, where: str, line: int = 0) -> Job:
 def jobs_from_dir(folder: str | os.PathLike, modality: str, question: str,
                   options: dict[str, Any] | None = None) -> list[Job]:
     """One job per file of `modality`'s types under `folder` (recursive, sorted); id = relative path."""
-    spec = get_modality(INPUT_ALIASES.get(modality, modality))
+    spec = get_modality(input_names().get(modality, modality))
     if spec.requires_image:
         raise ConfigError(f"--modality {modality}: needs an RGB photo per map; write a jobs file for it instead of --inputs")
     root = Path(folder)

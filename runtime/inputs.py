@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import InputError, describe_os_error, os_error
-from .modalities import get_modality
+from .modalities import get_modality, input_names
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ STDIN = "-"
 STDIN_LABEL = "<stdin>"
 
 # Keyword names the Python API accepts for the paired modalities (the registry names work too).
-ALIASES = {"depth": "rgbd", "normal": "rgbn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ class Selection:
 
 def _option(name: str) -> str:
     try:
-        return get_modality(ALIASES.get(name, name)).cli_option
+        return get_modality(input_names().get(name, name)).cli_option
     except Exception:  # noqa: BLE001 - an unknown name is reported by the caller
         return name
 
@@ -60,7 +59,8 @@ def select_input(inputs: dict[str, Any], *, embeddings: bool = False) -> Selecti
 
     `embeddings`: a precomputed block is given too, so no input file may be.
     """
-    given = {ALIASES.get(k, k): v for k, v in inputs.items() if v is not None}
+    names = input_names()
+    given = {names.get(k, k): v for k, v in inputs.items() if v is not None}
     for name in given:
         get_modality(name)  # an unknown keyword lists the known modalities
     piped = [get_modality(n).cli_option for n, v in given.items() if isinstance(v, str) and v == STDIN]

@@ -7,6 +7,7 @@ from .base import (
     ModalitySpec,
     all_modalities,
     get_modality,
+    input_names,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "ModalitySpec",
     "all_modalities",
     "get_modality",
+    "input_names",
 ]

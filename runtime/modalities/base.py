@@ -90,6 +90,16 @@ def all_modalities() -> dict[str, ModalitySpec]:
     return dict(_discover())
 
 
+def input_names() -> dict[str, str]:
+    """Every name an input may go by -> its modality: the registry name and the word of its CLI
+    option (`--depth` -> rgbd, `--normal` -> rgbn), so the API, batch jobs and the CLI agree."""
+    out: dict[str, str] = {}
+    for spec in _discover().values():
+        out[spec.name] = spec.name
+        out.setdefault(spec.cli_option.lstrip("-").replace("-", "_"), spec.name)
+    return out
+
+
 def get_modality(name: str) -> ModalitySpec:
     """The spec of one modality; an unknown name lists the known ones."""
     registry = _discover()
