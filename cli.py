@@ -274,18 +274,27 @@ class _ModalityOptionsCommand(click.Command):
     CLI does not import the modality readers.
     """
 
+    with_reader_flags = False  # also each modality's dedicated reader options (--imu-rate, --audio-start, ...)
+
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not getattr(self, "_modality_options_added", False):
             from onellm.runtime.modalities import all_modalities
 
             self._modality_options_added = True
+            specs = list(all_modalities().values())
             # --imu takes an export folder too, and repeats for one-sensor files (ACC.csv + GYRO.csv).
             extra = [
                 click.Option([spec.cli_option, spec.name], type=click.Path(), default=None,
                              multiple=spec.several_files,
                              help=f"{spec.description} [{' '.join(spec.file_types)}]; - reads standard input")
-                for spec in all_modalities().values()
+                for spec in specs
             ]
+            if self.with_reader_flags:  # declared by the modality specs, never written here
+                extra += [
+                    click.Option([flag.option, flag.param], default=None, help=flag.help,
+                                 type=click.Choice(list(flag.kind)) if isinstance(flag.kind, tuple) else flag.kind)
+                    for spec in specs for flag in spec.flags
+                ]
             anchor = getattr(self, "insert_after", "clip_checkpoint")
             at = next(i for i, p in enumerate(self.params) if p.name == anchor) + 1
             self.params[at:at] = extra  # after the checkpoint options
@@ -647,6 +656,7 @@ def verify_cmd(bundle_dir: str, checkpoint: str | None, clip_checkpoint: str | N
 
 
 class _RuntimeInputCommand(_ModalityOptionsCommand):
+    with_reader_flags = True
     insert_after = "bundle"
 
 
@@ -667,13 +677,6 @@ def _runtime_options(func):
         click.option("--threads", type=int, default=None,
                      help="CPU threads, fixed (default: physical cores, fewer for llama.cpp while other "
                           "processes keep cores busy)."),
-        click.option("--imu-rate", type=float, default=None, help="IMU sample rate in Hz when the file has no timestamps."),
-        click.option("--imu-start", type=float, default=None, help="Start of the 2 s IMU window, seconds (default 0)."),
-        click.option("--accel-units", type=click.Choice(["auto", "g", "m/s2"]), default=None,
-                     help="Accelerometer units of the IMU file (default: detected)."),
-        click.option("--gyro-units", type=click.Choice(["auto", "deg/s", "rad/s"]), default=None,
-                     help="Gyroscope units of the IMU file (default: from the header, else rad/s unless impossible)."),
-        click.option("--audio-start", type=float, default=None, help="Start of the 10.24 s audio window, seconds."),
         click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
                      help="Any other option of the modality's reader (repeatable)."),
     ]
@@ -707,14 +710,14 @@ def _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, 
                     max_new_tokens=max_tokens)
 
 
-def _reader_kwargs(modality: str | None, imu_rate, imu_start, accel_units, gyro_units, audio_start,
-                   reader_options) -> dict:
-    """Reader options for the chosen modality; a flag meant for another modality is refused."""
+def _reader_kwargs(modality: str | None, values: dict, reader_options=()) -> dict:
+    """Reader options for the chosen modality from the command's values of the modality specs'
+    flags (popped from `values`) and --reader-option; a flag meant for another modality is refused."""
     from onellm.runtime.inputs import reader_options as _reader_options
+    from onellm.runtime.modalities import all_modalities
 
-    flags = [("--imu-rate", "imu", "rate", imu_rate), ("--imu-start", "imu", "start", imu_start),
-             ("--accel-units", "imu", "accel_units", accel_units), ("--gyro-units", "imu", "gyro_units", gyro_units),
-             ("--audio-start", "audio", "start", audio_start)]
+    flags = [(flag.option, spec.name, flag.key, values.pop(flag.param, None))
+             for spec in all_modalities().values() for flag in spec.flags]
     return _reader_options(modality, _parse_reader_options(reader_options), flags)
 
 
@@ -834,9 +837,8 @@ def _ctx_option(func):
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K log-probabilities of each step.")
 @click.argument("question", required=False)
 @handle_errors
-def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units,
-            audio_start, reader_options, embeddings, modality, ctx, max_tokens, temperature, top_p, top_k,
-            repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
+def ask_cmd(question, bundle, device, precision, quant, threads, reader_options, embeddings, modality, ctx, max_tokens,
+            temperature, top_p, top_k, repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
     """Ask a question about one input and stream the answer.
 
     \b
@@ -870,7 +872,7 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
     elif modality:
         raise InputError("--modality", "--embeddings FILE to go with it", "no --embeddings")
     chosen = sel.modality or modality or (meta or {}).get("modality")
-    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    options = _reader_kwargs(sel.modality, kwargs, reader_options)
     if question is None:
         if chosen is None:
             raise InputError("QUESTION", "a question (or an input file, to use its caption prompt)", "neither")
@@ -910,8 +912,7 @@ def ask_cmd(question, bundle, device, precision, quant, threads, imu_rate, imu_s
               help="Where to write the block: NAME.npz (block + metadata), or NAME.npy plus NAME.npy.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @handle_errors
-def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
-               reader_options, out_path, force, **kwargs) -> None:
+def encode_cmd(bundle, device, precision, quant, threads, reader_options, out_path, force, **kwargs) -> None:
     """Encode one input into the float32 [32, n_embd] block that would be injected after BOS.
 
     The file records its modality and the model that made it; decode it elsewhere with
@@ -926,7 +927,7 @@ def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, a
     sel = _select(files)
     if sel.modality is None:
         raise InputError("options", "one input file to encode (--imu, --image, ...)", "none")
-    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    options = _reader_kwargs(sel.modality, kwargs, reader_options)
     target = check_out_file(out_path, force=force)
     pipe = _open_pipeline(bundle, device, precision, quant, threads)
     with pipe:
@@ -940,8 +941,8 @@ def encode_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, a
 @_ctx_option
 @_sampling_options
 @handle_errors
-def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, accel_units, gyro_units, audio_start,
-             reader_options, ctx, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
+def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, max_tokens, temperature, top_p, top_k,
+             repeat_penalty, seed, greedy, **kwargs) -> None:
     """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
 
     The input is encoded once; follow-up questions reuse the KV cache, so only the new
@@ -951,7 +952,7 @@ def chat_cmd(bundle, device, precision, quant, threads, imu_rate, imu_start, acc
                   repeat_penalty=repeat_penalty)
     files = _split_inputs(kwargs)
     sel = _select(files, stdin_ok=False)
-    options = _reader_kwargs(sel.modality, imu_rate, imu_start, accel_units, gyro_units, audio_start, reader_options)
+    options = _reader_kwargs(sel.modality, kwargs, reader_options)
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
     pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)
     try:
@@ -997,8 +998,9 @@ _NOT_READER_OPTIONS = ("bundle", "device", "precision", "quant", "threads")
 
 
 def _reader_options(func):
-    """The reader options of `ask` (--imu-rate, ..., --reader-option): fresh copies of the same
-    click options, without its bundle and device ones, so the two commands cannot drift apart."""
+    """The reader options of `ask` that are not modality flags (--reader-option): fresh copies of
+    the same click options, without its bundle and device ones, so the two commands cannot drift
+    apart; the modality flags (--imu-rate, ...) come from the specs, as for `ask`."""
     probe = _runtime_options(lambda **kw: None)
     params = getattr(func, "__click_params__", [])
     params.extend(p for p in probe.__click_params__ if p.name not in _NOT_READER_OPTIONS)
@@ -1007,6 +1009,7 @@ def _reader_options(func):
 
 
 class _PreviewCommand(_ModalityOptionsCommand):
+    with_reader_flags = True
     insert_after = "out_path"
 
 
@@ -1044,7 +1047,7 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
         raise InputError("options", "exactly one input file to preview (e.g. --imu FILE)", found)
     name = chosen[0]
     spec = get_modality(name)
-    options = _reader_kwargs(name, **kwargs)
+    options = _reader_kwargs(name, kwargs, kwargs.pop("reader_options", ()))
     target = Path(out_path or f"preview-{name}.png")
     if target.exists() and not force:
         raise InputError(target, "a new file for the picture (pass --force to overwrite)", "an existing file")

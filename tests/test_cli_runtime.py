@@ -460,3 +460,21 @@ def test_chat_survives_a_question_longer_than_the_context(tiny_bundle):
     assert len(errors) == 1, res.stderr
     assert "Traceback" not in res.output
     assert res.stdout.count("onellm> ") == 2  # both turns were taken, the second one answered
+
+
+def test_reader_flags_come_from_the_modality_specs():
+    """Each spec's flags are options of ask/chat/encode/preview, and each sets a keyword its reader takes."""
+    import inspect
+
+    from onellm.runtime.modalities import all_modalities
+
+    flags = [(spec, flag) for spec in all_modalities().values() for flag in spec.flags]
+    assert {f.option for _, f in flags} >= {"--imu-rate", "--imu-start", "--accel-units", "--gyro-units",
+                                           "--audio-start"}
+    for spec, flag in flags:
+        assert flag.key in inspect.signature(spec.preprocess).parameters, (spec.name, flag.key)
+    for command in ("ask", "chat", "encode", "preview"):
+        res = _run(command, "--help")
+        assert res.exit_code == 0, res.output
+        for _, flag in flags:
+            assert flag.option in res.output, (command, flag.option)

@@ -345,7 +345,7 @@ def test_cli_gyro_units_and_repeated_imu() -> None:
 
     from onellm.cli import _one_or_list, _reader_kwargs, main
 
-    assert _reader_kwargs("imu", None, None, None, "deg/s", None, ()) == {"gyro_units": "deg/s"}
+    assert _reader_kwargs("imu", {"gyro_units": "deg/s", "audio_start": None}, ()) == {"gyro_units": "deg/s"}
     assert _one_or_list(()) is None and _one_or_list(("a",)) == "a" and _one_or_list(("a", "b")) == ["a", "b"]
     shown = CliRunner().invoke(main, ["ask", "--help"]).output
     assert "--gyro-units [auto|deg/s|rad/s]" in shown and "repeat for one-sensor files" in shown

@@ -31,6 +31,21 @@ class ModalityInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReaderFlag:
+    """A command-line option that sets one keyword argument of a modality's reader."""
+
+    option: str  # the flag, e.g. "--imu-rate"
+    key: str  # the reader keyword it sets, e.g. "rate"
+    kind: Any  # float, int or str; or a tuple of the allowed values
+    help: str  # one line for --help
+
+    @property
+    def param(self) -> str:
+        """The Python name of the option's value (click's: `--imu-rate` -> imu_rate)."""
+        return self.option.lstrip("-").replace("-", "_")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModalitySpec:
     """Everything the runtime and the reference need to know about one modality."""
 
@@ -49,6 +64,7 @@ class ModalitySpec:
     requires_image: bool = False  # rgbd/rgbn: the map must come with its RGB photo
     several_files: bool = False  # the reader takes a list of files (one-sensor IMU exports): a repeatable option
     accepts_folder: bool = False  # the reader takes a folder (an app's export folder)
+    flags: tuple[ReaderFlag, ...] = ()  # dedicated CLI options for reader keywords (the rest: --reader-option)
 
     def __post_init__(self) -> None:
         if self.tokenizer_kind not in TOKENIZER_KINDS:

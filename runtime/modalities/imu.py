@@ -88,7 +88,7 @@ from ._io import (
     require_finite_output,
     source_label,
 )
-from .base import ModalityInput, ModalitySpec
+from .base import ModalityInput, ModalitySpec, ReaderFlag
 
 logger = logging.getLogger(__name__)
 
@@ -1030,4 +1030,12 @@ SPEC = ModalitySpec(
     caption_prompt='Describe the scene.',
     several_files=True,
     accepts_folder=True,
+    flags=(
+        ReaderFlag("--imu-rate", "rate", float, "IMU sample rate in Hz when the file has no timestamps."),
+        ReaderFlag("--imu-start", "start", float, "Start of the 2 s IMU window, seconds (default 0)."),
+        ReaderFlag("--accel-units", "accel_units", ("auto", "g", "m/s2"),
+                   "Accelerometer units of the IMU file (default: detected)."),
+        ReaderFlag("--gyro-units", "gyro_units", ("auto", "deg/s", "rad/s"),
+                   "Gyroscope units of the IMU file (default: from the header, else rad/s unless impossible)."),
+    ),
 )
