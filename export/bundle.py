@@ -124,11 +124,8 @@ def build_bundle(
     `random_seed`: the seed `save_random_checkpoint` made the checkpoint with, recorded so
     `onellm verify` can rebuild that checkpoint (the demo bundle) instead of asking for it.
     """
-    import torch
+    from onellm.ref.checkpoint import load_model
 
-    from onellm.ref.checkpoint import load_model, open_checkpoint
-
-    from .gguf import export_gguf, validate_gguf
     from .onnx_encoder import export_encoder_variants
 
     out_dir = Path(out_dir)
@@ -158,37 +155,13 @@ def build_bundle(
                               progress=lambda w, d, t: step(f"encoder: {w}", d, t), relative_to=stage)
 
         shutil.copyfile(tokenizer, stage / "tokenizer.model")
-        tensors = open_checkpoint(checkpoint)
-        decoders: dict[str, DecoderVariant] = {}
-        # Validate the decoder on a real encoder block (the first exported modality's dummy input).
-        rng = np.random.default_rng(0)
-        probe = mods[0]
-        x = torch.from_numpy(get_modality(probe).dummy_input(rng)[None])
-        with torch.no_grad():
-            block = model.encode(probe, x)[0].float().numpy()
-        for quant in quants:
-            name = f"decoder-{quant}.gguf"
-            info = export_gguf(tensors, cfg, stage / "tokenizer.model", stage / name, quant=quant,
-                               progress=lambda d, t, w, q=quant: step(f"decoder {q}: {w}", d, t))
-            step(f"decoder {quant}: validate", 0, 1)
-            parity = validate_gguf(model, cfg, stage / name, quant, block=block,
-                                   tolerances=(gguf_tolerances or {}).get(quant))
-            step(f"decoder {quant}: validate", 1, 1)
-            parity = _jsonable(parity)
-            decoders[quant] = DecoderVariant(quant=quant, file=name, sha256=info["sha256"], bytes=info["bytes"],
-                                             n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
-                                             parity={"probe_modality": probe, **parity})
-        del tensors
-
-        trt_entry: TensorRTEngines | None = None
-        if trt:
-            trt_entry = _maybe_build_trt(stage, enc, step)
+        decoders = export_decoders(model, cfg, checkpoint, stage, quants, probe=mods[0], tolerances=gguf_tolerances,
+                                   step=step)
+        trt_entry = _maybe_build_trt(stage, enc, step) if trt else None
 
         tok = Tokenizer(stage / "tokenizer.model")
-        files = {}
-        for path in sorted(stage.rglob("*")):
-            if path.is_file():
-                files[path.relative_to(stage).as_posix()] = sha256_file(path)
+        files = {path.relative_to(stage).as_posix(): sha256_file(path)
+                 for path in sorted(stage.rglob("*")) if path.is_file()}
         manifest = Manifest(
             schema=SCHEMA,
             schema_version=SCHEMA_VERSION,
@@ -219,20 +192,53 @@ def build_bundle(
             files=files,
         )
         (stage / MANIFEST).write_text(_dumps(manifest.to_dict()))
-
-        # Move into place only now: the target is replaced whole or not at all.
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(trash)
-            stage.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            stage.rename(out_dir)
+        _install(stage, out_dir)
         log.info("bundle written to %s in %.1fs", out_dir, manifest.export_seconds)
         return manifest
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def export_decoders(model, cfg, checkpoint, stage: Path, quants: Sequence[str], *, probe: str,
+                    tolerances: dict[str, dict[str, float]] | None = None, step=None) -> dict[str, DecoderVariant]:
+    """One GGUF per quantization in `stage`, each validated right after writing against the
+    reference's logits on a real encoder block (the `probe` modality's seeded dummy input)."""
+    from onellm.ref.checkpoint import open_checkpoint
+
+    from .gguf import export_gguf, validate_gguf
+    from .onnx_encoder import chain_input, reference_block
+
+    def report(what: str, done: int, total: int) -> None:
+        if step:
+            step(what, done, total)
+
+    block = reference_block(model, probe, chain_input(probe, 0))
+    tensors = open_checkpoint(checkpoint)
+    decoders: dict[str, DecoderVariant] = {}
+    for quant in quants:
+        name = f"decoder-{quant}.gguf"
+        info = export_gguf(tensors, cfg, stage / "tokenizer.model", stage / name, quant=quant,
+                           progress=lambda d, t, w, q=quant: report(f"decoder {q}: {w}", d, t))
+        report(f"decoder {quant}: validate", 0, 1)
+        parity = _jsonable(validate_gguf(model, cfg, stage / name, quant, block=block,
+                                         tolerances=(tolerances or {}).get(quant)))
+        report(f"decoder {quant}: validate", 1, 1)
+        decoders[quant] = DecoderVariant(quant=quant, file=name, sha256=info["sha256"], bytes=info["bytes"],
+                                         n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
+                                         parity={"probe_modality": probe, **parity})
+    return decoders
+
+
+def _install(stage: Path, out_dir: Path) -> None:
+    """Move the finished staging directory into place: the target is replaced whole or not at all."""
+    if out_dir.exists():
+        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(trash)
+        stage.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        stage.rename(out_dir)
 
 
 def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progress: Progress | None = None,
