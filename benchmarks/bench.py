@@ -991,28 +991,11 @@ def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, s
 
 def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Everything in the module docstring; returns the result dict (schema `onellm-bench` v1)."""
-    from onellm.export.bundle import _split_list
-    from onellm.runtime.encoder import physical_cores
-    from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS
-    from onellm.runtime.modalities import get_modality
-    from onellm.runtime.prompt import Conversation
-    from onellm.runtime.tokenizer import Tokenizer
-
     say = progress or (lambda msg: log.info("%s", msg))
     started = time.perf_counter()
     cfg = bench_config(opts)
     defaults = PRESET_DEFAULTS.get(cfg.name, PRESET_DEFAULTS["bench"])
-    repeats = opts.repeats if opts.repeats is not None else defaults["repeats"]
-    warmup = opts.warmup if opts.warmup is not None else defaults["warmup"]
-    new_tokens = opts.new_tokens or defaults["new_tokens"]
-    if repeats < 1 or warmup < 0 or new_tokens < 2:
-        raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
-    threads = opts.threads or physical_cores()
-    gpu = _gpu_encoder_device(opts.device)
-    precisions = _split_list(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
-        ["fp32", "int8"] + (["fp16"] if gpu else []))
-    quants = _split_list(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
-        q for q in DECODER_QUANTS if q != "f32"]  # every quantization but the f32 reference
+    repeats, warmup, new_tokens, threads, gpu, precisions, quants = _settings(opts, defaults)
 
     result: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -1042,17 +1025,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     result["ceilings"] = {"bandwidth": measure_bandwidth(defaults["copy_mib"], max(3, repeats), threads),
                           "gemm": measure_gemm(defaults["gemm_n"], max(3, repeats), threads)}
 
-    tokenizer = Tokenizer(bundle / manifest.tokenizer.file)
-    sources = modality_sources(cfg.modalities, art["work_dir"])
-    inputs, prompt = {}, {}
-    rng = np.random.default_rng(0)
-    for m in cfg.modalities:
-        spec = get_modality(m)
-        arr = read_source(m, sources[m]).array if m in sources else spec.dummy_input(rng)
-        inputs[m] = np.ascontiguousarray(arr, dtype=np.float32)
-        conv = Conversation(manifest.prompt)
-        conv.add_question(spec.caption_prompt)
-        prompt[m] = tokenizer.encode(conv.render(), bos=True, eos=False)
+    sources, inputs, prompt = _inputs_and_prompts(cfg, manifest, bundle, art["work_dir"])
     result["inputs"] = {m: {"source": sources.get(m, "dummy_input"), "prompt_tokens": len(prompt[m])} for m in inputs}
     readers = logging.getLogger("onellm.runtime.modalities")
     readers_level = readers.level
@@ -1099,12 +1072,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         dec_rows += dr["rows"]
         overhead += dr["overhead"]
         bpt[f"gguf_{q}"] = dr["rows"][0]["bytes_per_token"] if dr["rows"] else 0
-    bw = result["ceilings"]["bandwidth"]["gb_s"]["median"] * 1e9
-    for row in dec_rows:
-        b = row.get("bytes_per_token") or 0
-        ceiling = bw / b if b else 0.0
-        row["bandwidth_ceiling_tokens_per_s"] = ceiling
-        row["fraction_of_bandwidth_ceiling"] = row["decode_tokens_per_s"] / ceiling if ceiling else 0.0
+    _attach_bandwidth_fractions(dec_rows, result["ceilings"]["bandwidth"]["gb_s"]["median"] * 1e9)
     for r in enc_rows:
         if r["modality"] in preprocess:
             r["stages_s"] = {"preprocess": preprocess[r["modality"]], **r["stages_s"]}
@@ -1118,21 +1086,9 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
          "ratio": r["plain_sessions_encode_s"]["median"] / r["encode_s"]["median"]}
         for r in enc_rows if "plain_sessions_encode_s" in r]}
 
-    best_p = _best_runtime_precision(enc_rows) or precisions[0]
-    chat_q = "q8_0" if "q8_0" in quants else quants[0]
-    chat_m = next((m for m in cfg.modalities if m in sources), None)
-    if chat_m is not None:
-        say(f"chat: two turns through Pipeline ({best_p} encoder, {chat_q} decoder, {chat_m})")
-        result["chat"] = bench_chat(bundle, best_p, chat_q, chat_m, sources[chat_m], new_tokens, repeats, warmup,
-                                    threads, n_ctx)
-    else:
-        result["chat"] = None
-    result["footprint"] = []
-    if opts.footprint and chat_m is not None:
-        combos = list(dict.fromkeys([(p, chat_q) for p in precisions if p != "fp16"] + [(best_p, q) for q in quants]))
-        for p, q in combos:
-            say(f"footprint: fresh process loading the bundle with {p} encoder, {q} decoder")
-            result["footprint"].append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], threads, n_ctx))
+    result["chat"], result["footprint"] = _chat_and_footprint(
+        bundle, cfg, sources, _best_runtime_precision(enc_rows) or precisions[0], precisions, quants, new_tokens,
+        repeats, warmup, threads, n_ctx, opts.footprint, say)
     from .report import evaluate_targets
 
     result["targets"] = evaluate_targets(result)
@@ -1140,6 +1096,73 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     result["wall_s"] = time.perf_counter() - started
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
+
+
+def _settings(opts: BenchOptions, defaults: dict[str, Any]):
+    """(repeats, warmup, new_tokens, threads, gpu device, encoder precisions, decoder quants) of a run."""
+    from onellm.export.bundle import _split_list
+    from onellm.runtime.encoder import physical_cores
+    from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS
+
+    repeats = opts.repeats if opts.repeats is not None else defaults["repeats"]
+    warmup = opts.warmup if opts.warmup is not None else defaults["warmup"]
+    new_tokens = opts.new_tokens or defaults["new_tokens"]
+    if repeats < 1 or warmup < 0 or new_tokens < 2:
+        raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
+    threads = opts.threads or physical_cores()
+    gpu = _gpu_encoder_device(opts.device)
+    precisions = _split_list(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
+        ["fp32", "int8"] + (["fp16"] if gpu else []))
+    quants = _split_list(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
+        q for q in DECODER_QUANTS if q != "f32"]  # every quantization but the f32 reference
+    return repeats, warmup, new_tokens, threads, gpu, precisions, quants
+
+
+def _inputs_and_prompts(cfg, manifest, bundle: Path, work_dir: Path):
+    """(sources, modality arrays, prompt ids) of a run: real files where there are some, else dummies."""
+    from onellm.runtime.modalities import get_modality
+    from onellm.runtime.prompt import Conversation
+    from onellm.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(bundle / manifest.tokenizer.file)
+    sources = modality_sources(cfg.modalities, work_dir)
+    inputs, prompt = {}, {}
+    rng = np.random.default_rng(0)
+    for m in cfg.modalities:
+        spec = get_modality(m)
+        arr = read_source(m, sources[m]).array if m in sources else spec.dummy_input(rng)
+        inputs[m] = np.ascontiguousarray(arr, dtype=np.float32)
+        conv = Conversation(manifest.prompt)
+        conv.add_question(spec.caption_prompt)
+        prompt[m] = tokenizer.encode(conv.render(), bos=True, eos=False)
+    return sources, inputs, prompt
+
+
+def _attach_bandwidth_fractions(dec_rows: list[dict], bandwidth_bytes_s: float) -> None:
+    """Each decoder row's bandwidth ceiling (bandwidth / bytes read per token) and its fraction of it."""
+    for row in dec_rows:
+        b = row.get("bytes_per_token") or 0
+        ceiling = bandwidth_bytes_s / b if b else 0.0
+        row["bandwidth_ceiling_tokens_per_s"] = ceiling
+        row["fraction_of_bandwidth_ceiling"] = row["decode_tokens_per_s"] / ceiling if ceiling else 0.0
+
+
+def _chat_and_footprint(bundle, cfg, sources, best_p, precisions, quants, new_tokens, repeats, warmup, threads,
+                        n_ctx, footprint: bool, say):
+    """The two-turn chat row and the fresh-process footprint rows (None and [] without a real input)."""
+    chat_q = "q8_0" if "q8_0" in quants else quants[0]
+    chat_m = next((m for m in cfg.modalities if m in sources), None)
+    if chat_m is None:
+        return None, []
+    say(f"chat: two turns through Pipeline ({best_p} encoder, {chat_q} decoder, {chat_m})")
+    chat = bench_chat(bundle, best_p, chat_q, chat_m, sources[chat_m], new_tokens, repeats, warmup, threads, n_ctx)
+    rows = []
+    if footprint:
+        combos = list(dict.fromkeys([(p, chat_q) for p in precisions if p != "fp16"] + [(best_p, q) for q in quants]))
+        for p, q in combos:
+            say(f"footprint: fresh process loading the bundle with {p} encoder, {q} decoder")
+            rows.append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], threads, n_ctx))
+    return chat, rows
 
 
 def _gpu_encoder_device(device: str) -> str | None:
