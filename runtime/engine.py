@@ -57,7 +57,7 @@ import numpy as np
 
 from . import _llama
 from .bundle import Bundle, load_manifest
-from .registry import decoder_quant
+from .registry import decoder_quant, resolve_device
 from .decoder import Sampling, _TextStream, check_gguf_file
 from .errors import BackendError, BundleError, ConfigError, InputError, OneLLMError
 from .prompt import ROLES, Conversation
@@ -333,9 +333,8 @@ class Engine:
         bundle = load_manifest(Path(path), verify=verify)
         manifest = bundle.manifest
         enc_all = manifest.encoder.precisions
-        precision = manifest.encoder.default
-        if precision == "fp16" and device == "cpu" and "fp32" in enc_all:
-            precision = "fp32"
+        provider, _device_id = resolve_device(device)  # the same choice as Pipeline.load
+        precision = provider.pick_precision(enc_all, manifest.encoder.default)
         quants = manifest.decoder.quants
         quant = quant or manifest.decoder.default
         if quant not in quants:
