@@ -315,6 +315,58 @@ class Encoder:
                 raise BackendError(f"encoder ({modality}): onnxruntime failed ({exc})") from None
         return self.buffer[0]
 
+    def encode_many(self, modality: str, arrays: list[np.ndarray], stage_hook: StageHook | None = None) -> np.ndarray:
+        """Several inputs of one modality in one run of each graph -> a new [k, n_inserted, n_embd] array.
+
+        Every graph's leading axis is dynamic (frames x batch), so k inputs stack along it and
+        each stage runs once with k times the rows: the weights are read once per stage for
+        the whole batch. The batch's intermediates are allocated per call (k varies); a single
+        input takes the preallocated path of `encode`. Row i of the result is input i's block.
+        """
+        if self._closed:
+            raise BackendError("encoder: used after close()")
+        if not arrays:
+            return np.zeros((0, self.n_inserted, self.n_embd), np.float32)
+        if len(arrays) == 1:
+            return self.encode(modality, arrays[0], stage_hook)[None].copy()
+        plan = self._plan(modality)
+        n0 = plan.feed_shape[0]
+        staging = np.empty((len(arrays) * n0, *plan.feed_shape[1:]), dtype=plan.staging.dtype)
+        for i, array in enumerate(arrays):
+            arr = np.asarray(array)
+            if arr.shape != plan.input_shape:
+                raise InputError(f"{modality} input {i}", f"an array of shape {list(plan.input_shape)}",
+                                 f"shape {list(arr.shape)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise InputError(f"{modality} input {i}", "a floating-point array", f"dtype {arr.dtype}")
+            view = staging[i * n0:(i + 1) * n0]
+            if plan.grouping is not None:
+                g = plan.grouping
+                group_points(arr, g.groups, g.k, g.tie_break, out=view[0])
+            else:
+                np.copyto(view, arr.reshape(plan.feed_shape), casting="same_kind")
+        chain = self.modalities[modality]
+        values: dict[str, np.ndarray] = {plan.feed_name: staging}
+        if chain.routing_weights:
+            values["routing"] = plan.routing
+        with self._lock:
+            try:
+                for stage, recorded in zip(plan.stages, chain.stages):
+                    t0 = time.perf_counter()
+                    names = [spec.name for spec in recorded.outputs]
+                    feeds = {spec.name: values[spec.name] for spec in recorded.inputs}
+                    values.update(zip(names, stage.session.run(names, feeds)))
+                    if stage_hook is not None:
+                        stage_hook(modality, stage.name, time.perf_counter() - t0)
+            except Exception as exc:  # onnxruntime's own error types
+                raise BackendError(f"encoder ({modality}): onnxruntime failed on a batch of {len(arrays)} ({exc})") from None
+        out = values[chain.stages[-1].outputs[0].name]
+        want = (len(arrays), self.n_inserted, self.n_embd)
+        if out.shape != want:
+            raise BundleError(f"encoder chain of {modality!r}: a batch of {len(arrays)} gave shape {list(out.shape)}, "
+                              f"expected {list(want)}")
+        return np.ascontiguousarray(out, dtype=np.float32)
+
     def warmup(self, modalities: list[str] | None = None) -> None:
         """Build sessions and plans (and run each chain once on zeros) ahead of the first request."""
         for m in modalities or list(self.modalities):

@@ -18,7 +18,9 @@ Shape (llama.cpp's server and vLLM's engine are the models; this is our own):
   `llama_batch` carries ids or embeddings, not both): a slot's 32 rows go in one
   embeddings call of their own in the step it reaches them.
 - The encoder runs in its own worker thread (reader + onnxruntime), so a slow file
-  never blocks the decode loop. Finished blocks are kept by content hash (LRU).
+  never blocks the decode loop. It takes every queued input (up to `encode_batch`) and
+  encodes each modality's new ones in one batched run (`Encoder.encode_many`).
+  Finished blocks are kept by content hash (LRU).
 - Prefix reuse: a slot keeps its cached positions after a request ends. A request
   whose positions (BOS, block rows by digest, prompt tokens) start like a cached slot
   reuses that prefix: a follow-up turn reuses the whole conversation; a new question
@@ -275,7 +277,7 @@ class Engine:
 
     def __init__(self, bundle: Bundle, encoder, model: _llama.LlamaModel, tokenizer, *,
                  parallel: int, n_ctx_slot: int, threads: int | None = None, n_batch: int = 512,
-                 prefill_chunk: int = 256, block_cache: int = 16, limits: Limits | None = None,
+                 prefill_chunk: int = 256, block_cache: int = 16, encode_batch: int = 4, limits: Limits | None = None,
                  kv_unified: bool = True, context: dict[str, Any] | None = None) -> None:
         context = context or {}  # llama.cpp context settings of the GGUF type (kv_type, flash_attn)
         manifest = bundle.manifest
@@ -308,6 +310,7 @@ class Engine:
         self.slots = [_Slot(i) for i in range(parallel)]
         self._blocks: collections.OrderedDict[str, tuple[np.ndarray, str, dict]] = collections.OrderedDict()
         self._block_cache = block_cache
+        self.encode_batch = max(1, encode_batch)  # most queued inputs one encoder run takes
         self._cond = threading.Condition()
         self._encode_q: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: collections.deque[_Job] = collections.deque()
@@ -520,12 +523,35 @@ class Engine:
 
     # ------------------------------------------------------------------ encoder worker
     def _run_encoder(self) -> None:
+        """Encoder worker: takes every queued media job, reads each input, encodes each modality's
+        new inputs in one batch (`Encoder.encode_many`), and hands the jobs to the scheduler."""
+        while True:
+            jobs = [self._encode_q.get()]
+            while len(jobs) < self.encode_batch:
+                try:
+                    jobs.append(self._encode_q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in jobs
+            jobs = [j for j in jobs if j is not None]
+            try:
+                self._encode_jobs(jobs)
+            finally:
+                for job in jobs:
+                    cleanup = job.request.media.cleanup
+                    if cleanup is not None:
+                        try:
+                            cleanup()
+                        except OSError as exc:
+                            log.warning("cleaning up an input failed: %s", exc)
+            if stop:
+                return
+
+    def _encode_jobs(self, jobs: list[_Job]) -> None:
         from .pipeline import read_input
 
-        while True:
-            job = self._encode_q.get()
-            if job is None:
-                return
+        todo: dict[str, list[tuple[_Job, str, Any]]] = collections.defaultdict(list)  # modality -> (job, key, item)
+        for job in jobs:
             media = job.request.media
             try:
                 if job.request.cancel.is_set() or self._closed:
@@ -537,32 +563,49 @@ class Engine:
                     if hit is not None:
                         self._blocks.move_to_end(key)
                         self.counters["block_cache_hits"] += 1
-                if hit is None:
-                    self._check_media_limits(media)
-                    item = read_input(media.modality, media.source, media.options, image=media.image)
-                    block = np.array(self.encoder.encode(media.modality, item.array), copy=True)
-                    hit = (block, block_digest(block), dict(item.meta))
-                    with self._cond:
-                        self._blocks[key] = hit
-                        while len(self._blocks) > self._block_cache:
-                            self._blocks.popitem(last=False)
-                        self.counters["encodes"] += 1
-                job.block, job.digest, job.inputs = hit[0], hit[1], dict(hit[2])
-                job.modality = media.modality
-                with self._cond:
-                    self._ready.append(job)
-                    self._cond.notify_all()
+                if hit is not None:
+                    self._ready_job(job, hit)
+                    continue
+                self._check_media_limits(media)
+                item = read_input(media.modality, media.source, media.options, image=media.image)
+                todo[media.modality].append((job, key, item))
             except OneLLMError as exc:
                 self._fail_unstarted(job, exc)
             except Exception as exc:  # noqa: BLE001 - a reader bug must not kill the worker
-                log.exception("encoding a %s input failed", media.modality)
+                log.exception("reading a %s input failed", media.modality)
                 self._fail_unstarted(job, BackendError(f"{media.modality} input: {type(exc).__name__}: {exc}"))
-            finally:
-                if media.cleanup is not None:
-                    try:
-                        media.cleanup()
-                    except OSError as exc:
-                        log.warning("cleaning up an input failed: %s", exc)
+        for modality, group in todo.items():
+            # the same input twice in one batch is encoded once
+            unique: dict[str, Any] = {}
+            for _job, key, item in group:
+                unique.setdefault(key, item)
+            try:
+                blocks = self.encoder.encode_many(modality, [item.array for item in unique.values()])
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep the worker
+                err = exc if isinstance(exc, OneLLMError) else BackendError(f"{modality} encoder: {exc}")
+                if not isinstance(exc, OneLLMError):
+                    log.exception("encoding a batch of %d %s inputs failed", len(unique), modality)
+                for job, _key, _item in group:
+                    self._fail_unstarted(job, err)
+                continue
+            made: dict[str, tuple[np.ndarray, str, dict]] = {}
+            with self._cond:
+                for (key, item), block in zip(unique.items(), blocks):
+                    made[key] = (block, block_digest(block), dict(item.meta))
+                    self._blocks[key] = made[key]
+                    while len(self._blocks) > self._block_cache:
+                        self._blocks.popitem(last=False)
+                self.counters["encodes"] += len(unique)
+                self.counters["encode_batches"] += 1
+            for job, key, _item in group:
+                self._ready_job(job, made[key])
+
+    def _ready_job(self, job: _Job, hit: tuple[np.ndarray, str, dict]) -> None:
+        job.block, job.digest, job.inputs = hit[0], hit[1], dict(hit[2])
+        job.modality = job.request.media.modality
+        with self._cond:
+            self._ready.append(job)
+            self._cond.notify_all()
 
     def _finish_unstarted(self, job: _Job, reason: str) -> None:
         with self._cond:

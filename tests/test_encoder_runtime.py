@@ -210,3 +210,23 @@ def test_knn_ties_go_to_the_lower_index():
     p[[2, 5, 7], 0] = 1.0  # three points at distance 1, the rest at 0 from the origin centre
     got = set(knn(p, np.zeros((1, 3), np.float32), 8)[0].tolist())
     assert got == {0, 1, 3, 4, 6, 8, 9, 2}
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio", "point", "imu", "fmri", "rgbd", "rgbn"])
+def test_a_batch_gives_each_input_its_own_block(fp32_encoder, modality):
+    """encode_many stacks k inputs along every graph's leading axis; row i must equal input i alone."""
+    enc = fp32_encoder
+    if modality not in enc.modalities:
+        pytest.skip(f"the tiny export has no {modality}")
+    xs = [_input(modality, 20 + i) for i in range(3)]
+    alone = [enc.encode(modality, x).copy() for x in xs]
+    seen = []
+    batch = enc.encode_many(modality, xs, stage_hook=lambda m, g, s: seen.append(g))
+    assert batch.shape == (3, enc.n_inserted, enc.n_embd)
+    assert seen == [s.name for s in enc._plans[modality].stages]  # each graph ran once for the batch
+    for i in range(3):
+        np.testing.assert_allclose(batch[i], alone[i], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(batch[0], batch[1])  # rows are not one input repeated
+    assert not np.shares_memory(batch, enc.buffer)
+    with pytest.raises(InputError, match=r"image input 1: expected an array of shape"):
+        enc.encode_many("image", [_input("image", 1), np.zeros((2, 2), np.float32)])

@@ -234,3 +234,45 @@ def test_one_buffer_per_sequence_mode_gives_the_same_answers(tiny_bundle, engine
             [_ask(engine, q + " again", n=10).wait(60) for q in QUESTIONS[:3]]
         assert [g.tokens for g in got] == [w.tokens for w in want]
         assert max(g.cached_tokens for g in got[3:]) >= 1 + eng.n_inserted
+
+
+def test_queued_inputs_of_one_modality_are_encoded_in_one_batch(tiny_bundle, tmp_path, monkeypatch):
+    """Inputs waiting together go through the encoder as one batch; each request still gets its own block."""
+    import onellm.runtime.pipeline as pipeline_mod
+
+    lines = Path(WALK).read_text().splitlines()
+    files = []
+    for k in range(3):  # three different recordings: the walk shifted by (k+1)*50 rows
+        f = tmp_path / f"walk{k}.csv"
+        f.write_text("\n".join([lines[0]] + lines[1 + 50 * (k + 1):]) + "\n")
+        files.append(str(f))
+    gate, entered = threading.Event(), threading.Event()
+    original = pipeline_mod.read_input
+
+    def gated_reader(*a, **kw):
+        entered.set()
+        gate.wait(30)
+        return original(*a, **kw)
+
+    with Engine.load(tiny_bundle, parallel=4) as eng:
+        alone = [eng.submit(Request(messages=[("user", "What is this?")], media=Media("imu", f),
+                                    sampling=Sampling.greedy(8))).wait(60) for f in files]
+        sizes = []
+        real = eng.encoder.encode_many
+        monkeypatch.setattr(eng.encoder, "encode_many", lambda m, xs, **kw: sizes.append(len(xs)) or real(m, xs, **kw))
+        eng._blocks.clear()
+        monkeypatch.setattr(pipeline_mod, "read_input", gated_reader)
+        first = eng.submit(Request(messages=[("user", "Hold the worker")], media=Media("imu", WALK),
+                                   sampling=Sampling.greedy(2)))
+        assert entered.wait(30)  # the worker is inside the first read; the next three queue up
+        handles = [eng.submit(Request(messages=[("user", "What is this?")], media=Media("imu", f),
+                                      sampling=Sampling.greedy(8))) for f in files]
+        gate.set()
+        results = [h.wait(60) for h in handles]
+        first.wait(60)
+        assert sizes == [1, 3], sizes
+        assert eng.counters["encode_batches"] >= 2
+        for got, want in zip(results, alone):
+            assert got.tokens == want.tokens or got.tokens[:2] == want.tokens[:2]
+        # a batch's requests do not share one block
+        assert len({eng._blocks[k][1] for k in eng._blocks}) == 4
