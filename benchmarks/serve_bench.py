@@ -12,6 +12,8 @@ Measures:
   tokens about an IMU recording): aggregate decode tokens/s (sum over the streams of
   completion tokens after the first / time from first to last token), relative to 1
   stream; the wall-clock throughput; p50/p95 time to first token;
+- the same scaling for llama.cpp alone (k sequences' next tokens in one `llama_decode` per
+  step, random tokens, no engine, no HTTP): the ceiling the engine is held to;
 - prefix reuse: time to first token of a first question about new media (read + encode +
   full prefill) vs a second question about the same media (block and KV prefix reused).
 Random weights time like real ones; the answers are meaningless. Prints a Markdown table.
@@ -146,6 +148,39 @@ def run_prefix(url: str, repeats: int, tokens: int, key: str | None) -> dict[str
             "second_cached_tokens": statistics.median(cached), "repeats": repeats}
 
 
+def raw_decode_rates(gguf: str, quant: str, levels: list[int], threads: int | None, steps: int = 32,
+                     prompt: int = 130) -> dict[int, float]:
+    """llama.cpp alone, no engine and no HTTP: tokens/s of k sequences decoding in one llama_decode
+    batch per step, in a unified cache like the engine's (the ceiling the engine's scaling is held to)."""
+    import numpy as np
+
+    from onellm.runtime import _llama
+    from onellm.runtime.registry import decoder_quant
+
+    q = decoder_quant(quant)
+    rates: dict[int, float] = {}
+    with _llama.LlamaModel(gguf, use_extra_bufts=q.use_extra_bufts()) as model:
+        for k in levels:
+            ctx = _llama.LlamaContext(model, n_ctx=max(levels) * (prompt + steps + 8), n_batch=512, n_threads=threads,
+                                      n_seq_max=max(levels), kv_unified=True, **q.context_settings())
+            batch = _llama.LlamaBatch(512)
+            try:
+                rng = np.random.default_rng(k)
+                for seq in range(k):
+                    ctx.decode(batch.tokens(rng.integers(100, 500, prompt).tolist(), 0, "last", seq_id=seq))
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    ctx.decode(batch.mixed(rng.integers(100, 500, k).tolist(), [prompt + step] * k, list(range(k)),
+                                           [True] * k))
+                    for i in range(k):
+                        ctx.logits_ith(i)
+                rates[k] = k * steps / (time.perf_counter() - t0)
+            finally:
+                batch.close()
+                ctx.close()
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=None, help="bundle directory (default: the demo bundle in the cache)")
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=None, help="engine slots (default: the largest level)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the llama.cpp-alone rows (k sequences per batch)")
     args = ap.parse_args(argv)
 
     from onellm.runtime.engine import Engine
@@ -179,16 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         out["loadavg_after"] = os.getloadavg()
         out["engine"] = engine.stats()
+        gguf = str(bundle / engine.manifest.decoder.quants[engine.quant].file)
+        quant, threads = engine.quant, engine.ctx.n_threads
         engine.close()
+    if not args.no_ceiling:
+        out["raw_decode_tok_s"] = raw_decode_rates(gguf, quant, levels, threads)
     base = out["levels"][0]["decode_tok_s"] or 1.0
     lines = [f"onellm serve bench: {bundle} ({'RANDOM weights, ' if out['random_weights'] else ''}{engine.parallel} slots, "
              f"{args.tokens} tokens x {args.rounds} rounds per stream; load {load[0]:.1f} -> {out['loadavg_after'][0]:.1f})",
-             "", "| streams | decode tok/s | vs 1 | wall tok/s | per-stream tok/s | TTFT p50 | TTFT p95 |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| streams | decode tok/s | vs 1 | wall tok/s | per-stream tok/s | TTFT p50 | TTFT p95 "
+             "| llama.cpp alone tok/s | vs 1 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    raw = out.get("raw_decode_tok_s") or {}
     for r in out["levels"]:
         r["decode_vs_1"] = r["decode_tok_s"] / base
-        lines.append(f"| {r['streams']} | {r['decode_tok_s']:.1f} | {r['decode_vs_1']:.2f}x | {r['throughput_tok_s']:.1f} | "
-                     f"{r['per_stream_decode_tok_s']:.1f} | {r['ttft_p50_s'] * 1e3:.0f} ms | {r['ttft_p95_s'] * 1e3:.0f} ms |")
+        k = r["streams"]
+        ceiling = (f"{raw[k]:.1f} | {raw[k] / raw[levels[0]]:.2f}x" if k in raw else "- | -")
+        lines.append(f"| {k} | {r['decode_tok_s']:.1f} | {r['decode_vs_1']:.2f}x | {r['throughput_tok_s']:.1f} | "
+                     f"{r['per_stream_decode_tok_s']:.1f} | {r['ttft_p50_s'] * 1e3:.0f} ms | {r['ttft_p95_s'] * 1e3:.0f} ms "
+                     f"| {ceiling} |")
     p = out["prefix"]
     lines += ["", f"second question about the same media: TTFT {p['second_ttft_s'] * 1e3:.0f} ms vs first "
               f"{p['first_ttft_s'] * 1e3:.0f} ms = {p['ratio'] * 100:.0f} % ({p['second_cached_tokens']:.0f} positions reused)"]
