@@ -1257,8 +1257,6 @@ def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quant
     checkpoint (random unless --checkpoint) and the exported bundle are cached under
     --work-dir, so a rerun does not export again.
     """
-    import json
-
     from onellm.runtime.inputs import check_out_dir
 
     _check_ranges(threads=threads)
@@ -1266,7 +1264,7 @@ def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quant
         _require_extra("bench")
     check_out_dir(out_dir)
     from onellm.benchmarks.bench import BenchOptions, run_bench
-    from onellm.benchmarks.report import validate, write_reports
+    from onellm.benchmarks.report import write_reports
 
     opts = BenchOptions(
         preset=None if config_path else preset, config_path=config_path,
@@ -1283,9 +1281,6 @@ def bench_cmd(preset, config_path, modalities, encoder_precisions, decoder_quant
         from onellm.runtime.errors import os_error
 
         raise os_error(exc, doing="write the bench reports") from None
-    problems = validate(json.loads(paths["json"].read_text()))
-    for p in problems:
-        click.echo(f"onellm: warning: bench.json schema: {p}", err=True)
     if as_json:
         click.echo(paths["json"].read_text(), nl=False)
     else:
