@@ -78,17 +78,6 @@ N_CTX = 1024  # decoder context of every measurement (or the model's, if shorter
 RANDOM_GGUF_TOLERANCES = {"q8_0": {"rel": 0.5}, "q4_k_m": {"rel": 2.5, "cos": 0.8, "top1": 0.3}}
 ENCODER_STAGES = ("preprocess", "tokenizer", "clip_trunk", "upm_projection")
 QUESTION_2 = "Tell me more about it."
-# the example file of each modality in a source checkout (examples/), as reader keyword arguments
-EXAMPLES = {
-    "image": {"image": "image/photo.jpg"},
-    "video": {"video": "video/clip.mp4"},
-    "audio": {"audio": "audio/speech.wav"},
-    "point": {"point": "point/mug.ply"},
-    "rgbd": {"depth": "depth/depth.png", "image": "image/photo.jpg"},
-    "rgbn": {"normal": "normal/normal.png", "image": "image/photo.jpg"},
-    "imu": {"imu": "imu/walk.csv"},
-    "fmri": {"fmri": "fmri/betas.npy"},
-}
 
 
 @dataclasses.dataclass
@@ -414,60 +403,23 @@ def torch_bytes_per_token(model) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 
-def examples_dir() -> Path | None:
-    """`examples/` of the source checkout this package runs from, if any."""
-    here = Path(__file__).resolve().parent.parent / "examples"
-    return here if here.is_dir() else None
-
-
 def modality_sources(modalities: Sequence[str], work: Path) -> dict[str, dict[str, Any]]:
-    """Per modality, reader keyword arguments for a real input file (examples/ or synthesised)."""
-    ex = examples_dir()
-    out: dict[str, dict[str, Any]] = {}
-    for m in modalities:
-        files = EXAMPLES.get(m, {})
-        if ex is not None and files and all((ex / f).is_file() for f in files.values()):
-            out[m] = {k: str(ex / f) for k, f in files.items()}
-        elif m == "image":
-            out[m] = {"image": str(_synth_image(work))}
-        elif m == "imu":
-            out[m] = {"imu": str(_synth_imu(work))}
-    return out
+    """Per modality, input keyword arguments for a real file: its spec's example (examples/ of a
+    source checkout, else a stand-in written under `work` where the modality has one)."""
+    from onellm.runtime.modalities import example_inputs
 
-
-def _synth_image(work: Path) -> Path:
-    from PIL import Image
-
-    path = work / "inputs" / "photo.png"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _synth_imu(work: Path) -> Path:
-    path = work / "inputs" / "walk.csv"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t = np.arange(400) / 100.0
-        cols = [t] + [np.sin(2 * np.pi * (1 + k) * t) for k in range(6)]
-        rows = ["time_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"]
-        rows += [",".join(f"{v:.5f}" for v in r) for r in np.stack(cols, 1)]
-        path.write_text("\n".join(rows) + "\n")
-    return path
+    found = {m: example_inputs(m, stand_ins=work / "inputs") for m in modalities}
+    return {m: src for m, src in found.items() if src is not None}
 
 
 def read_source(modality: str, source: dict[str, Any]):
     """Run the runtime reader on a source dict (as Pipeline.ask keyword arguments)."""
+    from onellm.runtime.modalities import get_modality
     from onellm.runtime.pipeline import read_input
 
     src = dict(source)
-    image = src.pop("image", None)
-    if not src:  # the image modality itself
-        return read_input(modality, image)
-    (_, path), = src.items()
-    return read_input(modality, path, image=image)
+    path = src.pop(get_modality(modality).input_name)
+    return read_input(modality, path, image=src.pop("image", None))
 
 
 # ----------------------------------------------------------------------------- artefacts
