@@ -754,9 +754,7 @@ class RuntimeDecoderRows:
 def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, greedy, new_tokens: int,
                           repeats: int, warmup: int, threads: int, plain: bool) -> RuntimeDecoderRows:
     """Rows of one GGUF quantization (llama.cpp through our Session), per modality."""
-    from onellm.runtime.decoder import Decoder, Sampling
-
-    from onellm.runtime import _llama
+    from onellm.runtime.decoder import Decoder, Sampling, capture_native_log
     from onellm.runtime.registry import decoder_quant
 
     entry = manifest.decoder.quants[quant]
@@ -766,7 +764,7 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
 
     rss0 = rss_mib()
     t0 = time.perf_counter()
-    with _llama.capture_native_log() as native:
+    with capture_native_log() as native:
         dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra)
         dec.session().prefill([dec.bos_id])  # flash attention is resolved on the first graph
     flash = _flash_attn_from_log(native)
@@ -1094,7 +1092,7 @@ def _encoder_chain_rows(enc_rows: Sequence[EncoderRow]) -> tuple[EncoderChainRow
 
 def _settings(opts: BenchOptions, cfg, defaults: dict[str, Any]) -> Settings:
     """Repeats, warm-up, new tokens, threads, GPU device, encoder precisions and decoder quants of a run."""
-    from onellm.export.bundle import _split_list
+    from onellm.export.bundle import split_choices
     from onellm.runtime.encoder import physical_cores
     from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS
 
@@ -1104,9 +1102,9 @@ def _settings(opts: BenchOptions, cfg, defaults: dict[str, Any]) -> Settings:
     if repeats < 1 or warmup < 0 or new_tokens < 2:
         raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
     gpu = _gpu_encoder_device(opts.device)
-    precisions = _split_list(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
+    precisions = split_choices(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
         ["fp32", "int8"] + (["fp16"] if gpu else []))
-    quants = _split_list(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
+    quants = split_choices(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
         q for q in DECODER_QUANTS if q != "f32"]  # every quantization but the f32 reference
     return Settings(modalities=tuple(cfg.modalities), encoder_precisions=tuple(precisions),
                     decoder_quants=tuple(quants), repeats=repeats, warmup=warmup, new_tokens=new_tokens,
