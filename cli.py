@@ -1130,7 +1130,7 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @click.option("--modality", default=None, help="With --inputs: which modality the files are.")
 @click.option("--bundle", type=click.Path(file_okay=False), default=None,
               help="Bundle directory (default: the demo bundle in the cache, built on first use).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="auto", show_default=True,
               help="Where the encoder runs (as for `onellm ask`).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None, help="Encoder precision.")
 @click.option("--quant", default=None, help="Which exported GGUF to run (default: the bundle's).")
