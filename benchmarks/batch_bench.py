@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imu" / "walk.csv"
 
 
 def _questions(n: int) -> list[str]:
@@ -39,7 +38,9 @@ def _questions(n: int) -> list[str]:
 
 
 def _write_jobs(folder: Path, n: int) -> Path:
-    shutil.copy(EXAMPLE, folder / "walk.csv")
+    from onellm.runtime.modalities import example_file
+
+    shutil.copy(example_file("imu"), folder / "walk.csv")
     path = folder / "jobs.jsonl"
     path.write_text("".join(json.dumps({"id": f"j{i}", "imu": "walk.csv", "question": q}) + "\n"
                             for i, q in enumerate(_questions(n))))

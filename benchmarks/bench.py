@@ -6,8 +6,9 @@ fine for timing; every report says so). The checkpoint, its tokenizer and the ex
 bundle are cached under a work directory (default `$ONELLM_CACHE_DIR/bench/<preset>-<hash>/`),
 so a rerun measures without exporting again.
 
-Out: one dict (schema `onellm-bench` v1, see `benchmarks/report.py`), written as JSON,
-a Markdown table and a PNG chart by `report.write_reports`.
+Out: a `BenchResult` (typed rows, `benchmarks/result.py`; its `to_dict()` is the JSON of
+schema `onellm-bench` v1), written as JSON, a Markdown table and a PNG chart by
+`report.write_reports`.
 
 One run, in this order once the checkpoint and bundle exist (each backend on its own,
 so thread pools never alternate):
@@ -30,6 +31,7 @@ Every timing is the median of `repeats` runs after `warmup` runs, with min and m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,11 +51,15 @@ import numpy as np
 from onellm.runtime.errors import ConfigError
 from onellm.runtime.pipeline import peak_rss_mib
 
+from .result import (
+    Artifacts, Bandwidth, BenchResult, Ceilings, ChatRow, DecodeLoopRow, DecoderRow,
+    EncoderChainRow, EncoderRow, FootprintRow, GemmCeilings, GemmRate, InputInfo, LoopRun, Overhead, Settings,
+    Stat,
+)
+
 log = logging.getLogger(__name__)
 
-SCHEMA = "onellm-bench"
 LOAD_WARN = 0.5  # 1-min load average at start above which `bench` warns and records it
-SCHEMA_VERSION = 1
 SEED = 1234  # of the synthesised checkpoint
 RANDOM_NOTICE = ("Weights are RANDOM (seeded): timings are those of the real architecture and sizes, "
                  "but answers are meaningless text and agreement figures compare backends, not quality.")
@@ -64,25 +70,8 @@ PRESET_DEFAULTS = {  # per preset: modalities, repeats, warmup, new tokens, GEMM
     "7b": {"modalities": ("image", "imu"), "repeats": 2, "warmup": 1, "new_tokens": 32, "gemm_n": 2048, "copy_mib": 1024},
 }
 N_CTX = 1024  # decoder context of every measurement (or the model's, if shorter)
-# Export-time GGUF parity for random weights: their top logits are separated by tiny
-# margins, so quantization flips the argmax and inflates max|diff|/std far beyond trained
-# weights (bench preset, measured: q8_0 rel 0.19 vs the 0.15 tuned for real checkpoints;
-# q4_k_m rel 1.72, min cosine 0.927, top-1 0.44). The bench reports its own agreement
-# figures (top-1 and greedy) next to every speed, so a wrong row stays visible.
-RANDOM_GGUF_TOLERANCES = {"q8_0": {"rel": 0.5}, "q4_k_m": {"rel": 2.5, "cos": 0.8, "top1": 0.3}}
 ENCODER_STAGES = ("preprocess", "tokenizer", "clip_trunk", "upm_projection")
 QUESTION_2 = "Tell me more about it."
-# the example file of each modality in a source checkout (examples/), as reader keyword arguments
-EXAMPLES = {
-    "image": {"image": "image/photo.jpg"},
-    "video": {"video": "video/clip.mp4"},
-    "audio": {"audio": "audio/speech.wav"},
-    "point": {"point": "point/mug.ply"},
-    "rgbd": {"depth": "depth/depth.png", "image": "image/photo.jpg"},
-    "rgbn": {"normal": "normal/normal.png", "image": "image/photo.jpg"},
-    "imu": {"imu": "imu/walk.csv"},
-    "fmri": {"fmri": "fmri/betas.npy"},
-}
 
 
 @dataclasses.dataclass
@@ -112,12 +101,12 @@ class BenchOptions:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def summarize(samples: Sequence[float]) -> dict[str, float]:
-    """{median, min, max, n} of a list of seconds (or any figure)."""
+def summarize(samples: Sequence[float]) -> Stat:
+    """Median, min, max and count of a list of seconds (or any figure)."""
     xs = [float(x) for x in samples]
     if not xs:
-        return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+        return Stat(median=None, min=None, max=None, n=0)
+    return Stat(median=statistics.median(xs), min=min(xs), max=max(xs), n=len(xs))
 
 
 def repeat(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[list[Any], Any]:
@@ -259,7 +248,7 @@ def bf16_supported() -> bool:
 # ----------------------------------------------------------------------------- ceilings
 
 
-def measure_bandwidth(size_mib: int, repeats: int, threads: int) -> dict[str, Any]:
+def measure_bandwidth(size_mib: int, repeats: int, threads: int) -> Bandwidth:
     """Memory bandwidth, GB/s, with `threads` threads (numpy releases the GIL in both kernels).
 
     `gb_s`: READ bandwidth (a max-reduction over a large float32 array), the ceiling of a
@@ -283,48 +272,48 @@ def measure_bandwidth(size_mib: int, repeats: int, threads: int) -> dict[str, An
     single, _ = repeat(lambda: _clock(lambda: np.copyto(dst, src))[0], repeats, 1)
     nbytes = src.nbytes
     del src, dst, src_parts, dst_parts
-    return {"method": f"{threads}-thread numpy max-reduction over {size_mib} MiB (read bandwidth)",
-            "gb_s": summarize([nbytes / t / 1e9 for t in read]),
-            "copy_gb_s": summarize([2 * nbytes / t / 1e9 for t in copy]),
-            "single_thread_copy_gb_s": summarize([2 * nbytes / t / 1e9 for t in single]),
-            "bytes": nbytes, "threads": threads}
+    return Bandwidth(method=f"{threads}-thread numpy max-reduction over {size_mib} MiB (read bandwidth)",
+                     gb_s=summarize([nbytes / t / 1e9 for t in read]),
+                     copy_gb_s=summarize([2 * nbytes / t / 1e9 for t in copy]),
+                     single_thread_copy_gb_s=summarize([2 * nbytes / t / 1e9 for t in single]),
+                     bytes=nbytes, threads=threads)
 
 
-def measure_gemm(n: int, repeats: int, threads: int) -> dict[str, Any]:
+def measure_gemm(n: int, repeats: int, threads: int) -> GemmCeilings:
     """Peak matmul rate of an n x n x n GEMM through each math library the backends use, GFLOP/s."""
     flops = 2.0 * n ** 3
-    out: dict[str, Any] = {"n": n}
+    out: dict[str, GemmRate] = {}
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
 
-    def rate(fn) -> dict[str, float]:
+    def rate(fn) -> Stat:
         times, _ = repeat(lambda: _clock(fn)[0], repeats, 1)
         return summarize([flops / t / 1e9 for t in times])
 
-    out["numpy_fp32"] = {"library": f"numpy {np.__version__} BLAS", "gflop_s": rate(lambda: a @ b)}
+    out["numpy_fp32"] = GemmRate(library=f"numpy {np.__version__} BLAS", gflop_s=rate(lambda: a @ b))
     try:
         import torch
 
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         with torch.inference_mode():
-            out["torch_fp32"] = {"library": "torch (oneDNN/MKL)", "gflop_s": rate(lambda: ta @ tb)}
+            out["torch_fp32"] = GemmRate(library="torch (oneDNN/MKL)", gflop_s=rate(lambda: ta @ tb))
             if bf16_supported():
                 ha, hb = ta.bfloat16(), tb.bfloat16()
-                out["torch_bf16"] = {"library": "torch (oneDNN)", "gflop_s": rate(lambda: ha @ hb)}
+                out["torch_bf16"] = GemmRate(library="torch (oneDNN)", gflop_s=rate(lambda: ha @ hb))
     except ImportError:
         pass
     try:
-        out["onnxruntime_fp32"] = {"library": "onnxruntime MatMul (MLAS)", "gflop_s": rate(_ort_matmul(a, b, threads))}
+        out["onnxruntime_fp32"] = GemmRate(library="onnxruntime MatMul (MLAS)", gflop_s=rate(_ort_matmul(a, b, threads)))
     except Exception as exc:  # noqa: BLE001 - a missing ceiling must not stop the run
         log.warning("onnxruntime GEMM ceiling skipped: %s", exc)
     try:
-        out["onnxruntime_int8"] = {"library": "onnxruntime MatMulInteger u8 x s8 -> s32 (MLAS, VNNI where present)",
-                                   "unit": "GOP/s (int multiply-adds x 2)",
-                                   "gflop_s": rate(_ort_matmul_int8(n, threads))}
+        out["onnxruntime_int8"] = GemmRate(library="onnxruntime MatMulInteger u8 x s8 -> s32 (MLAS, VNNI where present)",
+                                           unit="GOP/s (int multiply-adds x 2)",
+                                           gflop_s=rate(_ort_matmul_int8(n, threads)))
     except Exception as exc:  # noqa: BLE001 - a missing ceiling must not stop the run
         log.warning("onnxruntime int8 GEMM ceiling skipped: %s", exc)
-    return out
+    return GemmCeilings(n=n, **out)
 
 
 def _ort_matmul_int8(n: int, threads: int) -> Callable[[], Any]:
@@ -408,60 +397,23 @@ def torch_bytes_per_token(model) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 
-def examples_dir() -> Path | None:
-    """`examples/` of the source checkout this package runs from, if any."""
-    here = Path(__file__).resolve().parent.parent / "examples"
-    return here if here.is_dir() else None
-
-
 def modality_sources(modalities: Sequence[str], work: Path) -> dict[str, dict[str, Any]]:
-    """Per modality, reader keyword arguments for a real input file (examples/ or synthesised)."""
-    ex = examples_dir()
-    out: dict[str, dict[str, Any]] = {}
-    for m in modalities:
-        files = EXAMPLES.get(m, {})
-        if ex is not None and files and all((ex / f).is_file() for f in files.values()):
-            out[m] = {k: str(ex / f) for k, f in files.items()}
-        elif m == "image":
-            out[m] = {"image": str(_synth_image(work))}
-        elif m == "imu":
-            out[m] = {"imu": str(_synth_imu(work))}
-    return out
+    """Per modality, input keyword arguments for a real file: its spec's example (examples/ of a
+    source checkout, else a stand-in written under `work` where the modality has one)."""
+    from onellm.runtime.modalities import example_inputs
 
-
-def _synth_image(work: Path) -> Path:
-    from PIL import Image
-
-    path = work / "inputs" / "photo.png"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _synth_imu(work: Path) -> Path:
-    path = work / "inputs" / "walk.csv"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t = np.arange(400) / 100.0
-        cols = [t] + [np.sin(2 * np.pi * (1 + k) * t) for k in range(6)]
-        rows = ["time_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"]
-        rows += [",".join(f"{v:.5f}" for v in r) for r in np.stack(cols, 1)]
-        path.write_text("\n".join(rows) + "\n")
-    return path
+    found = {m: example_inputs(m, stand_ins=work / "inputs") for m in modalities}
+    return {m: src for m, src in found.items() if src is not None}
 
 
 def read_source(modality: str, source: dict[str, Any]):
     """Run the runtime reader on a source dict (as Pipeline.ask keyword arguments)."""
+    from onellm.runtime.modalities import get_modality
     from onellm.runtime.pipeline import read_input
 
     src = dict(source)
-    image = src.pop("image", None)
-    if not src:  # the image modality itself
-        return read_input(modality, image)
-    (_, path), = src.items()
-    return read_input(modality, path, image=image)
+    path = src.pop(get_modality(modality).input_name)
+    return read_input(modality, path, image=src.pop("image", None))
 
 
 # ----------------------------------------------------------------------------- artefacts
@@ -491,8 +443,25 @@ def default_work_dir(cfg) -> Path:
     return cache_dir() / "bench" / f"{cfg.name}-{_config_key(cfg)}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The checkpoint, tokenizer and bundle of a run (from the cache, or made now)."""
+
+    work_dir: Path
+    checkpoint: Path
+    tokenizer: Path
+    bundle: Path
+    manifest: Any  # the bundle's runtime.manifest.Manifest
+    exported_now: bool  # whether this run exported the bundle
+
+    def record(self) -> Artifacts:
+        """The result's `artifacts` entry."""
+        return Artifacts(work_dir=str(self.work_dir), bundle=str(self.bundle), checkpoint=str(self.checkpoint),
+                         exported_this_run=self.exported_now, bundle_export_s=self.manifest.export_seconds)
+
+
 def prepare_artifacts(cfg, opts: BenchOptions, precisions: Sequence[str], quants: Sequence[str],
-                      progress: Callable[[str], None]) -> dict[str, Any]:
+                      progress: Callable[[str], None]) -> Prepared:
     """Checkpoint, tokenizer and bundle paths; synthesises and exports what the cache lacks."""
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir(cfg)
     work.mkdir(parents=True, exist_ok=True)
@@ -543,16 +512,22 @@ def prepare_artifacts(cfg, opts: BenchOptions, precisions: Sequence[str], quants
         try:
             build_bundle(bundle, cfg, ckpt, tok, encoder_precision=list(precisions), decoder_quant=list(quants),
                          force=True, random_weights=random_weights, progress=step,
-                         gguf_tolerances=RANDOM_GGUF_TOLERANCES if random_weights else None)
+                         gguf_tolerances=_random_weights_tolerances() if random_weights else None)
         finally:
             native.setLevel(level)
         progress(f"bundle exported in {time.perf_counter() - t0:.0f}s")
         exported = True
     from onellm.runtime.bundle import load_manifest
 
-    manifest = load_manifest(bundle, verify=True).manifest
-    return {"work_dir": work, "checkpoint": ckpt, "tokenizer": tok, "bundle": bundle, "manifest": manifest,
-            "random_weights": manifest.random_weights, "exported_now": exported}
+    return Prepared(work_dir=work, checkpoint=ckpt, tokenizer=tok, bundle=bundle,
+                    manifest=load_manifest(bundle, verify=True).manifest, exported_now=exported)
+
+
+def _random_weights_tolerances() -> dict[str, dict[str, float]]:
+    """Export-time GGUF tolerances for a random checkpoint: each quantization's registry override."""
+    from onellm.runtime.registry import DECODER_QUANTS
+
+    return {q.name: dict(q.random_weights_tolerance) for q in DECODER_QUANTS.values() if q.random_weights_tolerance}
 
 
 def _bundle_mismatch(bundle: Path, cfg, precisions, quants) -> str | None:
@@ -581,13 +556,19 @@ def _bundle_mismatch(bundle: Path, cfg, precisions, quants) -> str | None:
 # ----------------------------------------------------------------------------- torch reference
 
 
-def bench_torch(cfg, ckpt: Path, inputs: dict[str, np.ndarray], prompt: dict[str, list[int]], new_tokens: int,
-                repeats: int, warmup: int, dtypes: Sequence[str], bpt_model: dict) -> dict[str, Any]:
-    """Torch eager rows (encoder stages, decoder prefill/decode) for each dtype, fp32 first.
+@dataclasses.dataclass(frozen=True)
+class TorchRows:
+    """What the torch reference phase gives the rest of the run."""
 
-    Returns {"encoder": rows, "decoder": rows, "blocks": {modality: fp32 block},
-    "greedy": {modality: fp32 greedy tokens}, "load_s", "bytes_per_token"}.
-    """
+    encoder: list[EncoderRow]
+    decoder: list[DecoderRow]
+    blocks: dict[str, np.ndarray]  # modality -> torch fp32 encoder block (every decoder row gets it)
+    greedy: dict[str, list[int]]  # modality -> torch fp32 greedy tokens
+
+
+def bench_torch(cfg, ckpt: Path, inputs: dict[str, np.ndarray], prompt: dict[str, list[int]], new_tokens: int,
+                repeats: int, warmup: int, dtypes: Sequence[str]) -> TorchRows:
+    """Torch eager rows (encoder stages, decoder prefill/decode) for each dtype, fp32 first."""
     import torch
 
     from onellm.ref.checkpoint import load_model
@@ -608,7 +589,6 @@ def bench_torch(cfg, ckpt: Path, inputs: dict[str, np.ndarray], prompt: dict[str
                 model.conv1["point"].float()  # the point tokenizer runs in fp32 (spec section 4)
             load_s = time.perf_counter() - t0  # the cast
         bytes_per_token = torch_bytes_per_token(model)
-        bpt_model[f"torch_{dtype}"] = bytes_per_token
         resident = rss_mib() - rss0
         with torch.inference_mode():
             for m, arr in inputs.items():
@@ -643,7 +623,7 @@ def bench_torch(cfg, ckpt: Path, inputs: dict[str, np.ndarray], prompt: dict[str
                     m, "torch", dtype, runs, n_prefill, len(tokens), greedy[m], tokens, None,
                     load_s=load_s, bytes_per_token=bytes_per_token, resident_mib=resident))
     del model
-    return {"encoder": enc_rows, "decoder": dec_rows, "blocks": blocks, "greedy": greedy}
+    return TorchRows(encoder=enc_rows, decoder=dec_rows, blocks=blocks, greedy=greedy)
 
 
 def _torch_generate(model, ids: list[int], block, n_new: int) -> tuple[float, float, list[int]]:
@@ -667,39 +647,41 @@ def _torch_generate(model, ids: list[int], block, n_new: int) -> tuple[float, fl
     return t1 - t0, t2 - t1, tokens
 
 
-def _encoder_row(modality, backend, precision, device, cfg, runs, cos, **extra) -> dict[str, Any]:
+def _encoder_row(modality, backend, precision, device, cfg, runs, cos, **extra) -> EncoderRow:
     """runs: per repetition [tokenizer_s, trunk_s, upm_s] (+ optional total_s)."""
     stages = {name: summarize([r[i] for r in runs]) for i, name in enumerate(ENCODER_STAGES[1:])}
     totals = [sum(r[:3]) if len(r) < 4 else r[3] for r in runs]
     flops = encoder_flops(cfg, modality)
     total = summarize(totals)
-    return {
-        "modality": modality, "backend": backend, "precision": precision, "device": device,
-        "stages_s": stages, "encode_s": total, "flops": flops["total"],
-        "gflop_s": flops["total"] / total["median"] / 1e9 if total["median"] > 0 else 0.0,
-        "cosine_vs_torch_fp32": cos, **extra,
-    }
+    return EncoderRow(
+        modality=modality, backend=backend, precision=precision, device=device,
+        stages_s=stages, encode_s=total, flops=flops["total"],
+        gflop_s=flops["total"] / total.median / 1e9 if total.median > 0 else 0.0,
+        cosine_vs_torch_fp32=cos, **extra,
+    )
 
 
-def _decoder_row(modality, backend, precision, runs, n_prefill, n_tokens, ref_tokens, tokens, top1, **extra):
+def _decoder_row(modality, backend, precision, runs, n_prefill, n_tokens, ref_tokens, tokens, top1,
+                 **extra) -> DecoderRow:
     """runs: per repetition (prefill_s, decode_s, tokens)."""
     prefill = summarize([r[0] for r in runs])
     decode = summarize([r[1] for r in runs])
     steps = max(1, n_tokens - 1)  # decode_s covers the tokens after the first
-    return {
-        "modality": modality, "backend": backend, "precision": precision, "device": "cpu",
-        "prefill_positions": n_prefill, "new_tokens": n_tokens,
-        "prefill_s": prefill, "prefill_tokens_per_s": n_prefill / prefill["median"] if prefill["median"] else 0.0,
-        "decode_s": decode, "decode_tokens_per_s": steps / decode["median"] if decode["median"] else 0.0,
-        "greedy_prefix_match": prefix_match(ref_tokens, tokens), "top1_agreement": top1, **extra,
-    }
+    return DecoderRow(
+        modality=modality, backend=backend, precision=precision, device="cpu",
+        prefill_positions=n_prefill, new_tokens=n_tokens,
+        prefill_s=prefill, prefill_tokens_per_s=n_prefill / prefill.median if prefill.median else 0.0,
+        decode_s=decode, decode_tokens_per_s=steps / decode.median if decode.median else 0.0,
+        greedy_prefix_match=prefix_match(ref_tokens, tokens), top1_agreement=top1, **extra,
+    )
 
 
 # ----------------------------------------------------------------------------- runtime encoder
 
 
 def bench_runtime_encoder(manifest, bundle: Path, precision: str, device: str, cfg, inputs, blocks,
-                          repeats: int, warmup: int, threads: int, plain: bool) -> list[dict[str, Any]]:
+                          repeats: int, warmup: int, threads: int, plain: bool) -> list[EncoderRow]:
+    """Rows of one exported precision on one execution provider, per modality."""
     from onellm.runtime.encoder import Encoder
 
     rows = []
@@ -729,11 +711,9 @@ def bench_runtime_encoder(manifest, bundle: Path, precision: str, device: str, c
             block = np.array(enc.encode(m, arr), copy=True)
             runs = [s + [w] for s, (w, _) in zip(staged, pairs)]
             cos = cosine(block, blocks[m]) if m in blocks else None
-            row = _encoder_row(m, "onnxruntime", precision, device, cfg, runs, cos, load_s=load_s,
-                               resident_mib=resident)
-            if plain:
-                row["plain_sessions_encode_s"] = summarize([p for _, p in pairs])
-            rows.append(row)
+            rows.append(_encoder_row(
+                m, "onnxruntime", precision, device, cfg, runs, cos, load_s=load_s, resident_mib=resident,
+                plain_sessions_encode_s=summarize([p for _, p in pairs]) if plain else None))
     finally:
         enc.close()
     return rows
@@ -766,11 +746,16 @@ def _plain_chain(enc, modality: str, arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- runtime decoder
 
 
-def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, greedy, new_tokens: int,
-                          repeats: int, warmup: int, threads: int, plain: bool) -> dict[str, Any]:
-    from onellm.runtime.decoder import Decoder, Sampling
+@dataclasses.dataclass(frozen=True)
+class RuntimeDecoderRows:
+    rows: list[DecoderRow]  # one per modality
+    overhead: list[DecodeLoopRow]  # the llama-cpp-python comparison (empty without plain baselines)
 
-    from onellm.runtime import _llama
+
+def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, greedy, new_tokens: int,
+                          repeats: int, warmup: int, threads: int, plain: bool) -> RuntimeDecoderRows:
+    """Rows of one GGUF quantization (llama.cpp through our Session), per modality."""
+    from onellm.runtime.decoder import Decoder, Sampling, capture_native_log
     from onellm.runtime.registry import decoder_quant
 
     entry = manifest.decoder.quants[quant]
@@ -780,7 +765,7 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
 
     rss0 = rss_mib()
     t0 = time.perf_counter()
-    with _llama.capture_native_log() as native:
+    with capture_native_log() as native:
         dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra)
         dec.session().prefill([dec.bos_id])  # flash attention is resolved on the first graph
     flash = _flash_attn_from_log(native)
@@ -817,11 +802,11 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
                                              n_ctx, flash))
     finally:
         dec.close()
-    return {"rows": rows, "overhead": overhead}
+    return RuntimeDecoderRows(rows=rows, overhead=overhead)
 
 
 def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_tokens: int, repeats: int, warmup: int, threads: int,
-                     quant: str, n_ctx: int, ctx_flash: bool) -> dict[str, Any]:
+                     quant: str, n_ctx: int, ctx_flash: bool) -> DecodeLoopRow:
     """Our Session vs llama-cpp-python's `Llama.generate`: same GGUF, text-only prompt, greedy.
 
     `Llama` loads with llama.cpp's default weight buffers (extra CPU buffer types on), so
@@ -862,13 +847,11 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
             return t_first - t0, t2 - t_first, n
         return plain
 
-    def summary(runs):
+    def summary(runs, **extra) -> LoopRun:
         rate = (runs[0][2] - 1) / statistics.median(r[1] for r in runs)
-        return {"prefill_s": summarize([r[0] for r in runs]), "decode_s": summarize([r[1] for r in runs]),
-                "decode_tokens_per_s": rate, "tokens": runs[0][2]}
+        return LoopRun(prefill_s=summarize([r[0] for r in runs]), decode_s=summarize([r[1] for r in runs]),
+                       decode_tokens_per_s=rate, tokens=runs[0][2], **extra)
 
-    out: dict[str, Any] = {"quant": quant, "prompt_tokens": len(ids), "new_tokens": new_tokens,
-                           "flash_attn": ctx_flash, "ours_extra_bufts": shipped_extra}
     matched = dec if shipped_extra else Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=True,
                                                  flash_attn=ctx_flash)
     runners = {"ours": ours_runner(matched)}
@@ -890,14 +873,14 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         del llm
         if matched is not dec:
             matched.close()
-    for key, rs in runs.items():
-        out[key] = summary(rs)
     # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
-    out["llama_cpp_python"]["extra_bufts"] = True
-    out["ratio"] = out["ours"]["decode_tokens_per_s"] / out["llama_cpp_python"]["decode_tokens_per_s"]
-    if "ours_shipped" in out:
-        out["ratio_shipped"] = out["ours_shipped"]["decode_tokens_per_s"] / out["llama_cpp_python"]["decode_tokens_per_s"]
-    return out
+    ours, plain = summary(runs["ours"]), summary(runs["llama_cpp_python"], extra_bufts=True)
+    shipped = summary(runs["ours_shipped"]) if "ours_shipped" in runs else None
+    return DecodeLoopRow(
+        quant=quant, prompt_tokens=len(ids), new_tokens=new_tokens, flash_attn=ctx_flash,
+        ours_extra_bufts=shipped_extra, ours=ours, ours_shipped=shipped, llama_cpp_python=plain,
+        ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
+        ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None)
 
 
 def _flash_attn_from_log(lines: Sequence[str]) -> bool:
@@ -918,7 +901,7 @@ def _flash_attn_from_log(lines: Sequence[str]) -> bool:
 
 
 def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: dict[str, Any], new_tokens: int,
-               repeats: int, warmup: int, threads: int, n_ctx: int) -> dict[str, Any]:
+               repeats: int, warmup: int, threads: int, n_ctx: int) -> ChatRow:
     """Two-turn chat through Pipeline: time to first token of turn 1 and of the follow-up."""
     from onellm.runtime.decoder import Sampling
     from onellm.runtime.modalities import get_modality
@@ -941,16 +924,16 @@ def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: 
 
     first = summarize([ttft(a) for a, _ in runs])
     follow = summarize([ttft(b) for _, b in runs])
-    return {
-        "modality": modality, "precision": precision, "quant": quant,
-        "definition": "time to first token = preprocess + encode + prefill (the first sample is in decode)",
-        "turn1_ttft_s": first, "turn2_ttft_s": follow,
-        "turn1_prefill_positions": runs[-1][0]["prefill_positions"],
-        "turn2_prefill_positions": runs[-1][1]["prefill_positions"],
-        "turn1_first_chunk_s": summarize([a["first_token_s"] for a, _ in runs]),
-        "turn2_first_chunk_s": summarize([b["first_token_s"] for _, b in runs]),
-        "ratio": follow["median"] / first["median"] if first["median"] else 0.0,
-    }
+    return ChatRow(
+        modality=modality, precision=precision, quant=quant,
+        definition="time to first token = preprocess + encode + prefill (the first sample is in decode)",
+        turn1_ttft_s=first, turn2_ttft_s=follow,
+        turn1_prefill_positions=runs[-1][0]["prefill_positions"],
+        turn2_prefill_positions=runs[-1][1]["prefill_positions"],
+        turn1_first_chunk_s=summarize([a["first_token_s"] for a, _ in runs]),
+        turn2_first_chunk_s=summarize([b["first_token_s"] for _, b in runs]),
+        ratio=follow.median / first.median if first.median else 0.0,
+    )
 
 
 # peak_rss_mib reads VmHWM, which belongs to the process image and starts afresh at exec
@@ -975,132 +958,142 @@ print(json.dumps({"load_s": load_s, "baseline_rss_mib": base, "after_load_peak_r
 
 
 def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, source: dict[str, Any],
-                      threads: int, n_ctx: int) -> dict[str, Any]:
+                      threads: int, n_ctx: int) -> FootprintRow:
     """Bundle load time and peak RSS of a fresh process that loads the bundle and answers once."""
     cmd = [sys.executable, "-c", FOOTPRINT_PROBE, str(bundle), precision, quant, modality, json.dumps(source),
            str(threads), str(n_ctx)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        return {"precision": precision, "quant": quant, "error": proc.stderr.strip().splitlines()[-1:]}
+        return FootprintRow(precision=precision, quant=quant, error=tuple(proc.stderr.strip().splitlines()[-1:]))
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"precision": precision, "quant": quant, "modality": modality, **data}
+    return FootprintRow(precision=precision, quant=quant, modality=modality, **data)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Everything in the module docstring; returns the result dict (schema `onellm-bench` v1)."""
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Everything in the module docstring, one phase after the other; returns the typed result."""
     say = progress or (lambda msg: log.info("%s", msg))
-    started = time.perf_counter()
+    started, created = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cfg = bench_config(opts)
     defaults = PRESET_DEFAULTS.get(cfg.name, PRESET_DEFAULTS["bench"])
-    repeats, warmup, new_tokens, threads, gpu, precisions, quants = _settings(opts, defaults)
-
-    result: dict[str, Any] = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "preset": cfg.name, "config": cfg.to_dict(),
-        "settings": {"modalities": list(cfg.modalities), "encoder_precisions": precisions, "decoder_quants": quants,
-                     "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "threads": threads,
-                     "gpu_device": gpu, "statistic": "median over repeats after warm-up; min and max beside it"},
-        "machine": machine_info(),
-    }
-    say(f"machine: {result['machine'].get('cpu_model')}, {result['machine'].get('physical_cores')} cores, "
-        f"load {result['machine'].get('load_average', ['?'])[0]}")
-    warning = load_warning(result["machine"])
+    st = _settings(opts, cfg, defaults)
+    machine = machine_info()
+    say(f"machine: {machine.get('cpu_model')}, {machine.get('physical_cores')} cores, "
+        f"load {machine.get('load_average', ['?'])[0]}")
+    warning = load_warning(machine)
     if warning:
-        result.setdefault("warnings", []).append(warning)
         log.warning("%s; prefer a quiet machine (the value is recorded in the result)", warning)
 
-    art = prepare_artifacts(cfg, opts, precisions, quants, say)
-    manifest, bundle = art["manifest"], art["bundle"]
-    result["random_weights"] = art["random_weights"]
-    result["notice"] = RANDOM_NOTICE if art["random_weights"] else ""
-    result["artifacts"] = {"work_dir": str(art["work_dir"]), "bundle": str(bundle), "checkpoint": str(art["checkpoint"]),
-                           "exported_this_run": art["exported_now"],
-                           "bundle_export_s": manifest.export_seconds}
-
+    art = prepare_artifacts(cfg, opts, st.encoder_precisions, st.decoder_quants, say)
+    manifest, bundle = art.manifest, art.bundle
     say("ceilings: memory bandwidth and GEMM")
-    result["ceilings"] = {"bandwidth": measure_bandwidth(defaults["copy_mib"], max(3, repeats), threads),
-                          "gemm": measure_gemm(defaults["gemm_n"], max(3, repeats), threads)}
+    ceilings = Ceilings(bandwidth=measure_bandwidth(defaults["copy_mib"], max(3, st.repeats), st.threads),
+                        gemm=measure_gemm(defaults["gemm_n"], max(3, st.repeats), st.threads))
+    sources, inputs, prompt = _inputs_and_prompts(cfg, manifest, bundle, art.work_dir)
+    with _quiet_readers():
+        # the readers are numpy code shared by every backend (the reference has none of its own): timed once
+        preprocess = {m: summarize(repeat(lambda m=m: _clock(lambda: read_source(m, sources[m]))[0],
+                                          st.repeats, st.warmup)[0]) for m in sources}
+        ref = _reference_rows(opts, cfg, art, st, inputs, prompt, say)
+        enc_rows = ref.encoder + _runtime_encoder_rows(opts, cfg, art, st, inputs, ref.blocks, say)
+        dec = _runtime_decoder_rows(opts, art, st, ref.blocks, prompt, ref.greedy, say)
+        enc_rows = _attach_peak_fractions([_with_preprocess(r, preprocess) for r in enc_rows], ceilings.gemm)
+        dec_rows = _attach_bandwidth_fractions(ref.decoder + dec.rows, ceilings.bandwidth.gb_s.median * 1e9)
+        dec_rows = _attach_ttft(enc_rows, dec_rows)
+        overhead = Overhead(decode_loop=tuple(dec.overhead), encoder_chain=_encoder_chain_rows(enc_rows))
+        best_p = _best_runtime_precision(enc_rows) or st.encoder_precisions[0]
+        n_ctx = min(cfg.decoder.max_seq_len, N_CTX)
+        chat, footprint = _chat_and_footprint(bundle, cfg, sources, best_p, st, n_ctx, opts.footprint, say)
+    from .report import evaluate_targets
 
-    sources, inputs, prompt = _inputs_and_prompts(cfg, manifest, bundle, art["work_dir"])
-    result["inputs"] = {m: {"source": sources.get(m, "dummy_input"), "prompt_tokens": len(prompt[m])} for m in inputs}
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return BenchResult(
+        created=created,
+        preset=cfg.name, config=cfg.to_dict(), settings=st, machine=machine,
+        warnings=(warning,) if warning else None, random_weights=manifest.random_weights,
+        notice=RANDOM_NOTICE if manifest.random_weights else "", artifacts=art.record(), ceilings=ceilings,
+        inputs={m: InputInfo(source=sources.get(m, "dummy_input"), prompt_tokens=len(prompt[m])) for m in inputs},
+        encoder=tuple(enc_rows), decoder=tuple(dec_rows), overhead=overhead, chat=chat, footprint=tuple(footprint),
+        targets=tuple(evaluate_targets(st.modalities, enc_rows, dec_rows, overhead.decode_loop, chat)),
+        wall_s=time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _quiet_readers():
+    """The readers' notices were shown once when the inputs were read: not again per repeat."""
     readers = logging.getLogger("onellm.runtime.modalities")
-    readers_level = readers.level
-    readers.setLevel(logging.ERROR)  # their notices were shown once above
-    # the readers are numpy code shared by every backend (the reference has none of its own): timed once
-    preprocess = {m: summarize(repeat(lambda m=m: _clock(lambda: read_source(m, sources[m]))[0], repeats, warmup)[0])
-                  for m in sources}
+    level = readers.level
+    readers.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        readers.setLevel(level)
 
-    n_ctx = min(cfg.decoder.max_seq_len, N_CTX)
-    bpt: dict[str, int] = {}
-    enc_rows: list[dict] = []
-    dec_rows: list[dict] = []
-    blocks: dict[str, np.ndarray] = {}
-    greedy: dict[str, list[int]] = {}
+
+def _reference_rows(opts: BenchOptions, cfg, art: Prepared, st: Settings, inputs, prompt, say) -> TorchRows:
+    """The torch reference's rows, blocks and greedy tokens; without the reference, no rows and
+    the runtime's fp32 (else first) encoder block for the decoders."""
     if opts.torch_reference:
         dtypes = ["fp32"] + (["bf16"] if bf16_supported() else [])
         say(f"torch reference ({', '.join(dtypes)}): encoder and decoder")
-        tr = bench_torch(cfg, art["checkpoint"], inputs, prompt, new_tokens, repeats, warmup, dtypes, bpt)
-        enc_rows += tr["encoder"]
-        dec_rows += tr["decoder"]
-        blocks, greedy = tr["blocks"], tr["greedy"]
-    else:
-        # no reference: the decoders get the runtime's fp32 (else first) encoder block
-        from onellm.runtime.encoder import Encoder
+        return bench_torch(cfg, art.checkpoint, inputs, prompt, st.new_tokens, st.repeats, st.warmup, dtypes)
+    from onellm.runtime.encoder import Encoder
 
-        p0 = "fp32" if "fp32" in precisions else precisions[0]
-        with Encoder(manifest.encoder.precisions[p0], bundle, threads=threads, verify=False) as enc:
-            blocks = {m: np.array(enc.encode(m, a), copy=True) for m, a in inputs.items()}
+    p0 = "fp32" if "fp32" in st.encoder_precisions else st.encoder_precisions[0]
+    with Encoder(art.manifest.encoder.precisions[p0], art.bundle, threads=st.threads, verify=False) as enc:
+        blocks = {m: np.array(enc.encode(m, a), copy=True) for m, a in inputs.items()}
+    return TorchRows(encoder=[], decoder=[], blocks=blocks, greedy={})
 
-    # each provider's preferred precisions, and fp32 everywhere as the reference row
+
+def _runtime_encoder_rows(opts: BenchOptions, cfg, art: Prepared, st: Settings, inputs, blocks,
+                          say) -> list[EncoderRow]:
+    """Each execution provider's preferred precisions, and fp32 everywhere as the reference row."""
     from onellm.runtime.registry import EXECUTION_PROVIDERS
 
-    devices = [(d, p) for d in ("cpu", *([gpu] if gpu else [])) for p in precisions
-               if p in EXECUTION_PROVIDERS[d].precisions or p == "fp32"]
-    for device, p in devices:
-        say(f"runtime encoder {p} on {device}")
-        enc_rows += bench_runtime_encoder(manifest, bundle, p, device, cfg, inputs, blocks, repeats, warmup,
-                                          threads, opts.plain_baselines)
-    overhead = []
-    for q in quants:
+    rows: list[EncoderRow] = []
+    for device in ("cpu", *([st.gpu_device] if st.gpu_device else [])):
+        for p in st.encoder_precisions:
+            if p in EXECUTION_PROVIDERS[device].precisions or p == "fp32":
+                say(f"runtime encoder {p} on {device}")
+                rows += bench_runtime_encoder(art.manifest, art.bundle, p, device, cfg, inputs, blocks, st.repeats,
+                                              st.warmup, st.threads, opts.plain_baselines)
+    return rows
+
+
+def _runtime_decoder_rows(opts: BenchOptions, art: Prepared, st: Settings, blocks, prompt, greedy,
+                          say) -> RuntimeDecoderRows:
+    """Every quantization's rows, and their decode-loop comparisons."""
+    rows: list[DecoderRow] = []
+    overhead: list[DecodeLoopRow] = []
+    for q in st.decoder_quants:
         say(f"runtime decoder {q} (llama.cpp)" + (" and llama-cpp-python's plain generate" if opts.plain_baselines else ""))
-        dr = bench_runtime_decoder(manifest, bundle, q, blocks, prompt, greedy, new_tokens, repeats, warmup, threads,
-                                   opts.plain_baselines)
-        dec_rows += dr["rows"]
-        overhead += dr["overhead"]
-        bpt[f"gguf_{q}"] = dr["rows"][0]["bytes_per_token"] if dr["rows"] else 0
-    _attach_bandwidth_fractions(dec_rows, result["ceilings"]["bandwidth"]["gb_s"]["median"] * 1e9)
-    for r in enc_rows:
-        if r["modality"] in preprocess:
-            r["stages_s"] = {"preprocess": preprocess[r["modality"]], **r["stages_s"]}
-    _attach_peak_fractions(enc_rows, result["ceilings"]["gemm"])
-    _attach_ttft(enc_rows, dec_rows)
-    result["encoder"] = enc_rows
-    result["decoder"] = dec_rows
-    result["overhead"] = {"decode_loop": overhead, "encoder_chain": [
-        {"modality": r["modality"], "precision": r["precision"], "device": r["device"],
-         "ours_s": r["encode_s"]["median"], "plain_sessions_s": r["plain_sessions_encode_s"]["median"],
-         "ratio": r["plain_sessions_encode_s"]["median"] / r["encode_s"]["median"]}
-        for r in enc_rows if "plain_sessions_encode_s" in r]}
-
-    result["chat"], result["footprint"] = _chat_and_footprint(
-        bundle, cfg, sources, _best_runtime_precision(enc_rows) or precisions[0], precisions, quants, new_tokens,
-        repeats, warmup, threads, n_ctx, opts.footprint, say)
-    from .report import evaluate_targets
-
-    result["targets"] = evaluate_targets(result)
-    readers.setLevel(readers_level)
-    result["wall_s"] = time.perf_counter() - started
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return result
+        dr = bench_runtime_decoder(art.manifest, art.bundle, q, blocks, prompt, greedy, st.new_tokens, st.repeats,
+                                   st.warmup, st.threads, opts.plain_baselines)
+        rows += dr.rows
+        overhead += dr.overhead
+    return RuntimeDecoderRows(rows=rows, overhead=overhead)
 
 
-def _settings(opts: BenchOptions, defaults: dict[str, Any]):
-    """(repeats, warmup, new_tokens, threads, gpu device, encoder precisions, decoder quants) of a run."""
-    from onellm.export.bundle import _split_list
+def _with_preprocess(row: EncoderRow, preprocess: dict[str, Stat]) -> EncoderRow:
+    """The row with its modality's reader time as the first stage (when a real file was read)."""
+    if row.modality not in preprocess:
+        return row
+    return dataclasses.replace(row, stages_s={"preprocess": preprocess[row.modality], **row.stages_s})
+
+
+def _encoder_chain_rows(enc_rows: Sequence[EncoderRow]) -> tuple[EncoderChainRow, ...]:
+    """Our chain vs plain session.run calls, for the rows that timed both."""
+    return tuple(EncoderChainRow(modality=r.modality, precision=r.precision, device=r.device, ours_s=r.encode_s.median,
+                                 plain_sessions_s=r.plain_sessions_encode_s.median,
+                                 ratio=r.plain_sessions_encode_s.median / r.encode_s.median)
+                 for r in enc_rows if r.plain_sessions_encode_s is not None)
+
+
+def _settings(opts: BenchOptions, cfg, defaults: dict[str, Any]) -> Settings:
+    """Repeats, warm-up, new tokens, threads, GPU device, encoder precisions and decoder quants of a run."""
+    from onellm.export.bundle import split_choices
     from onellm.runtime.encoder import physical_cores
     from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS
 
@@ -1109,13 +1102,15 @@ def _settings(opts: BenchOptions, defaults: dict[str, Any]):
     new_tokens = opts.new_tokens or defaults["new_tokens"]
     if repeats < 1 or warmup < 0 or new_tokens < 2:
         raise ConfigError(f"need --repeats >= 1, --warmup >= 0, --new-tokens >= 2 (got {repeats}, {warmup}, {new_tokens})")
-    threads = opts.threads or physical_cores()
     gpu = _gpu_encoder_device(opts.device)
-    precisions = _split_list(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
+    precisions = split_choices(opts.encoder_precisions, tuple(ENCODER_PRECISIONS), "encoder precision") or (
         ["fp32", "int8"] + (["fp16"] if gpu else []))
-    quants = _split_list(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
+    quants = split_choices(opts.decoder_quants, tuple(DECODER_QUANTS), "decoder quantization") or [
         q for q in DECODER_QUANTS if q != "f32"]  # every quantization but the f32 reference
-    return repeats, warmup, new_tokens, threads, gpu, precisions, quants
+    return Settings(modalities=tuple(cfg.modalities), encoder_precisions=tuple(precisions),
+                    decoder_quants=tuple(quants), repeats=repeats, warmup=warmup, new_tokens=new_tokens,
+                    threads=opts.threads or physical_cores(), gpu_device=gpu,
+                    statistic="median over repeats after warm-up; min and max beside it")
 
 
 def _inputs_and_prompts(cfg, manifest, bundle: Path, work_dir: Path):
@@ -1138,30 +1133,34 @@ def _inputs_and_prompts(cfg, manifest, bundle: Path, work_dir: Path):
     return sources, inputs, prompt
 
 
-def _attach_bandwidth_fractions(dec_rows: list[dict], bandwidth_bytes_s: float) -> None:
-    """Each decoder row's bandwidth ceiling (bandwidth / bytes read per token) and its fraction of it."""
+def _attach_bandwidth_fractions(dec_rows: Sequence[DecoderRow], bandwidth_bytes_s: float) -> list[DecoderRow]:
+    """Each decoder row with its bandwidth ceiling (bandwidth / bytes read per token) and its fraction of it."""
+    out = []
     for row in dec_rows:
-        b = row.get("bytes_per_token") or 0
-        ceiling = bandwidth_bytes_s / b if b else 0.0
-        row["bandwidth_ceiling_tokens_per_s"] = ceiling
-        row["fraction_of_bandwidth_ceiling"] = row["decode_tokens_per_s"] / ceiling if ceiling else 0.0
+        ceiling = bandwidth_bytes_s / row.bytes_per_token if row.bytes_per_token else 0.0
+        out.append(dataclasses.replace(row, bandwidth_ceiling_tokens_per_s=ceiling,
+                                       fraction_of_bandwidth_ceiling=row.decode_tokens_per_s / ceiling if ceiling else 0.0))
+    return out
 
 
-def _chat_and_footprint(bundle, cfg, sources, best_p, precisions, quants, new_tokens, repeats, warmup, threads,
-                        n_ctx, footprint: bool, say):
+def _chat_and_footprint(bundle, cfg, sources, best_p: str, st: Settings, n_ctx: int, footprint: bool,
+                        say) -> tuple[ChatRow | None, list[FootprintRow]]:
     """The two-turn chat row and the fresh-process footprint rows (None and [] without a real input)."""
+    quants = st.decoder_quants
     chat_q = "q8_0" if "q8_0" in quants else quants[0]
     chat_m = next((m for m in cfg.modalities if m in sources), None)
     if chat_m is None:
         return None, []
     say(f"chat: two turns through Pipeline ({best_p} encoder, {chat_q} decoder, {chat_m})")
-    chat = bench_chat(bundle, best_p, chat_q, chat_m, sources[chat_m], new_tokens, repeats, warmup, threads, n_ctx)
+    chat = bench_chat(bundle, best_p, chat_q, chat_m, sources[chat_m], st.new_tokens, st.repeats, st.warmup,
+                      st.threads, n_ctx)
     rows = []
     if footprint:
-        combos = list(dict.fromkeys([(p, chat_q) for p in precisions if p != "fp16"] + [(best_p, q) for q in quants]))
+        combos = list(dict.fromkeys([(p, chat_q) for p in st.encoder_precisions if p != "fp16"]
+                                    + [(best_p, q) for q in quants]))
         for p, q in combos:
             say(f"footprint: fresh process loading the bundle with {p} encoder, {q} decoder")
-            rows.append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], threads, n_ctx))
+            rows.append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], st.threads, n_ctx))
     return chat, rows
 
 
@@ -1189,39 +1188,44 @@ def _gpu_encoder_device(device: str) -> str | None:
     return None
 
 
-def _attach_peak_fractions(rows: list[dict], gemm: dict) -> None:
+def _attach_peak_fractions(rows: Sequence[EncoderRow], gemm: GemmCeilings) -> list[EncoderRow]:
+    """Each CPU encoder row with the GEMM ceiling of its backend and precision and its fraction of it."""
     peaks = {("torch", "fp32"): "torch_fp32", ("torch", "bf16"): "torch_bf16",
              ("onnxruntime", "fp32"): "onnxruntime_fp32", ("onnxruntime", "int8"): "onnxruntime_int8"}
+    rates = gemm.rates()
+    out = []
     for r in rows:
-        key = peaks.get((r["backend"], r["precision"]))
-        if r["device"] != "cpu" or key not in gemm:
-            r["peak_gemm"], r["fraction_of_peak"] = None, None
+        key = peaks.get((r.backend, r.precision))
+        if r.device != "cpu" or key not in rates:
+            out.append(dataclasses.replace(r, peak_gemm=None, fraction_of_peak=None))
             continue
-        peak = gemm[key]["gflop_s"]["median"]
-        r["peak_gemm"] = key
-        r["fraction_of_peak"] = r["gflop_s"] / peak if peak else None
+        peak = rates[key].gflop_s.median
+        out.append(dataclasses.replace(r, peak_gemm=key, fraction_of_peak=r.gflop_s / peak if peak else None))
+    return out
 
 
-def _attach_ttft(enc_rows: list[dict], dec_rows: list[dict]) -> None:
-    """Time to first token of each decoder row with the matching encoder (sum of stage medians)."""
-    enc = {(r["modality"], r["backend"], r["precision"]): r for r in enc_rows if r["device"] == "cpu"}
-    runtime = [r for r in enc_rows if r["backend"] == "onnxruntime" and r["device"] == "cpu"]
+def _attach_ttft(enc_rows: Sequence[EncoderRow], dec_rows: Sequence[DecoderRow]) -> list[DecoderRow]:
+    """Each decoder row with its time to first token with the matching encoder (sum of stage medians)."""
+    enc = {(r.modality, r.backend, r.precision): r for r in enc_rows if r.device == "cpu"}
+    runtime = [r for r in enc_rows if r.backend == "onnxruntime" and r.device == "cpu"]
+    out = []
     for d in dec_rows:
-        if d["backend"] == "torch":
-            e = enc.get((d["modality"], "torch", d["precision"]))
+        if d.backend == "torch":
+            e = enc.get((d.modality, "torch", d.precision))
         else:
-            cands = [r for r in runtime if r["modality"] == d["modality"]]
-            e = min(cands, key=lambda r: r["encode_s"]["median"]) if cands else None
-        pre = e["stages_s"].get("preprocess", {}).get("median", 0.0) if e else 0.0
-        enc_s = e["encode_s"]["median"] if e else 0.0
-        d["encoder_used"] = f"{e['backend']} {e['precision']}" if e else None
-        d["ttft_s"] = pre + enc_s + d["prefill_s"]["median"]
+            cands = [r for r in runtime if r.modality == d.modality]
+            e = min(cands, key=lambda r: r.encode_s.median) if cands else None
+        pre = e.stages_s["preprocess"].median if e and "preprocess" in e.stages_s else 0.0
+        enc_s = e.encode_s.median if e else 0.0
+        out.append(dataclasses.replace(d, encoder_used=f"{e.backend} {e.precision}" if e else None,
+                                       ttft_s=pre + enc_s + d.prefill_s.median))
+    return out
 
 
-def _best_runtime_precision(rows: list[dict]) -> str | None:
+def _best_runtime_precision(rows: Sequence[EncoderRow]) -> str | None:
     """The CPU encoder precision with the lowest median over modalities, cosine >= 0.99."""
     by_p: dict[str, list[float]] = {}
     for r in rows:
-        if r["backend"] == "onnxruntime" and r["device"] == "cpu" and (r["cosine_vs_torch_fp32"] or 1.0) >= 0.99:
-            by_p.setdefault(r["precision"], []).append(r["encode_s"]["median"])
+        if r.backend == "onnxruntime" and r.device == "cpu" and (r.cosine_vs_torch_fp32 or 1.0) >= 0.99:
+            by_p.setdefault(r.precision, []).append(r.encode_s.median)
     return min(by_p, key=lambda p: sum(by_p[p])) if by_p else None

@@ -56,7 +56,6 @@ SETTINGS = {
     "passive": {"ONELLM_ADAPTIVE_THREADS": "0", "ONELLM_WAIT_POLICY": "passive"},  # fixed threads, never spin
 }
 POLICIES = tuple(SETTINGS)
-_IMU = Path(__file__).resolve().parent.parent / "examples" / "imu" / "walk.csv"
 _METRICS = ("ttft_s", "preprocess_s", "encode_s", "prefill_s", "lib_ttft_s", "decode_tok_s", "wall_s", "cpu_s")
 
 
@@ -124,7 +123,9 @@ def child_env(policy: str, base: dict[str, str] | None = None) -> dict[str, str]
 
 
 def ask_command(bundle: str | None, max_tokens: int, threads: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "onellm.cli", "ask", "--imu", str(_IMU), "--json", "--greedy",
+    from onellm.runtime.modalities import example_file
+
+    cmd = [sys.executable, "-m", "onellm.cli", "ask", "--imu", str(example_file("imu")), "--json", "--greedy",
            "--max-tokens", str(max_tokens)]
     if bundle:
         cmd += ["--bundle", bundle]

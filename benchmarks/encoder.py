@@ -157,7 +157,7 @@ def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str], b
     import onnxruntime as ort
     import torch
 
-    from onellm.export.onnx_encoder import export_encoders
+    from onellm.export.onnx_encoder import export_encoder_variants
     from onellm.ref.model import OneLLM
     from onellm.runtime.encoder import Encoder
     from onellm.runtime.modalities import get_modality
@@ -197,6 +197,7 @@ def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str], b
         del model16
     runners = {}
     encoders = []
+    stage_times: dict[str, list[float]] = {}  # "<key>/<graph>" -> seconds, from each encode's stage hook
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             opts = {"optimize": "nofuse" not in variant, "batched_experts": "batched" in variant}
@@ -204,38 +205,36 @@ def bench_chain(cfg, modalities: list[str], repeats: int, variants: list[str], b
                 opts["int8_recipe"] = variant.split("@", 1)[1]
             precs = [p for p in ("fp32", "fp16", "int8") if p in variant] or ["fp32"]
             t0 = time.perf_counter()
-            res = export_encoders(model, cfg, Path(tmp) / variant, modalities, precs, **opts)
+            res = export_encoder_variants(model, cfg, Path(tmp) / variant, modalities, precs, **opts)
             out.setdefault("export_s", {})[variant] = time.perf_counter() - t0
-            for p, entries in res.items():
-                out.setdefault("bytes", {})[f"{variant}/{p}"] = {g: e["bytes"] for g, e in entries["graphs"].items()}
+            for p, variant_entry in res.items():
+                out.setdefault("bytes", {})[f"{variant}/{p}"] = {g: e.bytes for g, e in variant_entry.graphs.items()}
                 for spin in ((False, True) if "spin" in variant else (False,)):
-                    enc = Encoder(entries, Path(tmp) / variant, spin=spin)
+                    enc = Encoder(variant_entry, Path(tmp) / variant, spin=spin)
                     encoders.append(enc)
                     for m in modalities:
                         key = f"ort_{variant}{'_spin' if spin else ''}/{p}/{m}"
-                        runners[key] = lambda enc=enc, m=m: enc.encode(m, inputs[m])
-                        out.setdefault("parity", {})[key] = entries["modalities"][m]["parity"]
-                        for stage in _stages(enc, m):
-                            runners[f"stage:{key}/{stage.name}"] = stage.run
+
+                        def hook(_m, graph, seconds, key=key):
+                            stage_times.setdefault(f"{key}/{graph}", []).append(seconds)
+
+                        runners[key] = lambda enc=enc, m=m, hook=hook: enc.encode(m, inputs[m], stage_hook=hook)
+                        out.setdefault("parity", {})[key] = variant_entry.modalities[m].parity
         times: dict[str, list[float]] = {k: [] for k in runners}
         for fn in runners.values():
             fn()  # warm-up
+        stage_times.clear()
         for _ in range(repeats):
             for key, fn in runners.items():
                 t = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t)
         for key, ts in times.items():
-            target = out.setdefault("stages_s", {}) if key.startswith("stage:") else out["times_s"]
-            target[key.removeprefix("stage:")] = statistics.median(ts)
+            out["times_s"][key] = statistics.median(ts)
+        out["stages_s"] = {key: statistics.median(ts) for key, ts in stage_times.items()}
         for enc in encoders:
             enc.close()
     return out
-
-
-def _stages(enc, modality: str):
-    enc.encode(modality, np.zeros(enc._plan(modality).input_shape, np.float32))
-    return enc._plans[modality].stages
 
 
 def main(argv: list[str] | None = None) -> None:

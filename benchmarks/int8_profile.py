@@ -191,8 +191,8 @@ def run(cfg, modality: str, recipes: list[str], repeats: int, threads: int, n_ca
                     "calibration_inputs": n_calib, "load_average_start": list(os.getloadavg())}
     gemm = measure_gemm(2048, 5, threads)
     # on a loaded machine the median is disturbed; the best run is the closest to the ceiling
-    result["ceilings_gflop_s"] = {k: {"median": v["gflop_s"]["median"], "max": v["gflop_s"]["max"]}
-                                  for k, v in gemm.items() if isinstance(v, dict)}
+    result["ceilings_gflop_s"] = {k: {"median": v.gflop_s.median, "max": v.gflop_s.max}
+                                  for k, v in gemm.rates().items()}
     int8_peak = result["ceilings_gflop_s"].get("onnxruntime_int8", {}).get("max")
     with tempfile.TemporaryDirectory(prefix="onellm-int8prof-") as tmpdir:
         tmp = Path(tmpdir)

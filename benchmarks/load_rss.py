@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys

@@ -1,154 +1,96 @@
-"""The `onellm bench` result: its schema, the targets, and the JSON / Markdown / PNG reports.
+"""The `onellm bench` reports: the targets, and the JSON / Markdown / PNG files.
 
-`validate(result)` checks a result dict against `SCHEMA_SPEC` (a small hand-written
-checker: required keys and their types, recursively; no third-party validator needed)
-and returns the list of problems. `evaluate_targets(result)` turns the measured rows
-into the issue's target ratios. `write_reports(result, out_dir)` writes `bench.json`,
-`bench.md` and `bench.png` (the chart is skipped, with a notice, when matplotlib is
-missing: `pip install 'onellm[bench]'`).
+`evaluate_targets(...)` turns the measured rows into the issue's target ratios.
+`write_reports(result, out_dir)` writes `bench.json` (`BenchResult.to_dict()`, schema
+`onellm-bench` v1), `bench.md` and `bench.png` (the chart is skipped, with a notice,
+when matplotlib is missing: `pip install 'onellm[bench]'`). The rows are typed
+(`benchmarks/result.py`); an older bench.json is read back with `load_result`, which
+names any unknown, missing or mistyped key:
+
+    python -m onellm.benchmarks.report bench.json --out DIR   # re-render bench.md / bench.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .result import BenchResult, ChatRow, DecodeLoopRow, DecoderRow, EncoderRow, Stat, Target, load_result
+
 log = logging.getLogger(__name__)
-
-NUM = (int, float)
-OPT_NUM = (int, float, type(None))
-STAT = {"median": NUM, "min": NUM, "max": NUM, "n": int}
-ENCODER_ROW = {
-    "modality": str, "backend": str, "precision": str, "device": str,
-    "stages_s": {"tokenizer": STAT, "clip_trunk": STAT, "upm_projection": STAT},
-    "encode_s": STAT, "flops": NUM, "gflop_s": NUM, "cosine_vs_torch_fp32": OPT_NUM,
-    "load_s": NUM, "resident_mib": NUM, "fraction_of_peak": OPT_NUM,
-}
-DECODER_ROW = {
-    "modality": str, "backend": str, "precision": str, "device": str,
-    "prefill_positions": int, "new_tokens": int, "prefill_s": STAT, "prefill_tokens_per_s": NUM,
-    "decode_s": STAT, "decode_tokens_per_s": NUM, "greedy_prefix_match": NUM, "top1_agreement": OPT_NUM,
-    "load_s": NUM, "bytes_per_token": int, "bandwidth_ceiling_tokens_per_s": NUM,
-    "fraction_of_bandwidth_ceiling": NUM, "ttft_s": NUM,
-}
-TARGET = {"name": str, "description": str, "measured": OPT_NUM, "threshold": NUM, "comparison": str,
-          "met": (bool, type(None))}
-SCHEMA_SPEC: dict[str, Any] = {
-    "schema": str, "schema_version": int, "created": str, "preset": str, "config": dict,
-    "random_weights": bool, "notice": str, "wall_s": NUM,
-    "settings": {"modalities": [str], "encoder_precisions": [str], "decoder_quants": [str], "repeats": int,
-                 "warmup": int, "new_tokens": int, "threads": int},
-    "machine": {"cpu_model": str, "physical_cores": int, "versions": dict, "llama_cpp_system_info": str},
-    "ceilings": {"bandwidth": {"method": str, "gb_s": STAT},
-                 "gemm": {"n": int, "numpy_fp32": {"library": str, "gflop_s": STAT}}},
-    "encoder": [ENCODER_ROW],
-    "decoder": [DECODER_ROW],
-    "overhead": {"decode_loop": [dict], "encoder_chain": [dict]},
-    "chat": (dict, type(None)),
-    "footprint": [dict],
-    "targets": [TARGET],
-}
-
-
-def validate(result: Any, spec: Any = None, where: str = "$") -> list[str]:
-    """Problems of `result` against SCHEMA_SPEC (empty list: valid). Also rejects NaN/inf."""
-    spec = SCHEMA_SPEC if spec is None else spec
-    problems: list[str] = []
-    if isinstance(spec, dict):
-        if not isinstance(result, dict):
-            return [f"{where}: expected an object, found {type(result).__name__}"]
-        for key, sub in spec.items():
-            if key not in result:
-                problems.append(f"{where}.{key}: missing")
-            else:
-                problems += validate(result[key], sub, f"{where}.{key}")
-        return problems
-    if isinstance(spec, list):
-        if not isinstance(result, list):
-            return [f"{where}: expected a list, found {type(result).__name__}"]
-        for i, item in enumerate(result):
-            problems += validate(item, spec[0], f"{where}[{i}]")
-        return problems
-    types = spec if isinstance(spec, tuple) else (spec,)
-    if isinstance(result, bool) and bool not in types:
-        return [f"{where}: expected {'/'.join(t.__name__ for t in types)}, found bool"]
-    if not isinstance(result, types):
-        return [f"{where}: expected {'/'.join(t.__name__ for t in types)}, found {type(result).__name__}"]
-    if isinstance(result, float) and not math.isfinite(result):
-        return [f"{where}: not a finite number ({result})"]
-    return problems
 
 
 # ----------------------------------------------------------------------------- targets
 
 
-def _rows(result, table, **match):
-    return [r for r in result.get(table, []) if all(r.get(k) == v for k, v in match.items())]
-
-
-def _target(name, description, measured, threshold, comparison) -> dict[str, Any]:
+def _target(name, description, measured, threshold, comparison) -> Target:
     met = None
     if measured is not None:
         met = measured >= threshold if comparison == ">=" else measured <= threshold
-    return {"name": name, "description": description, "measured": measured, "threshold": threshold,
-            "comparison": comparison, "met": met}
+    return Target(name=name, description=description, measured=measured, threshold=threshold,
+                  comparison=comparison, met=met)
 
 
-def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets as measured ratios (None where a row needed for it was not run)."""
+def _rows(rows, **match):
+    return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
+
+
+def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
+                     decode_loop: Sequence[DecodeLoopRow], chat: ChatRow | None) -> list[Target]:
+    """The issue's targets as measured ratios (absent where a row needed for it was not run)."""
     out = []
-    for m in result["settings"]["modalities"]:
-        torch_rows = _rows(result, "encoder", modality=m, backend="torch", device="cpu")
-        ort_rows = [r for r in _rows(result, "encoder", modality=m, backend="onnxruntime", device="cpu")
-                    if (r["cosine_vs_torch_fp32"] if r["cosine_vs_torch_fp32"] is not None else 1.0) >= 0.99]
+    for m in modalities:
+        torch_rows = _rows(encoder, modality=m, backend="torch", device="cpu")
+        ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
+                    if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
         if torch_rows and ort_rows:
-            tb = min(torch_rows, key=lambda r: r["encode_s"]["median"])
-            ob = min(ort_rows, key=lambda r: r["encode_s"]["median"])
+            tb = min(torch_rows, key=lambda r: r.encode_s.median)
+            ob = min(ort_rows, key=lambda r: r.encode_s.median)
             out.append(_target(
                 f"encoder_best_vs_torch_best/{m}",
-                f"{m}: torch best ({tb['precision']}) time / runtime best CPU precision ({ob['precision']}, "
-                f"cosine {ob['cosine_vs_torch_fp32']:.4f}) time",
-                tb["encode_s"]["median"] / ob["encode_s"]["median"], 1.0, ">="))
-        t32 = _rows(result, "encoder", modality=m, backend="torch", precision="fp32", device="cpu")
-        o32 = _rows(result, "encoder", modality=m, backend="onnxruntime", precision="fp32", device="cpu")
+                f"{m}: torch best ({tb.precision}) time / runtime best CPU precision ({ob.precision}, "
+                f"cosine {ob.cosine_vs_torch_fp32:.4f}) time",
+                tb.encode_s.median / ob.encode_s.median, 1.0, ">="))
+        t32 = _rows(encoder, modality=m, backend="torch", precision="fp32", device="cpu")
+        o32 = _rows(encoder, modality=m, backend="onnxruntime", precision="fp32", device="cpu")
         if t32 and o32:
             out.append(_target(f"ort_fp32_vs_torch_fp32/{m}", f"{m}: torch eager fp32 time / onnxruntime fp32 time",
-                               t32[0]["encode_s"]["median"] / o32[0]["encode_s"]["median"], 1.5, ">="))
-    m0 = result["settings"]["modalities"][0]
-    q8 = _rows(result, "decoder", modality=m0, backend="llama.cpp", precision="q8_0")
-    t32 = _rows(result, "decoder", modality=m0, backend="torch", precision="fp32")
+                               t32[0].encode_s.median / o32[0].encode_s.median, 1.5, ">="))
+    m0 = modalities[0]
+    q8 = _rows(decoder, modality=m0, backend="llama.cpp", precision="q8_0")
+    t32 = _rows(decoder, modality=m0, backend="torch", precision="fp32")
     if q8 and t32:
         out.append(_target("q8_0_decode_vs_torch_fp32", "decode tokens/s: llama.cpp q8_0 / torch eager fp32",
-                           q8[0]["decode_tokens_per_s"] / t32[0]["decode_tokens_per_s"], 3.0, ">="))
+                           q8[0].decode_tokens_per_s / t32[0].decode_tokens_per_s, 3.0, ">="))
     if q8:
         out.append(_target("q8_0_decode_fraction_of_bandwidth",
                            "q8_0 decode tokens/s / (bandwidth / bytes per token)",
-                           q8[0]["fraction_of_bandwidth_ceiling"], 0.6, ">="))
-    loops = result.get("overhead", {}).get("decode_loop", [])
-    loop = next((r for r in loops if r["quant"] == "q8_0"), loops[0] if loops else None)
+                           q8[0].fraction_of_bandwidth_ceiling, 0.6, ">="))
+    loop = next((r for r in decode_loop if r.quant == "q8_0"), decode_loop[0] if decode_loop else None)
     if loop:
         out.append(_target("decode_loop_vs_llama_cpp_python",
-                           f"decode tokens/s, our Session / llama-cpp-python Llama.generate ({loop['quant']}, same GGUF)",
-                           loop["ratio"], 0.95, ">="))
-    chat = result.get("chat")
+                           f"decode tokens/s, our Session / llama-cpp-python Llama.generate ({loop.quant}, same GGUF)",
+                           loop.ratio, 0.95, ">="))
     if chat:
         out.append(_target("chat_followup_ttft_ratio", "follow-up turn's time to first token / first turn's",
-                           chat["ratio"], 0.30, "<="))
+                           chat.ratio, 0.30, "<="))
     return out
 
 
 # ----------------------------------------------------------------------------- markdown
 
 
-def _ms(stat: dict | None) -> str:
-    if not stat or stat.get("median") is None:
+def _ms(stat: Stat | None) -> str:
+    if stat is None or stat.median is None:
         return "-"
-    med, lo, hi = stat["median"] * 1e3, stat["min"] * 1e3, stat["max"] * 1e3
+    med, lo, hi = stat.median * 1e3, stat.min * 1e3, stat.max * 1e3
     fmt = (lambda v: f"{v:.0f}") if med >= 100 else (lambda v: f"{v:.1f}") if med >= 1 else (lambda v: f"{v:.2f}")
-    return f"{fmt(med)} ({fmt(lo)}-{fmt(hi)})" if stat.get("n", 1) > 1 else fmt(med)
+    return f"{fmt(med)} ({fmt(lo)}-{fmt(hi)})" if stat.n > 1 else fmt(med)
 
 
 def _f(v, digits=2, pct=False) -> str:
@@ -157,91 +99,91 @@ def _f(v, digits=2, pct=False) -> str:
     return f"{100 * v:.0f} %" if pct else f"{v:.{digits}f}"
 
 
-def to_markdown(result: dict[str, Any]) -> str:
+def to_markdown(result: BenchResult) -> str:
     """The report as Markdown tables (times in ms: median (min-max) over the repeats)."""
-    mach, st, ceil = result["machine"], result["settings"], result["ceilings"]
-    lines = [f"# onellm bench: preset `{result['preset']}`", ""]
-    if result.get("random_weights"):
-        lines += [f"> {result['notice']}", ""]
+    mach, st, ceil = result.machine, result.settings, result.ceilings
+    bw = ceil.bandwidth
+    lines = [f"# onellm bench: preset `{result.preset}`", ""]
+    if result.random_weights:
+        lines += [f"> {result.notice}", ""]
     lines += [
         f"Machine: {mach.get('cpu_model')} ({mach.get('physical_cores')} cores, {mach.get('memory_gib')} GiB), "
         f"{mach.get('platform')}; load average at start {_f((mach.get('load_average') or [None])[0])}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in mach.get('versions', {}).items())}.",
         f"llama.cpp: `{mach.get('llama_cpp_system_info')}`",
-        f"Settings: {st['repeats']} timed runs after {st['warmup']} warm-up; {st['new_tokens']} greedy tokens; "
-        f"{st['threads']} threads. Times in ms: median (min-max).", "",
+        f"Settings: {st.repeats} timed runs after {st.warmup} warm-up; {st.new_tokens} greedy tokens; "
+        f"{st.threads} threads. Times in ms: median (min-max).", "",
         "## Ceilings", "",
-        f"- memory bandwidth: {_f(ceil['bandwidth']['gb_s']['median'], 1)} GB/s read ({ceil['bandwidth']['method']}); "
-        f"copy {_f((ceil['bandwidth'].get('copy_gb_s') or {}).get('median'), 1)} GB/s (read + write), "
-        f"one-thread copy {_f((ceil['bandwidth'].get('single_thread_copy_gb_s') or {}).get('median'), 1)} GB/s",
+        f"- memory bandwidth: {_f(bw.gb_s.median, 1)} GB/s read ({bw.method}); "
+        f"copy {_f(bw.copy_gb_s.median, 1)} GB/s (read + write), "
+        f"one-thread copy {_f(bw.single_thread_copy_gb_s.median, 1)} GB/s",
     ]
-    for key, g in ceil["gemm"].items():
-        if isinstance(g, dict):
-            lines.append(f"- GEMM {ceil['gemm']['n']}^3 {key}: {_f(g['gflop_s']['median'], 0)} GFLOP/s ({g['library']})")
+    for key, g in ceil.gemm.rates().items():
+        lines.append(f"- GEMM {ceil.gemm.n}^3 {key}: {_f(g.gflop_s.median, 0)} GFLOP/s ({g.library})")
     lines += ["", "## Encoder (batch 1)", "",
               "| modality | backend | precision | device | preprocess | tokenizer | CLIP trunk | UPM+proj | encode | "
               "GFLOP/s | % of peak | cosine vs fp32 | plain ORT sessions |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["encoder"]:
-        s = r["stages_s"]
+    for r in result.encoder:
+        s = r.stages_s
         lines.append(
-            f"| {r['modality']} | {r['backend']} | {r['precision']} | {r['device']} | {_ms(s.get('preprocess'))} | "
-            f"{_ms(s['tokenizer'])} | {_ms(s['clip_trunk'])} | {_ms(s['upm_projection'])} | **{_ms(r['encode_s'])}** | "
-            f"{_f(r['gflop_s'], 0)} | {_f(r['fraction_of_peak'], pct=True)} | {_f(r['cosine_vs_torch_fp32'], 5)} | "
-            f"{_ms(r.get('plain_sessions_encode_s'))} |")
+            f"| {r.modality} | {r.backend} | {r.precision} | {r.device} | {_ms(s.get('preprocess'))} | "
+            f"{_ms(s.get('tokenizer'))} | {_ms(s.get('clip_trunk'))} | {_ms(s.get('upm_projection'))} | "
+            f"**{_ms(r.encode_s)}** | {_f(r.gflop_s, 0)} | {_f(r.fraction_of_peak, pct=True)} | "
+            f"{_f(r.cosine_vs_torch_fp32, 5)} | {_ms(r.plain_sessions_encode_s)} |")
     lines += ["", "## Decoder (same encoder block for every row: torch fp32's)", "",
               "| modality | backend | precision | load s | prefill ms | prefill tok/s | TTFT ms | decode tok/s | "
               "bytes/token | % of BW ceiling | greedy prefix match | top-1 agreement |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["decoder"]:
+    for r in result.decoder:
         lines.append(
-            f"| {r['modality']} | {r['backend']} | {r['precision']} | {_f(r['load_s'])} | {_ms(r['prefill_s'])} | "
-            f"{_f(r['prefill_tokens_per_s'], 0)} | {_f(r['ttft_s'] * 1e3, 0)} | **{_f(r['decode_tokens_per_s'], 1)}** | "
-            f"{r['bytes_per_token'] / 2**20:.0f} MiB | {_f(r['fraction_of_bandwidth_ceiling'], pct=True)} | "
-            f"{_f(r['greedy_prefix_match'])} | {_f(r['top1_agreement'])} |")
+            f"| {r.modality} | {r.backend} | {r.precision} | {_f(r.load_s)} | {_ms(r.prefill_s)} | "
+            f"{_f(r.prefill_tokens_per_s, 0)} | {_f(r.ttft_s * 1e3 if r.ttft_s is not None else None, 0)} | "
+            f"**{_f(r.decode_tokens_per_s, 1)}** | {r.bytes_per_token / 2**20:.0f} MiB | "
+            f"{_f(r.fraction_of_bandwidth_ceiling, pct=True)} | {_f(r.greedy_prefix_match)} | {_f(r.top1_agreement)} |")
     lines += ["", "TTFT = preprocess + encode (torch rows: same dtype; runtime rows: fastest runtime CPU encoder) "
               "+ prefill, from stage medians.", "", "## Runtime overhead", "",
               "| what | ours | plain | ours / plain |", "|---|---|---|---|"]
-    for o in result["overhead"]["decode_loop"]:
-        lines.append(f"| decode loop, {o['quant']}: tok/s | {_f(o['ours']['decode_tokens_per_s'], 1)} | "
-                     f"{_f(o['llama_cpp_python']['decode_tokens_per_s'], 1)} (llama-cpp-python; both with extra "
-                     f"CPU buffer types on) | {_f(o['ratio'], 3)} |")
-        if "ours_shipped" in o:
-            lines.append(f"| decode loop, {o['quant']}: tok/s | {_f(o['ours_shipped']['decode_tokens_per_s'], 1)} "
+    for o in result.overhead.decode_loop:
+        lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours.decode_tokens_per_s, 1)} | "
+                     f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python; both with extra "
+                     f"CPU buffer types on) | {_f(o.ratio, 3)} |")
+        if o.ours_shipped is not None:
+            lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours_shipped.decode_tokens_per_s, 1)} "
                          f"(ours as shipped: extra CPU buffer types off) | "
-                         f"{_f(o['llama_cpp_python']['decode_tokens_per_s'], 1)} (llama-cpp-python defaults) | "
-                         f"{_f(o['ratio_shipped'], 3)} |")
-    for o in result["overhead"]["encoder_chain"]:
-        lines.append(f"| encoder chain, {o['modality']} {o['precision']}: ms | {_f(o['ours_s'] * 1e3, 1)} | "
-                     f"{_f(o['plain_sessions_s'] * 1e3, 1)} (one session.run per graph) | "
-                     f"{_f(o['plain_sessions_s'] / o['ours_s'], 3)} (plain/ours) |")
-    chat = result.get("chat")
+                         f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python defaults) | "
+                         f"{_f(o.ratio_shipped, 3)} |")
+    for c in result.overhead.encoder_chain:
+        lines.append(f"| encoder chain, {c.modality} {c.precision}: ms | {_f(c.ours_s * 1e3, 1)} | "
+                     f"{_f(c.plain_sessions_s * 1e3, 1)} (one session.run per graph) | "
+                     f"{_f(c.plain_sessions_s / c.ours_s, 3)} (plain/ours) |")
+    chat = result.chat
     if chat:
         lines += ["", "## Chat follow-up", "",
-                  f"{chat['modality']}, {chat['precision']} encoder, {chat['quant']} decoder: first turn TTFT "
-                  f"{_ms(chat['turn1_ttft_s'])} ms ({chat['turn1_prefill_positions']} positions prefilled), "
-                  f"follow-up {_ms(chat['turn2_ttft_s'])} ms ({chat['turn2_prefill_positions']} positions, no "
-                  f"re-encoding): ratio {_f(chat['ratio'], 3)}. ({chat['definition']}.)"]
-    if result.get("footprint"):
+                  f"{chat.modality}, {chat.precision} encoder, {chat.quant} decoder: first turn TTFT "
+                  f"{_ms(chat.turn1_ttft_s)} ms ({chat.turn1_prefill_positions} positions prefilled), "
+                  f"follow-up {_ms(chat.turn2_ttft_s)} ms ({chat.turn2_prefill_positions} positions, no "
+                  f"re-encoding): ratio {_f(chat.ratio, 3)}. ({chat.definition}.)"]
+    if result.footprint:
         lines += ["", "## Footprint (fresh process: load the bundle, answer once)", "",
                   "| encoder | decoder | bundle load s | peak RSS MiB |", "|---|---|---|---|"]
-        for f in result["footprint"]:
-            if "error" in f:
-                lines.append(f"| {f['precision']} | {f['quant']} | error: {f['error']} | |")
+        for f in result.footprint:
+            if f.error is not None:
+                lines.append(f"| {f.precision} | {f.quant} | error: {list(f.error)} | |")
             else:
-                lines.append(f"| {f['precision']} | {f['quant']} | {_f(f['load_s'])} | {f['peak_rss_mib']:.0f} |")
+                lines.append(f"| {f.precision} | {f.quant} | {_f(f.load_s)} | {f.peak_rss_mib:.0f} |")
     lines += ["", "## Targets", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
-    for t in result["targets"]:
-        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['description']} | {_f(t['measured'], 3)} | {t['comparison']} {t['threshold']} | {met} |")
-    lines += ["", f"Whole run: {result['wall_s']:.0f} s.", ""]
+    for t in result.targets:
+        met = "-" if t.met is None else ("yes" if t.met else "**no**")
+        lines.append(f"| {t.description} | {_f(t.measured, 3)} | {t.comparison} {t.threshold} | {met} |")
+    lines += ["", f"Whole run: {result.wall_s:.0f} s.", ""]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- chart
 
 
-def write_chart(result: dict[str, Any], path: Path) -> bool:
+def write_chart(result: BenchResult, path: Path) -> bool:
     """Stacked per-stage latency per backend (left) and decode tokens/s vs the ceiling (right)."""
     try:
         import matplotlib
@@ -251,22 +193,22 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib is not installed: skipping the chart %s (pip install 'onellm[bench]')", path)
         return False
-    enc = [r for r in result["encoder"] if r["device"] == "cpu"]
-    dec = {(r["modality"], r["backend"], r["precision"]): r for r in result["decoder"]}
-    runtime_dec = [r for r in result["decoder"] if r["backend"] == "llama.cpp"]
-    q_pref = next((r["precision"] for r in runtime_dec if r["precision"] == "q8_0"),
-                  runtime_dec[0]["precision"] if runtime_dec else None)
+    enc = [r for r in result.encoder if r.device == "cpu"]
+    dec = {(r.modality, r.backend, r.precision): r for r in result.decoder}
+    runtime_dec = [r for r in result.decoder if r.backend == "llama.cpp"]
+    q_pref = next((r.precision for r in runtime_dec if r.precision == "q8_0"),
+                  runtime_dec[0].precision if runtime_dec else None)
     labels, segments = [], []
     stages = ("preprocess", "tokenizer", "clip_trunk", "upm_projection")
     for r in enc:
-        if r["backend"] == "torch":
-            d = dec.get((r["modality"], "torch", r["precision"]))
-            label = f"{r['modality']}: torch {r['precision']}"
+        if r.backend == "torch":
+            d = dec.get((r.modality, "torch", r.precision))
+            label = f"{r.modality}: torch {r.precision}"
         else:
-            d = dec.get((r["modality"], "llama.cpp", q_pref))
-            label = f"{r['modality']}: ORT {r['precision']} + llama.cpp {q_pref}"
-        seg = [r["stages_s"].get(s, {}).get("median", 0.0) or 0.0 for s in stages]
-        seg.append(d["prefill_s"]["median"] if d else 0.0)
+            d = dec.get((r.modality, "llama.cpp", q_pref))
+            label = f"{r.modality}: ORT {r.precision} + llama.cpp {q_pref}"
+        seg = [(r.stages_s[s].median or 0.0) if s in r.stages_s else 0.0 for s in stages]
+        seg.append(d.prefill_s.median if d else 0.0)
         labels.append(label)
         segments.append(seg)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, max(3.5, 0.45 * len(labels) + 1.5)),
@@ -282,18 +224,18 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     ax1.set_xlabel("ms (median) - time to first token, by stage")
     ax1.legend(loc="lower right", fontsize=8)
     ax1.set_title("Encoder stages + prefill per backend")
-    m0 = result["settings"]["modalities"][0]
-    drows = [r for r in result["decoder"] if r["modality"] == m0]
-    dl = [f"{r['backend']} {r['precision']}" for r in drows]
-    ax2.barh(dl, [r["decode_tokens_per_s"] for r in drows], color="#ffb703", label="measured")
-    ax2.scatter([r["bandwidth_ceiling_tokens_per_s"] for r in drows], dl, marker="|", s=300, color="k",
+    m0 = result.settings.modalities[0]
+    drows = [r for r in result.decoder if r.modality == m0]
+    dl = [f"{r.backend} {r.precision}" for r in drows]
+    ax2.barh(dl, [r.decode_tokens_per_s for r in drows], color="#ffb703", label="measured")
+    ax2.scatter([r.bandwidth_ceiling_tokens_per_s or 0.0 for r in drows], dl, marker="|", s=300, color="k",
                 label="bandwidth / bytes per token")
     ax2.invert_yaxis()
     ax2.set_xlabel("decode tokens/s")
     ax2.legend(loc="upper right", fontsize=8)
     ax2.set_title("Decode speed vs the bandwidth ceiling")
-    title = f"onellm bench, preset {result['preset']} - {result['machine'].get('cpu_model')}"
-    if result.get("random_weights"):
+    title = f"onellm bench, preset {result.preset} - {result.machine.get('cpu_model')}"
+    if result.random_weights:
         title += " (random weights)"
     fig.suptitle(title)
     fig.tight_layout()
@@ -322,14 +264,31 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_reports(result: dict[str, Any], out_dir: str | Path, stem: str = "bench") -> dict[str, Path | None]:
+def write_reports(result: BenchResult, out_dir: str | Path, stem: str = "bench") -> dict[str, Path | None]:
     """Write <stem>.json, <stem>.md and <stem>.png into out_dir; returns their paths (png None if skipped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clean = _clean(result)
     paths: dict[str, Path | None] = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
-    paths["md"].write_text(to_markdown(clean))
-    if not write_chart(clean, paths["png"]):
+    paths["json"].write_text(json.dumps(_clean(result.to_dict()), indent=1, allow_nan=False) + "\n")
+    paths["md"].write_text(to_markdown(result))
+    if not write_chart(result, paths["png"]):
         paths["png"] = None
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Re-render the Markdown and the chart of a bench.json (e.g. one committed under results/)."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("json", help="a bench.json written by `onellm bench`")
+    ap.add_argument("--out", default=None, help="directory for <stem>.md and <stem>.png (default: beside the JSON)")
+    args = ap.parse_args(argv)
+    src = Path(args.json)
+    result = load_result(src)
+    out = Path(args.out) if args.out else src.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{src.stem}.md").write_text(to_markdown(result))
+    write_chart(result, out / f"{src.stem}.png")
+
+
+if __name__ == "__main__":
+    main()

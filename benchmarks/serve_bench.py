@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -45,7 +44,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _imu_csv(start_shift: float) -> str:
     """The example IMU recording with its timestamps shifted (new content: a cache miss)."""
-    lines = (EXAMPLES / "imu" / "walk.csv").read_text().splitlines()
+    from onellm.runtime.modalities import example_file
+
+    lines = example_file("imu").read_text().splitlines()
     head, rows = lines[0], lines[1:]
     out = [head]
     for row in rows:

@@ -82,26 +82,31 @@ def render(ball_x: float = 0.0, ball_z: float = -4.0) -> tuple[np.ndarray, np.nd
     return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8), depth, n
 
 
+def target(modality: str) -> Path:
+    """Where a modality's example goes: the path its spec declares (`ModalitySpec.example`)."""
+    from onellm.runtime.modalities import get_modality
+
+    path = HERE / get_modality(modality).example.path
+    path.parent.mkdir(exist_ok=True)
+    return path
+
+
 def write_scene() -> None:
     from PIL import Image
 
-    sys.path.insert(0, str(HERE.parent))
     from onellm.runtime.modalities._rgbx import depth_to_uint8
 
     rgb, depth, n = render()
-    for sub in ("image", "depth", "normal"):
-        (HERE / sub).mkdir(exist_ok=True)
-    Image.fromarray(rgb).save(HERE / "image" / "photo.jpg", quality=90, optimize=True)
-    Image.fromarray(depth_to_uint8(depth)[0]).save(HERE / "depth" / "depth.png", optimize=True)
-    Image.fromarray(np.rint((n + 1) * 127.5).astype(np.uint8)).save(HERE / "normal" / "normal.png", optimize=True)
+    Image.fromarray(rgb).save(target("image"), quality=90, optimize=True)
+    Image.fromarray(depth_to_uint8(depth)[0]).save(target("rgbd"), optimize=True)
+    Image.fromarray(np.rint((n + 1) * 127.5).astype(np.uint8)).save(target("rgbn"), optimize=True)
 
 
 def write_video() -> None:
     import av
 
-    (HERE / "video").mkdir(exist_ok=True)
     fps, n_frames = 25, 50
-    with av.open(str(HERE / "video" / "clip.mp4"), "w") as out:
+    with av.open(str(target("video")), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.options = {"crf": "30", "preset": "medium"}
@@ -117,7 +122,6 @@ def write_video() -> None:
 def write_audio() -> None:
     from scipy.signal import lfilter
 
-    (HERE / "audio").mkdir(exist_ok=True)
     sr = 16000
     rng = np.random.default_rng(7)
     vowels = [(730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (300, 870, 2240),
@@ -145,7 +149,7 @@ def write_audio() -> None:
         out[c:c + len(burst)] += 0.05 * burst
     out = out / np.abs(out).max() * 0.6
     pcm = np.rint(out * 32767).astype("<i2")
-    with wave.open(str(HERE / "audio" / "speech.wav"), "wb") as w:
+    with wave.open(str(target("audio")), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sr)
@@ -219,9 +223,8 @@ def write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray | None, binary: bool 
 
 
 def write_point() -> None:
-    (HERE / "point").mkdir(exist_ok=True)
     xyz, rgb = mug_points()
-    write_ply(HERE / "point" / "mug.ply", xyz, rgb, binary=True)
+    write_ply(target("point"), xyz, rgb, binary=True)
 
 
 def walk_imu(seconds: float = 4.0, rate: int = 100, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -245,9 +248,8 @@ def walk_imu(seconds: float = 4.0, rate: int = 100, seed: int = 5) -> tuple[np.n
 
 
 def write_imu() -> None:
-    (HERE / "imu").mkdir(exist_ok=True)
     t, data = walk_imu()
-    with open(HERE / "imu" / "walk.csv", "w", newline="") as f:
+    with open(target("imu"), "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["time_s", "acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"])
         for ti, row in zip(t, data):
@@ -255,10 +257,9 @@ def write_imu() -> None:
 
 
 def write_fmri(seed: int = 11) -> None:
-    (HERE / "fmri").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     x = np.convolve(rng.standard_normal(15724 + 8), np.ones(9) / 3.0, mode="valid")[:15724]
-    np.save(HERE / "fmri" / "betas.npy", x.astype(np.float16))
+    np.save(target("fmri"), x.astype(np.float16))
 
 
 def main() -> None:

@@ -74,7 +74,8 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def _split_list(value: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+def split_choices(value: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    """A comma list (or a sequence) of registry names, each checked against `known`, duplicates dropped."""
     if value is None:
         return []
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
@@ -130,9 +131,9 @@ def build_bundle(
 
     out_dir = Path(out_dir)
     check_target(out_dir, force)
-    mods = _split_list(modalities, cfg.modalities, "modality") or list(cfg.modalities)
-    precisions = _split_list(encoder_precision, tuple(ENCODER_PRECISIONS), "encoder precision") or ["fp32"]
-    quants = _split_list(decoder_quant, tuple(DECODER_QUANTS), "decoder quantization") or ["f16"]
+    mods = split_choices(modalities, cfg.modalities, "modality") or list(cfg.modalities)
+    precisions = split_choices(encoder_precision, tuple(ENCODER_PRECISIONS), "encoder precision") or ["fp32"]
+    quants = split_choices(decoder_quant, tuple(DECODER_QUANTS), "decoder quantization") or ["f16"]
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
         raise ConfigError(f"{tokenizer}: tokenizer file not found (expected the LLaMA tokenizer.model)")

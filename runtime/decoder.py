@@ -53,6 +53,9 @@ from .prompt import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+# `with capture_native_log() as lines:` collects llama.cpp's log lines emitted inside the block
+# (the bench reads how llama.cpp resolved flash attention from them)
+capture_native_log = _llama.capture_native_log
 
 def context_settings_for(quant: str) -> dict[str, Any]:
     """`Decoder` keyword arguments (kv_type, flash_attn) for a GGUF of this type, from the quant

@@ -50,6 +50,15 @@ class ParityError(OneLLMError):
     """An exported artifact disagrees with the PyTorch reference beyond its tolerance."""
 
 
+class ResultFileError(OneLLMError):
+    """A results file onellm wrote earlier (a bench.json) is malformed or of another schema.
+
+    The message names the file and the key.
+    """
+
+    exit_code = 2
+
+
 class OutputError(OneLLMError):
     """A file or directory onellm must write (--out, a cache) cannot be written.
 

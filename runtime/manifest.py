@@ -19,131 +19,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from .errors import BundleError
+from .strict import Dim, Rules, Strict, load
 
 SCHEMA = "onellm-bundle"
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
-# ---------------------------------------------------------------------------- strict (de)serialisation
+class _Strict(Strict):
+    """The manifest's classes: errors are BundleErrors that name the manifest key."""
 
-
-class _Strict:
-    """from_dict/to_dict for the frozen dataclasses below, driven by their type hints."""
+    rules = Rules(BundleError, "manifest key",
+                  " (a damaged manifest or another onellm version; re-export the bundle)")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST, path: str = ""):
-        """Build from JSON data; BundleError naming the key on unknown/missing keys or wrong types."""
-        return _load(cls, data, where, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples as lists) that `from_dict` reads back to an equal object."""
-        return _dump(self)
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _key(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _fail(where: str, path: str, what: str) -> BundleError:
-    return BundleError(f"{where}: manifest key {path or '(top)'!r} {what}")
-
-
-def _load(tp: Any, value: Any, where: str, path: str) -> Any:
-    if tp is float:  # scalars first: they are most of a manifest (routing weights, shapes)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(where, path, f"expected a number, found {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(where, path, f"expected an integer, found {value!r}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise _fail(where, path, f"expected {tp.__name__}, found {value!r}")
-        return value
-    if tp is Any:
-        return copy.deepcopy(value)
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise _fail(where, path, f"expected an object, found {type(value).__name__}")
-        hints = _hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        unknown = [k for k in value if k not in names]
-        if unknown:
-            raise _fail(where, _key(path, str(unknown[0])), f"is unknown (expected one of {', '.join(names)})")
-        missing = [n for n in names if n not in value]
-        if missing:
-            raise BundleError(f"{where}: expected the key {_key(path, missing[0])!r}, found none "
-                              "(a damaged manifest or another onellm version; re-export the bundle)")
-        return tp(**{n: _load(hints[n], value[n], where, _key(path, n)) for n in names})
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(value) in (int, str) and type(value) in args:  # fast path: a shape's dims
-            return value
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _fail(where, path, f"expected {_name(tp)}, found null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _load(arg, value, where, path)
-            except BundleError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise _fail(where, path, f"expected {_name(tp)}, found {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _fail(where, path, f"expected a list, found {type(value).__name__}")
-        (elem, *_rest) = typing.get_args(tp)
-        exact = _EXACT.get(elem)
-        if exact is not None and all(type(v) in exact for v in value):  # fast path: weights, shapes, names
-            return tuple(value)
-        return tuple(_load(elem, v, where, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise _fail(where, path, f"expected an object, found {type(value).__name__}")
-        _k, vt = typing.get_args(tp)
-        return {str(k): _load(vt, v, where, _key(path, str(k))) for k, v in value.items()}
-    raise TypeError(f"manifest field type {tp!r} is not supported")  # a bug in this module, not in the bundle
-
-
-def _name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args) or str(tp)
-
-
-def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _dump(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_dump(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars from export
-        return value.item()
-    return value
-
-
-Dim = Union[int, str]  # a concrete size, or a symbolic axis name in a graph signature
-_EXACT = {float: (float,), int: (int,), str: (str,), Dim: (int, str)}  # element types taken as they are
+        return load(cls, data, where, path, cls.rules)
 
 
 # ---------------------------------------------------------------------------- encoder
@@ -358,7 +253,7 @@ class Manifest(_Strict):
         elif version != SCHEMA_VERSION:
             raise BundleError(f"{where}: expected schema version 1 or {SCHEMA_VERSION}, found {version!r} "
                               f"(re-export the bundle with this onellm version)")
-        return _load(cls, data, where, path)
+        return load(cls, data, where, path, cls.rules)
 
 
 # ---------------------------------------------------------------------------- chains

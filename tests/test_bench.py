@@ -3,8 +3,10 @@
 The smoke run reuses the session's tiny bundle and checkpoint (fp32 encoder, f32 GGUF),
 one timed run, no warm-up: what it checks is that every stage is measured and reported,
 with agreement figures that are real (f32 llama.cpp and fp32 onnxruntime must agree with
-the torch reference), not how fast anything is. The JSON is validated with the
-hand-written checker in `onellm.benchmarks.report` (no jsonschema dependency).
+the torch reference), not how fast anything is. The rows are typed
+(`onellm.benchmarks.result`): the JSON is read back with `BenchResult.from_dict`, which
+rejects unknown, missing and mistyped keys, and a row built without a field fails where
+it is built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -38,10 +42,10 @@ def bench_run(tiny_bundle, tiny_checkpoint, tiny_tokenizer, tmp_path_factory):
 
 def test_tiny_bench_json_validates_and_has_every_row(bench_run):
     from onellm.benchmarks.bench import bf16_supported
-    from onellm.benchmarks.report import validate
+    from onellm.benchmarks.result import BenchResult
 
     out, data, _ = bench_run
-    assert validate(data) == []
+    assert BenchResult.from_dict(data).to_dict() == data  # every key known, none missing, every type right
     assert data["schema"] == "onellm-bench" and data["random_weights"] is True and "RANDOM" in data["notice"]
     enc = {(r["modality"], r["backend"], r["precision"]) for r in data["encoder"]}
     dec = {(r["modality"], r["backend"], r["precision"]) for r in data["decoder"]}
@@ -85,21 +89,81 @@ def test_tiny_bench_writes_markdown_and_chart(bench_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_validate_names_what_is_wrong(bench_run):
-    from onellm.benchmarks.report import validate
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["decoder"][0].pop("decode_tokens_per_s"), "expected the key 'decoder[0].decode_tokens_per_s', found none"),
+    (lambda d: d["encoder"][0]["encode_s"].update(median=float("nan")),
+     "key 'encoder[0].encode_s.median' expected a finite number, found nan"),
+    (lambda d: d["settings"].update(repeats="1"), "key 'settings.repeats' expected an integer, found '1'"),
+    (lambda d: d.update(chat=[]), "key 'chat' expected an object, found list"),
+    (lambda d: d["footprint"][0].update(colour=1), "key 'footprint[0].colour' is unknown"),
+    (lambda d: d.update(schema_version=2), "expected schema version 1, found 2"),
+])
+def test_from_dict_names_what_is_wrong(bench_run, edit, message):
+    from onellm.benchmarks.result import BenchResult
+    from onellm.runtime.errors import ResultFileError
 
     _, data, _ = bench_run
     broken = copy.deepcopy(data)
-    del broken["decoder"][0]["decode_tokens_per_s"]
-    broken["encoder"][0]["encode_s"]["median"] = float("nan")
-    broken["settings"]["repeats"] = "1"
-    broken["chat"] = []
-    problems = validate(broken)
-    assert any("$.decoder[0].decode_tokens_per_s: missing" in p for p in problems)
-    assert any("$.encoder[0].encode_s.median: not a finite number" in p for p in problems)
-    assert any("$.settings.repeats: expected int" in p for p in problems)
-    assert any("$.chat: expected" in p for p in problems)
-    assert len(problems) == 4
+    edit(broken)
+    with pytest.raises(ResultFileError, match=re.escape(f"bench.json: {message}")):
+        BenchResult.from_dict(broken)
+
+
+@pytest.mark.parametrize("cls_name", ["EncoderRow", "DecoderRow", "ChatRow", "FootprintRow", "DecodeLoopRow",
+                                      "Settings", "BenchResult"])
+def test_a_row_missing_a_field_fails_where_it_is_built(bench_run, cls_name):
+    """Every required field of every row: leaving it out is a TypeError naming it, at construction."""
+    from onellm.benchmarks import result as R
+
+    cls = getattr(R, cls_name)
+    _, data, _ = bench_run
+    sample = {"EncoderRow": data["encoder"][0], "DecoderRow": data["decoder"][0], "ChatRow": data["chat"],
+              "FootprintRow": data["footprint"][0], "DecodeLoopRow": data["overhead"]["decode_loop"][0],
+              "Settings": data["settings"], "BenchResult": data}[cls_name]
+    built = cls.from_dict(sample)
+    kwargs = {f.name: getattr(built, f.name) for f in dataclasses.fields(cls)}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    assert required
+    for name in required:
+        with pytest.raises(TypeError, match=re.escape(f"'{name}'")):
+            cls(**{k: v for k, v in kwargs.items() if k != name})
+    assert cls(**kwargs) == built
+
+
+def test_committed_results_load_and_render():
+    """results/bench-preset.json (an older v1 run: its decode-loop rows have llama-cpp-python's
+    defaults beside ours) reads back exactly and renders, without a torch or a bundle."""
+    from onellm.benchmarks.report import to_markdown
+    from onellm.benchmarks.result import load_result
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench-preset.json"
+    result = load_result(path)
+    assert result.to_dict() == json.loads(path.read_text())
+    assert result.overhead.decode_loop[0].llama_cpp_python_defaults is not None
+    md = to_markdown(result)
+    assert "| image | onnxruntime | int8 | cpu |" in md and "## Targets" in md
+
+
+def test_report_rerenders_a_bench_json(bench_run, tmp_path):
+    from onellm.benchmarks.report import main
+
+    out, data, _ = bench_run
+    main([str(out / "bench.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "bench.md").read_text() == (out / "bench.md").read_text()
+
+
+def test_load_result_names_the_file(tmp_path):
+    from onellm.benchmarks.result import load_result
+    from onellm.runtime.errors import ResultFileError
+
+    bad = tmp_path / "bench.json"
+    bad.write_text('{"schema": "onellm-bundle"}')
+    with pytest.raises(ResultFileError, match=re.escape(f"{bad}: expected schema 'onellm-bench', found 'onellm-bundle'")):
+        load_result(bad)
+    bad.write_text("{")
+    with pytest.raises(ResultFileError, match=re.escape(f"{bad}: cannot read a bench result")):
+        load_result(bad)
 
 
 def test_encoder_flops_match_the_spec_budget():
@@ -130,34 +194,38 @@ def test_bench_preset_is_the_release_encoder_with_a_1b_decoder():
 
 def test_targets_are_ratios_of_the_rows():
     from onellm.benchmarks.report import evaluate_targets
+    from onellm.benchmarks.result import ChatRow, DecodeLoopRow, DecoderRow, EncoderRow, LoopRun, Stat
 
     def stat(x):
-        return {"median": x, "min": x, "max": x, "n": 1}
+        return Stat(median=x, min=x, max=x, n=1)
 
-    enc = [
-        {"modality": "image", "backend": "torch", "precision": "fp32", "device": "cpu", "encode_s": stat(3.0),
-         "cosine_vs_torch_fp32": 1.0},
-        {"modality": "image", "backend": "torch", "precision": "bf16", "device": "cpu", "encode_s": stat(1.0),
-         "cosine_vs_torch_fp32": 0.999},
-        {"modality": "image", "backend": "onnxruntime", "precision": "fp32", "device": "cpu", "encode_s": stat(1.5),
-         "cosine_vs_torch_fp32": 1.0},
-        {"modality": "image", "backend": "onnxruntime", "precision": "int8", "device": "cpu", "encode_s": stat(0.5),
-         "cosine_vs_torch_fp32": 0.95},  # fast but wrong: must not count as the best
-    ]
-    dec = [
-        {"modality": "image", "backend": "torch", "precision": "fp32", "decode_tokens_per_s": 2.0},
-        {"modality": "image", "backend": "llama.cpp", "precision": "q8_0", "decode_tokens_per_s": 7.0,
-         "fraction_of_bandwidth_ceiling": 0.5},
-    ]
-    result = {"settings": {"modalities": ["image"]}, "encoder": enc, "decoder": dec,
-              "overhead": {"decode_loop": [{"quant": "q8_0", "ratio": 0.97}]}, "chat": {"ratio": 0.2}}
-    t = {x["name"]: x for x in evaluate_targets(result)}
-    assert t["encoder_best_vs_torch_best/image"]["measured"] == pytest.approx(1.0 / 1.5)
-    assert t["encoder_best_vs_torch_best/image"]["met"] is False
-    assert t["ort_fp32_vs_torch_fp32/image"]["measured"] == pytest.approx(2.0) and t["ort_fp32_vs_torch_fp32/image"]["met"]
-    assert t["q8_0_decode_vs_torch_fp32"]["measured"] == pytest.approx(3.5)
-    assert t["q8_0_decode_fraction_of_bandwidth"]["met"] is False
-    assert t["decode_loop_vs_llama_cpp_python"]["met"] and t["chat_followup_ttft_ratio"]["met"]
+    def enc(backend, precision, seconds, cos):
+        return EncoderRow(modality="image", backend=backend, precision=precision, device="cpu", stages_s={},
+                          encode_s=stat(seconds), flops=1.0, gflop_s=1.0, cosine_vs_torch_fp32=cos, load_s=0.0,
+                          resident_mib=0.0)
+
+    def dec(backend, precision, rate, fraction=None):
+        return DecoderRow(modality="image", backend=backend, precision=precision, device="cpu", prefill_positions=1,
+                          new_tokens=2, prefill_s=stat(1.0), prefill_tokens_per_s=1.0, decode_s=stat(1.0),
+                          decode_tokens_per_s=rate, greedy_prefix_match=1.0, top1_agreement=None, load_s=0.0,
+                          bytes_per_token=1, resident_mib=0.0, fraction_of_bandwidth_ceiling=fraction)
+
+    run = LoopRun(prefill_s=stat(1.0), decode_s=stat(1.0), decode_tokens_per_s=1.0, tokens=2)
+    encoder = [enc("torch", "fp32", 3.0, 1.0), enc("torch", "bf16", 1.0, 0.999), enc("onnxruntime", "fp32", 1.5, 1.0),
+               enc("onnxruntime", "int8", 0.5, 0.95)]  # the last: fast but wrong, must not count as the best
+    decoder = [dec("torch", "fp32", 2.0), dec("llama.cpp", "q8_0", 7.0, 0.5)]
+    loop = DecodeLoopRow(quant="q8_0", prompt_tokens=1, new_tokens=2, flash_attn=False, ours_extra_bufts=False,
+                         ours=run, llama_cpp_python=run, ratio=0.97)
+    chat = ChatRow(modality="image", precision="fp32", quant="q8_0", definition="", turn1_ttft_s=stat(1.0),
+                   turn2_ttft_s=stat(0.2), turn1_prefill_positions=9, turn2_prefill_positions=3,
+                   turn1_first_chunk_s=stat(1.0), turn2_first_chunk_s=stat(0.2), ratio=0.2)
+    t = {x.name: x for x in evaluate_targets(["image"], encoder, decoder, [loop], chat)}
+    assert t["encoder_best_vs_torch_best/image"].measured == pytest.approx(1.0 / 1.5)
+    assert t["encoder_best_vs_torch_best/image"].met is False
+    assert t["ort_fp32_vs_torch_fp32/image"].measured == pytest.approx(2.0) and t["ort_fp32_vs_torch_fp32/image"].met
+    assert t["q8_0_decode_vs_torch_fp32"].measured == pytest.approx(3.5)
+    assert t["q8_0_decode_fraction_of_bandwidth"].met is False
+    assert t["decode_loop_vs_llama_cpp_python"].met and t["chat_followup_ttft_ratio"].met
 
 
 def test_mismatched_bundle_is_refused_before_any_work(tiny_bundle, tmp_path):

@@ -11,23 +11,47 @@ import pytest
 
 from _inputs_helpers import EXAMPLES, REPO
 from onellm.runtime.errors import InputError
-from onellm.runtime.modalities import all_modalities, get_modality
+from onellm.runtime.modalities import all_modalities, example_file, example_inputs, get_modality
+
+
+def _example(name: str) -> tuple[str, dict[str, str]]:
+    """(example file relative to examples/, reader options) as the modality's spec declares them."""
+    spec = get_modality(name)
+    inputs = example_inputs(name)
+    return spec.example.path, {k: v for k, v in inputs.items() if k != spec.input_name}
+
 
 # modality -> (example file, options)
-EXAMPLE_INPUTS = {
-    "image": ("image/photo.jpg", {}),
-    "video": ("video/clip.mp4", {}),
-    "audio": ("audio/speech.wav", {}),
-    "point": ("point/mug.ply", {}),
-    "rgbd": ("depth/depth.png", {"image": EXAMPLES / "image" / "photo.jpg"}),
-    "rgbn": ("normal/normal.png", {"image": EXAMPLES / "image" / "photo.jpg"}),
-    "fmri": ("fmri/betas.npy", {}),
-    "imu": ("imu/walk.csv", {}),
-}
+EXAMPLE_INPUTS = {name: _example(name) for name in all_modalities()}
 
 
 def test_every_modality_has_an_example() -> None:
-    assert set(all_modalities()) == set(EXAMPLE_INPUTS)
+    for name, spec in all_modalities().items():
+        assert (EXAMPLES / spec.example.path).is_file(), name
+        assert example_file(name) == EXAMPLES / spec.example.path
+
+
+def test_the_docs_list_every_example() -> None:
+    """examples/README.md and docs/preview/README.md name each modality's example as its spec does."""
+    table = (EXAMPLES / "README.md").read_text()
+    previews = (REPO / "docs" / "preview" / "README.md").read_text()
+    for name, spec in all_modalities().items():
+        assert f"| {name} | `{spec.example.path}` |" in table, name
+        assert f"`onellm preview {spec.cli_option} examples/{spec.example.path}" in previews, name
+
+
+@pytest.mark.parametrize("name", [n for n, s in all_modalities().items() if s.example.synthesize])
+def test_stand_in_examples_read_to_the_encoder_shape(name, tmp_path, monkeypatch) -> None:
+    """Without examples/ (an installed package) the modalities that have a stand-in write one."""
+    import onellm.runtime.modalities.base as base
+
+    monkeypatch.setattr(base, "examples_dir", lambda: None)
+    spec = get_modality(name)
+    inputs = example_inputs(name, stand_ins=tmp_path)
+    assert inputs == {spec.input_name: str(tmp_path / spec.example.path)}
+    r = spec.preprocess(inputs[spec.input_name])
+    assert r.array.shape == spec.input_shape and np.isfinite(r.array).all()
+    assert example_inputs(name) is None  # no folder for stand-ins: nothing to offer
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_INPUTS))

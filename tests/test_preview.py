@@ -20,24 +20,25 @@ from click.testing import CliRunner
 pytest.importorskip("matplotlib")
 
 from onellm.cli import main  # noqa: E402
-from onellm.runtime.modalities import all_modalities  # noqa: E402
+from onellm.runtime.modalities import all_modalities, example_file, example_inputs  # noqa: E402
 from onellm.runtime.modalities._imaging import CLIP_MEAN, CLIP_STD  # noqa: E402
 from onellm.runtime.pipeline import read_input  # noqa: E402
 from onellm.runtime.preview import DPI, draw_preview, preview_panels  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-PHOTO = str(EXAMPLES / "image" / "photo.jpg")
-# modality -> (its file, the CLI arguments that pass it)
-EXAMPLE = {
-    "image": (PHOTO, ["--image", PHOTO]),
-    "video": (str(EXAMPLES / "video" / "clip.mp4"), ["--video", str(EXAMPLES / "video" / "clip.mp4")]),
-    "audio": (str(EXAMPLES / "audio" / "speech.wav"), ["--audio", str(EXAMPLES / "audio" / "speech.wav")]),
-    "point": (str(EXAMPLES / "point" / "mug.ply"), ["--point", str(EXAMPLES / "point" / "mug.ply")]),
-    "rgbd": (str(EXAMPLES / "depth" / "depth.png"), ["--depth", str(EXAMPLES / "depth" / "depth.png"), "--image", PHOTO]),
-    "rgbn": (str(EXAMPLES / "normal" / "normal.png"), ["--normal", str(EXAMPLES / "normal" / "normal.png"), "--image", PHOTO]),
-    "imu": (str(EXAMPLES / "imu" / "walk.csv"), ["--imu", str(EXAMPLES / "imu" / "walk.csv")]),
-    "fmri": (str(EXAMPLES / "fmri" / "betas.npy"), ["--fmri", str(EXAMPLES / "fmri" / "betas.npy")]),
-}
+PHOTO = str(example_file("image"))
+
+
+def _example(modality: str) -> tuple[str, list[str]]:
+    """(its example file, the CLI arguments that pass it), from the modality's spec."""
+    spec = all_modalities()[modality]
+    inputs = example_inputs(modality)
+    args = [spec.cli_option, inputs[spec.input_name]]
+    if spec.requires_image:
+        args += ["--image", inputs["image"]]
+    return inputs[spec.input_name], args
+
+
+EXAMPLE = {m: _example(m) for m in all_modalities()}
 PANELS = {"image": 1, "video": 15, "audio": 1, "point": 3, "rgbd": 2, "rgbn": 2, "imu": 2, "fmri": 2}
 
 

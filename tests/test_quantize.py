@@ -194,8 +194,8 @@ def test_int8_gemm_ceiling_is_measured():
     from onellm.benchmarks.bench import measure_gemm
 
     out = measure_gemm(128, 1, 1)
-    assert out["onnxruntime_int8"]["gflop_s"]["median"] > 0
-    assert "MatMulInteger" in out["onnxruntime_int8"]["library"]
+    assert out.onnxruntime_int8.gflop_s.median > 0
+    assert "MatMulInteger" in out.onnxruntime_int8.library
 
 
 def test_int8_ceiling_matches_numpy(monkeypatch):

@@ -3,10 +3,14 @@
 from .base import (
     MODALITY_ORDER,
     TOKENIZER_KINDS,
+    Example,
     ModalityInput,
     ModalitySpec,
     ReaderFlag,
     all_modalities,
+    example_file,
+    example_inputs,
+    examples_dir,
     get_modality,
     input_names,
 )
@@ -14,10 +18,14 @@ from .base import (
 __all__ = [
     "MODALITY_ORDER",
     "TOKENIZER_KINDS",
+    "Example",
     "ModalityInput",
     "ModalitySpec",
     "ReaderFlag",
     "all_modalities",
+    "example_file",
+    "example_inputs",
+    "examples_dir",
     "get_modality",
     "input_names",
 ]

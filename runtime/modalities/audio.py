@@ -61,7 +61,7 @@ from ._io import (
     require_finite_output,
     source_label,
 )
-from .base import ModalityInput, ModalitySpec, ReaderFlag
+from .base import Example, ModalityInput, ModalitySpec, ReaderFlag
 
 logger = logging.getLogger(__name__)
 
@@ -361,5 +361,6 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided audio.',
+    example=Example('audio/speech.wav'),
     flags=(ReaderFlag("--audio-start", "start", float, "Start of the 10.24 s audio window, seconds."),),
 )

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,16 @@ class ReaderFlag:
 
 
 @dataclasses.dataclass(frozen=True)
+class Example:
+    """A modality's example input: a file in `examples/` of a source checkout."""
+
+    path: str  # relative to examples/, e.g. "imu/walk.csv"
+    # writes a stand-in file of the same kind to the given path, for where there is no
+    # examples/ folder (an installed package); None: the modality has no stand-in
+    synthesize: Callable[[Path], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModalitySpec:
     """Everything the runtime and the reference need to know about one modality."""
 
@@ -60,11 +71,17 @@ class ModalitySpec:
     preprocess: Callable[..., ModalityInput]  # (source: path | array, **options) -> ModalityInput
     dummy_input: Callable[[np.random.Generator], np.ndarray]  # a valid random input for tests
     caption_prompt: str  # the evaluation question of spec section 8
+    example: Example  # its example file (bench, preview pictures, docs and tests read it from here)
     input_dtype: str = "float32"  # numpy dtype name of the encoder input
     requires_image: bool = False  # rgbd/rgbn: the map must come with its RGB photo
     several_files: bool = False  # the reader takes a list of files (one-sensor IMU exports): a repeatable option
     accepts_folder: bool = False  # the reader takes a folder (an app's export folder)
     flags: tuple[ReaderFlag, ...] = ()  # dedicated CLI options for reader keywords (the rest: --reader-option)
+
+    @property
+    def input_name(self) -> str:
+        """The word of its CLI option (`--depth` -> depth): the keyword its file goes by in the API."""
+        return self.cli_option.lstrip("-").replace("-", "_")
 
     def __post_init__(self) -> None:
         if self.tokenizer_kind not in TOKENIZER_KINDS:
@@ -112,7 +129,49 @@ def input_names() -> dict[str, str]:
     out: dict[str, str] = {}
     for spec in _discover().values():
         out[spec.name] = spec.name
-        out.setdefault(spec.cli_option.lstrip("-").replace("-", "_"), spec.name)
+        out.setdefault(spec.input_name, spec.name)
+    return out
+
+
+def examples_dir() -> Path | None:
+    """`examples/` of the source checkout this package runs from (None when installed without it)."""
+    here = Path(__file__).resolve().parents[2] / "examples"
+    return here if here.is_dir() else None
+
+
+def example_file(name: str) -> Path:
+    """A modality's example file in examples/; ConfigError where there is none (an installed package)."""
+    rel = get_modality(name).example.path
+    found = examples_dir()
+    if found is None or not (found / rel).is_file():
+        raise ConfigError(f"modality {name!r}: no example file examples/{rel} here (it is in a source checkout)")
+    return found / rel
+
+
+def example_inputs(name: str, stand_ins: Path | None = None) -> dict[str, str] | None:
+    """A modality's example as input keyword arguments ({"depth": ..., "image": ...}).
+
+    The files of `examples/` where they are; else, given a `stand_ins` folder, stand-ins
+    synthesised there once (for the modalities that have a synthesizer); else None.
+    A modality that requires a photo gets the image modality's example as `image`.
+    """
+    spec = get_modality(name)
+    wanted = {spec.input_name: spec.example}
+    if spec.requires_image:
+        wanted["image"] = get_modality("image").example
+    found = examples_dir()
+    out: dict[str, str] = {}
+    for key, example in wanted.items():
+        if found is not None and (found / example.path).is_file():
+            out[key] = str(found / example.path)
+        elif stand_ins is not None and example.synthesize is not None:
+            path = stand_ins / example.path
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                example.synthesize(path)
+            out[key] = str(path)
+        else:
+            return None
     return out
 
 

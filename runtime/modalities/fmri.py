@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._io import Source, is_array, load_npy, require_file, require_finite, require_finite_output, source_label
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 logger = logging.getLogger(__name__)
 
@@ -108,4 +108,5 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided fMRI data.',
+    example=Example('fmri/betas.npy'),
 )

@@ -16,6 +16,7 @@ In-memory input: a PIL image, or an array [H,W], [H,W,3] or [H,W,4] of uint8
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ._imaging import CLIP_MEAN, CLIP_STD, clip_image_tensor, open_image, photo_to_rgb, wide_to_uint8
 from ._io import Source, is_array, require_file, require_finite, source_label
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 EXPECTED = "an RGB photo (JPEG, PNG, WebP or BMP)"
 
@@ -94,6 +95,17 @@ def dummy_input(rng: np.random.Generator) -> np.ndarray:
     return ((x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]).astype(np.float32)
 
 
+
+def write_example(path: Path) -> None:
+    """A 640x480 stand-in photo of smooth colour bands (where examples/ is missing)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:480, 0:640].astype(np.float32) / 480.0
+    rgb = np.stack([0.5 + 0.45 * np.sin(2 * np.pi * (f * xx + g * yy) + ph)
+                    for f, g, ph in ((1.0, 0.5, 0.0), (0.6, 1.3, 1.0), (1.7, 0.9, 2.0))], axis=-1)
+    Image.fromarray(np.rint(rgb * 255).astype(np.uint8)).save(path)
+
+
 SPEC = ModalitySpec(
     name='image',
     cli_option='--image',
@@ -106,4 +118,5 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided image.',
+    example=Example('image/photo.jpg', synthesize=write_example),
 )

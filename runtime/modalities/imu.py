@@ -88,7 +88,7 @@ from ._io import (
     require_finite_output,
     source_label,
 )
-from .base import ModalityInput, ModalitySpec, ReaderFlag
+from .base import Example, ModalityInput, ModalitySpec, ReaderFlag
 
 logger = logging.getLogger(__name__)
 
@@ -1016,6 +1016,18 @@ def dummy_input(rng: np.random.Generator) -> np.ndarray:
     return x.astype(np.float32)
 
 
+
+def write_example(path: Path) -> None:
+    """A stand-in recording (where examples/ is missing): 4 s at 100 Hz of walking, m/s^2 and rad/s."""
+    t = np.arange(400) / 100.0
+    acc = [0.8 * np.sin(np.pi * 1.8 * t), -STANDARD_GRAVITY + 1.5 * np.sin(2 * np.pi * 1.8 * t),
+           0.6 * np.cos(2 * np.pi * 1.8 * t)]
+    gyr = [0.2 * np.sin(2 * np.pi * 1.8 * t), 0.4 * np.sin(2 * np.pi * 0.3 * t), 0.1 * np.cos(2 * np.pi * 1.8 * t)]
+    rows = ["time_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"]
+    rows += [",".join(f"{v:.5f}" for v in r) for r in np.stack([t, *acc, *gyr], 1)]
+    path.write_text("\n".join(rows) + "\n")
+
+
 SPEC = ModalitySpec(
     name='imu',
     cli_option='--imu',
@@ -1028,6 +1040,7 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Describe the scene.',
+    example=Example('imu/walk.csv', synthesize=write_example),
     several_files=True,
     accepts_folder=True,
     flags=(

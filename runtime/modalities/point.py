@@ -44,7 +44,7 @@ from ._io import (
     source_label,
 )
 from ._pointio import COLOUR_255_ABOVE, PointTable, read_pcd, read_ply, read_xyz
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 logger = logging.getLogger(__name__)
 
@@ -199,4 +199,5 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='What is this?',
+    example=Example('point/mug.ply'),
 )

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._io import Source
 from ._rgbx import dummy_pair, preprocess_pair
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 EXPECTED = "a depth map (8-bit or 16-bit PNG, JPEG, or float .npy in metres)"
 
@@ -44,5 +44,6 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided image.',
+    example=Example('depth/depth.png'),
     requires_image=True,
 )

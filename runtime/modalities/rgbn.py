@@ -18,7 +18,7 @@ import numpy as np
 
 from ._io import Source
 from ._rgbx import dummy_pair, preprocess_pair
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 EXPECTED = "a surface-normal map (8-bit RGB PNG/JPEG, or float .npy [H,W,3] in [-1,1])"
 
@@ -44,5 +44,6 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided image.',
+    example=Example('normal/normal.png'),
     requires_image=True,
 )

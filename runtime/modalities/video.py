@@ -55,7 +55,7 @@ from ._io import (
     require_finite,
     source_label,
 )
-from .base import ModalityInput, ModalitySpec
+from .base import Example, ModalityInput, ModalitySpec
 
 logger = logging.getLogger(__name__)
 
@@ -307,4 +307,5 @@ SPEC = ModalitySpec(
     preprocess=preprocess,
     dummy_input=dummy_input,
     caption_prompt='Provide a one-sentence caption for the provided video.',
+    example=Example('video/clip.mp4'),
 )
