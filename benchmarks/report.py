@@ -220,9 +220,17 @@ def write_chart(result: BenchResult, path: Path) -> bool:
         vals = [s[k] * 1e3 for s in segments]
         ax1.barh(labels, vals, left=left, color=colors[k], label=name)
         left = [a + b for a, b in zip(left, vals)]
+    # log time axis: a 5 ms tokenizer and a 2 s prefill are both readable; the total at each bar's end
+    ax1.set_xscale("log")
+    totals = [sum(seg) * 1e3 for seg in segments]
+    positive = [v * 1e3 for seg in segments for v in seg if v > 0]
+    if positive:  # from half the smallest stage (a few-ms preprocess stays visible) to past the longest bar
+        ax1.set_xlim(max(0.1, min(positive) / 2), max(totals) * 3)
+    for i, total in enumerate(totals):
+        ax1.text(total, i, f" {total:,.0f} ms", va="center", fontsize=8)
     ax1.invert_yaxis()
-    ax1.set_xlabel("ms (median) - time to first token, by stage")
-    ax1.legend(loc="lower right", fontsize=8)
+    ax1.set_xlabel("ms (median, log scale) - time to first token, by stage")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(names), fontsize=8, frameon=False)
     ax1.set_title("Encoder stages + prefill per backend")
     m0 = result.settings.modalities[0]
     drows = [r for r in result.decoder if r.modality == m0]
@@ -230,6 +238,12 @@ def write_chart(result: BenchResult, path: Path) -> bool:
     ax2.barh(dl, [r.decode_tokens_per_s for r in drows], color="#ffb703", label="measured")
     ax2.scatter([r.bandwidth_ceiling_tokens_per_s or 0.0 for r in drows], dl, marker="|", s=300, color="k",
                 label="bandwidth / bytes per token")
+    for i, r in enumerate(drows):
+        ceiling = r.bandwidth_ceiling_tokens_per_s
+        note = f" {r.decode_tokens_per_s:.1f}" + (f" ({r.decode_tokens_per_s / ceiling:.0%} of ceiling)" if ceiling else "")
+        ax2.text(r.decode_tokens_per_s, i, note, va="center", fontsize=8)
+    top = max([r.decode_tokens_per_s for r in drows] + [r.bandwidth_ceiling_tokens_per_s or 0.0 for r in drows] + [1.0])
+    ax2.set_xlim(0, top * 1.45)
     ax2.invert_yaxis()
     ax2.set_xlabel("decode tokens/s")
     ax2.legend(loc="upper right", fontsize=8)
