@@ -58,7 +58,7 @@ import numpy as np
 from . import _llama
 from .bundle import Bundle, load_manifest
 from .registry import decoder_quant, resolve_device
-from .decoder import Sampling, _TextStream, check_gguf_file
+from .decoder import Sampling, _TextStream, _top_logprobs, check_gguf_file
 from .errors import BackendError, BundleError, ConfigError, InputError, OneLLMError
 from .prompt import ROLES, Conversation
 
@@ -115,11 +115,13 @@ class Request:
 
     messages: Sequence[tuple[str, str]]  # (role "user"|"assistant", text); alternate, last one "user"
     media: Media | None = None
+    prompt_ids: Sequence[int] | None = None  # or the rendered prompt's token ids, BOS first (messages unused)
     block: np.ndarray | None = None  # or a precomputed [32, n_embd] block (from `onellm encode`)
     modality: str | None = None  # what `block` encodes
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     stop: tuple[str, ...] = ()  # stop strings besides the template's
-    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # anything with is_set()/set()
+    logprobs: int = 0  # per sampled token, also the this many most likely (id, log-probability)
 
 
 @dataclasses.dataclass
@@ -137,6 +139,11 @@ class Result:
     ttft_s: float = 0.0  # submit -> first token
     decode_s: float = 0.0  # first token -> end
     slot: int = -1
+    preprocess_s: float = 0.0  # the reader (0 for a block-cache hit or a precomputed block)
+    encode_s: float = 0.0  # the encoder graphs (0 likewise)
+    prefill_s: float = 0.0  # slot -> first token (the prompt's uncached positions and the first draw)
+    logprobs: list[list[tuple[int, float]]] | None = None  # with Request.logprobs
+    block: np.ndarray | None = None  # Engine.encode's answer: the [32, n_embd] block (read-only)
 
     @property
     def finish_reason(self) -> str:
@@ -228,6 +235,9 @@ class _Job:
     digest: str | None = None
     modality: str | None = None
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    encode_only: bool = False  # Engine.encode: answered with the block, never given a slot
+    read_s: float = 0.0  # the reader's seconds (encoder worker)
+    encode_s: float = 0.0  # the encoder's seconds
 
     @property
     def request(self) -> Request:
@@ -247,6 +257,7 @@ class _Slot:
         self.stream: _TextStream | None = None
         self.result: Result | None = None
         self.t_first = 0.0
+        self.t_start = 0.0  # when the slot took its request
         self.last_used = 0.0
 
     @property
@@ -278,6 +289,7 @@ class Engine:
                  prefill_chunk: int = 256, block_cache: int = 16, limits: Limits | None = None,
                  kv_unified: bool = True, context: dict[str, Any] | None = None) -> None:
         context = context or {}  # llama.cpp context settings of the GGUF type (kv_type, flash_attn)
+        self.context = dict(context)
         manifest = bundle.manifest
         self.manifest = manifest
         self.encoder = encoder
@@ -312,6 +324,7 @@ class Engine:
         self._encode_q: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: collections.deque[_Job] = collections.deque()
         self._waiting = 0  # jobs submitted and not yet in a slot
+        self._clears: list[threading.Event] = []  # clear_cache() calls waiting for the scheduler
         self._closed = False
         self.counters = collections.Counter()  # steps, decode_calls, tokens_generated, tokens_reused, ...
         self._install_image_guard()
@@ -322,19 +335,29 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike, *, parallel: int | None = None, n_ctx_slot: int | None = None,
+    def load(cls, path: str | os.PathLike | Bundle, *, parallel: int | None = None, n_ctx_slot: int | None = None,
              threads: int | None = None, device: str = "cpu", quant: str | None = None, verify: bool = True,
-             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True) -> Engine:
+             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True,
+             precision: str | None = None, provider_options: dict[str, Any] | None = None,
+             context: dict[str, Any] | None = None, tokenizer=None) -> Engine:
         """Load a bundle for `parallel` concurrent requests of up to `n_ctx_slot` positions each
-        (default: the model's context length)."""
+        (default: the model's context length).
+
+        `path` may be a loaded `Bundle` (its manifest is not read again). `precision`: the encoder
+        precision (default: the device's pick); `provider_options`: onnxruntime provider options
+        (TensorRT's engine cache); `context`: llama.cpp context settings (kv_type, flash_attn) that
+        replace the GGUF type's; `tokenizer`: one already loaded for this bundle.
+        """
         from .encoder import Encoder
         from .tokenizer import Tokenizer
 
-        bundle = load_manifest(Path(path), verify=verify)
+        bundle = path if isinstance(path, Bundle) else load_manifest(Path(path), verify=verify)
         manifest = bundle.manifest
         enc_all = manifest.encoder.precisions
         provider, _device_id = resolve_device(device)  # the same choice as Pipeline.load
-        precision = provider.pick_precision(enc_all, manifest.encoder.default)
+        precision = precision or provider.pick_precision(enc_all, manifest.encoder.default)
+        if precision not in enc_all:
+            raise ConfigError(f"{bundle.dir}: encoder precision {precision!r} was not exported (bundle has {', '.join(enc_all)})")
         quants = manifest.decoder.quants
         quant = quant or manifest.decoder.default
         if quant not in quants:
@@ -342,11 +365,16 @@ class Engine:
         parallel = parallel or default_parallel()
         if parallel < 1:
             raise ConfigError(f"--parallel: expected a positive number of slots, found {parallel}")
-        tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
-        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False)
-        extra = decoder_quant(quant).use_extra_bufts()
+        tokenizer = tokenizer or Tokenizer(bundle.path(manifest.tokenizer.file))
         gguf = check_gguf_file(bundle.path(quants[quant].file))
-        model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
+        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False,
+                          provider_options=provider_options)
+        extra = decoder_quant(quant).use_extra_bufts()
+        try:
+            model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
+        except BaseException:
+            encoder.close()
+            raise
         try:
             arch = model.meta("general.architecture")
             if arch != "llama":
@@ -358,12 +386,12 @@ class Engine:
             model._build_tables()
             engine = cls(bundle, encoder, model, tokenizer, parallel=parallel, n_ctx_slot=n_ctx_slot,
                          threads=threads, limits=limits, prefill_chunk=prefill_chunk, kv_unified=kv_unified,
-                         context=decoder_quant(quant).context_settings())
+                         context={**decoder_quant(quant).context_settings(), **(context or {})})
         except BaseException:
             model.close()
             encoder.close()
             raise
-        engine.precision, engine.quant = precision, quant
+        engine.precision, engine.quant, engine.gguf_path = precision, quant, gguf
         log.info("engine: %s, %d slots x %d positions, encoder %s, decoder %s", bundle.dir, parallel, n_ctx_slot,
                  precision, quant)
         return engine
@@ -383,7 +411,7 @@ class Engine:
         """Queue a request; returns its Handle. Bad requests raise InputError here, a full queue QueueFull."""
         if self._closed:
             raise EngineClosed("the engine is closed")
-        ids = self._prompt_ids(request.messages)
+        ids = self._prompt_ids(request.messages) if request.prompt_ids is None else self._check_ids(request.prompt_ids)
         s = request.sampling
         if s.max_new_tokens < 1:
             raise InputError("max_tokens", "a positive number of tokens", str(s.max_new_tokens))
@@ -415,6 +443,47 @@ class Engine:
                 self._ready.append(job)
                 self._cond.notify_all()
         return handle
+
+    def encode(self, media: Media, cancel: threading.Event | None = None) -> Handle:
+        """Read and encode one input on the encoder worker (through the block cache), no decoding.
+
+        The handle's Result carries `block` (read-only [32, n_embd] float32, shared with the
+        cache: copy it to change it), `modality`, `inputs` and the reader/encoder seconds.
+        """
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        if media.modality not in self.manifest.modalities:
+            raise InputError("input", f"one of this bundle's modalities ({', '.join(self.modalities)})",
+                             repr(media.modality))
+        handle = Handle(self, Request(messages=(), media=media, cancel=cancel or threading.Event()), None)
+        job = _Job(handle, [], time.perf_counter(), encode_only=True)
+        with self._cond:
+            if self._waiting >= self.limits.max_queue:
+                raise QueueFull(f"the request queue is full ({self.limits.max_queue} waiting); retry later")
+            self._waiting += 1
+            self.counters["encode_requests"] += 1
+            self._encode_q.put(job)
+        return handle
+
+    def clear_cache(self) -> None:
+        """Forget what the idle slots cache (the next requests prefill from scratch); returns once
+        the scheduler has done it. Busy slots keep their requests' positions."""
+        done = threading.Event()
+        with self._cond:
+            if self._closed:
+                return
+            self._clears.append(done)
+            self._cond.notify_all()
+        done.wait()
+
+    def cache_positions(self) -> list[tuple[int, int]]:
+        """Per slot: (positions our bookkeeping lists, positions llama.cpp holds). Equal unless a
+        fault left the cache out of step; call it while the engine is idle."""
+        return [(len(s.items), self.ctx.seq_pos_max(s.seq) + 1) for s in self.slots]
+
+    def slot_items(self, seq: int) -> list:
+        """What slot `seq` caches, one entry per position: a token id or (block digest, row)."""
+        return list(self.slots[seq].items)
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, busy slots and the counters (a snapshot)."""
@@ -469,6 +538,16 @@ class Engine:
             raise InputError("messages", "a last message from the user", "an assistant message last")
         assert conv.messages[-1][0] == ROLES[1]
         return self.tokenizer.encode(conv.render(), bos=True, eos=False)
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        n_vocab = self.model.n_vocab
+        if not ids:
+            raise InputError("prompt", "at least one token (BOS)", "no tokens")
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise InputError("prompt", f"token ids in [0, {n_vocab})", f"{bad[0]}")
+        return ids
 
     def _check_block(self, block: Any) -> np.ndarray:
         arr = np.asarray(block)
@@ -539,8 +618,12 @@ class Engine:
                         self.counters["block_cache_hits"] += 1
                 if hit is None:
                     self._check_media_limits(media)
+                    t0 = time.perf_counter()
                     item = read_input(media.modality, media.source, media.options, image=media.image)
+                    t1 = time.perf_counter()
                     block = np.array(self.encoder.encode(media.modality, item.array), copy=True)
+                    job.read_s, job.encode_s = t1 - t0, time.perf_counter() - t1
+                    block.flags.writeable = False  # shared by every request on this input
                     hit = (block, block_digest(block), dict(item.meta))
                     with self._cond:
                         self._blocks[key] = hit
@@ -583,10 +666,13 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._ready and not any(s.busy for s in self.slots):
+                    while not (self._closed or self._ready or self._clears or any(s.busy for s in self.slots)):
                         self._cond.wait()
                     if self._closed:
                         break
+                    clears, self._clears = self._clears, []
+                if clears:
+                    self._clear_idle(clears)
                 self._admit()
                 self._reap_cancelled()
                 if any(s.busy for s in self.slots):
@@ -607,9 +693,29 @@ class Engine:
         for s in self.slots:
             if s.busy:
                 self._finish(s, "cancelled")
+        with self._cond:
+            clears, self._clears = self._clears, []
+        for ev in clears:
+            ev.set()
+
+    def _clear_idle(self, clears: list[threading.Event]) -> None:
+        try:
+            for s in self.slots:
+                if not s.busy and s.items:
+                    self.ctx.seq_rm(s.seq, 0, -1)
+                    s.items.clear()
+        finally:
+            for ev in clears:
+                ev.set()
 
     def _admit(self) -> None:
         """Give waiting requests a free slot (the one whose cache serves them best, else the LRU one)."""
+        with self._cond:
+            done = [j for j in self._ready if j.encode_only]
+            for j in done:
+                self._ready.remove(j)
+        for j in done:
+            self._finish_encode(j)
         while True:
             with self._cond:
                 if not self._ready:
@@ -644,6 +750,15 @@ class Engine:
                 del slot.items[keep:]
             self._start(slot, job, target, keep)
 
+    def _finish_encode(self, job: _Job) -> None:
+        with self._cond:
+            self._waiting -= 1
+            self.counters["finished_encode"] += 1
+        now = time.perf_counter()
+        job.handle._emit("done", Result(stop_reason="encoded", modality=job.modality, inputs=job.inputs,
+                                        queue_s=now - job.t_submit, preprocess_s=job.read_s,
+                                        encode_s=job.encode_s, block=job.block))
+
     def _start(self, slot: _Slot, job: _Job, target: list, keep: int) -> None:
         req = job.request
         s = req.sampling
@@ -670,8 +785,9 @@ class Engine:
                 slot.sampler.accept(item)
         slot.stream = _TextStream(self.stop_strings + tuple(x for x in req.stop if x))
         slot.result = Result(prompt_tokens=len(target), cached_tokens=keep, modality=job.modality,
-                             inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq)
-        slot.t_first = 0.0
+                             inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq,
+                             preprocess_s=job.read_s, encode_s=job.encode_s)
+        slot.t_first, slot.t_start = 0.0, now
         with self._cond:
             self._waiting -= 1
             self.counters["tokens_reused"] += keep
@@ -694,10 +810,11 @@ class Engine:
                 rows = s.segments[0][1]
                 try:
                     ctx.decode(self.batch.embd_view(rows, len(s.items), "none", seq_id=s.seq))
-                except BackendError as exc:
+                except BaseException as exc:  # noqa: BLE001 - the request's error (its caller re-raises it)
                     self._fail_slot(s, exc)
                     continue
                 self.counters["decode_calls"] += 1
+                self.counters["rows_injected"] += rows.shape[0]
                 s.items.extend((s.job.digest, r) for r in range(self.n_inserted - rows.shape[0], self.n_inserted))
                 s.segments.pop(0)
         ids: list[int] = []
@@ -732,7 +849,7 @@ class Engine:
             return
         try:
             ctx.decode(self.batch.mixed(ids, pos, seqs, outs))
-        except BackendError as exc:
+        except BaseException as exc:  # noqa: BLE001 - every request in the batch gets the error
             for s, _, _ in plan:
                 self._fail_slot(s, exc)
             return
@@ -745,21 +862,29 @@ class Engine:
             if s.next_tok is not None and toks == [s.next_tok] and not s.segments:
                 s.next_tok = None
             elif s.segments:
+                self.counters["tokens_prefilled"] += len(toks)
                 head = s.segments[0][1]
                 if len(toks) == len(head):
                     s.segments.pop(0)
                 else:
                     s.segments[0] = ("tok", head[len(toks):])
             if has_out:
-                self._sample(s, idx - 1)
+                try:
+                    self._sample(s, idx - 1)
+                except BaseException as exc:  # noqa: BLE001 - a failed draw ends this request only
+                    self._fail_slot(s, exc)
 
     def _sample(self, s: _Slot, out_index: int) -> None:
         job, res = s.job, s.result
+        if job.request.logprobs > 0:
+            res.logprobs = res.logprobs if res.logprobs is not None else []
+            res.logprobs.append(_top_logprobs(self.ctx.logits_ith(out_index), job.request.logprobs))
         tok = s.sampler.sample(self.ctx, out_index)
         now = time.perf_counter()
         if not s.t_first:
             s.t_first = now
             res.ttft_s = now - job.t_submit
+            res.prefill_s = now - s.t_start
         res.tokens.append(tok)
         self.counters["tokens_generated"] += 1
         if self.model.is_eog(tok):
@@ -784,7 +909,8 @@ class Engine:
         except BackendError:
             pass
         s.items.clear()
-        self._finish(s, None, error=exc)
+        if s.busy:
+            self._finish(s, None, error=exc)
 
     def _finish(self, s: _Slot, reason: str | None, error: BaseException | None = None) -> None:
         job, res = s.job, s.result
