@@ -724,6 +724,9 @@ class Engine:
                 if not free:
                     return
                 job = self._ready.popleft()
+            if job.encode_only:  # encoded since the sweep above
+                self._finish_encode(job)
+                continue
             if job.request.cancel.is_set():
                 self._finish_unstarted(job, "cancelled")
                 continue

@@ -285,6 +285,8 @@ class Pipeline:
         """
         media = self._media(modality, source, image, options)
         res = self.engine.encode(media).wait()
+        if res.block is None:  # the engine was closed under the request
+            raise BackendError(f"{self.bundle_dir}: the pipeline was closed before the {modality} input was encoded")
         if timings is not None:
             timings["preprocess_s"] = res.preprocess_s
             timings["encode_s"] = res.encode_s
