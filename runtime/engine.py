@@ -122,6 +122,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings besides the template's
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # anything with is_set()/set()
     logprobs: int = 0  # per sampled token, also the this many most likely (id, log-probability)
+    flush_s: float = 0.0  # deliver text at most this often (0: every chunk); the first and last go at once
 
 
 @dataclasses.dataclass
@@ -258,6 +259,8 @@ class _Slot:
         self.result: Result | None = None
         self.t_first = 0.0
         self.t_start = 0.0  # when the slot took its request
+        self.pending: list[str] = []  # text not yet delivered (Request.flush_s)
+        self.t_emit = 0.0  # when text was last delivered
         self.last_used = 0.0
 
     @property
@@ -790,7 +793,8 @@ class Engine:
         slot.result = Result(prompt_tokens=len(target), cached_tokens=keep, modality=job.modality,
                              inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq,
                              preprocess_s=job.read_s, encode_s=job.encode_s)
-        slot.t_first, slot.t_start = 0.0, now
+        slot.t_first, slot.t_start, slot.t_emit = 0.0, now, 0.0
+        slot.pending.clear()
         with self._cond:
             self._waiting -= 1
             self.counters["tokens_reused"] += keep
@@ -894,7 +898,11 @@ class Engine:
             return self._finish(s, "eos")
         chunk = s.stream.feed(self.model.piece(tok))
         if chunk:
-            job.handle._emit("text", chunk)
+            s.pending.append(chunk)
+            if now - s.t_emit >= job.request.flush_s:  # a fast model: one wake-up of the reader per flush_s
+                job.handle._emit("text", "".join(s.pending))
+                s.pending.clear()
+                s.t_emit = now
         if s.stream.stopped:
             return self._finish(s, "stop_string")
         if len(res.tokens) >= job.request.sampling.max_new_tokens:
@@ -917,7 +925,8 @@ class Engine:
 
     def _finish(self, s: _Slot, reason: str | None, error: BaseException | None = None) -> None:
         job, res = s.job, s.result
-        tail = s.stream.finish() if s.stream is not None and error is None else ""
+        tail = "".join(s.pending) + s.stream.finish() if s.stream is not None and error is None else ""
+        s.pending.clear()
         if tail:
             job.handle._emit("text", tail)
         now = time.perf_counter()
