@@ -7,6 +7,10 @@
         print(chunk, end="")
     handle.cancel()                   # from any thread, at any time
 
+`onellm serve` and `Pipeline` (ask, chat, encode) are its clients: a chat sends its own
+rendered, trimmed prompt as `Request.prompt_ids`; `Engine.encode` runs only the reader and
+encoder.
+
 Shape (llama.cpp's server and vLLM's engine are the models; this is our own):
 
 - Every request gets its own llama.cpp sequence ("slot") in ONE context whose unified
@@ -121,7 +125,7 @@ class Request:
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     stop: tuple[str, ...] = ()  # stop strings besides the template's
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # anything with is_set()/set()
-    logprobs: int = 0  # per sampled token, also the this many most likely (id, log-probability)
+    logprobs: int = 0  # per sampled token, also its this-many most likely (id, log-probability)
     flush_s: float = 0.0  # deliver text at most this often (0: every chunk); the first and last go at once
 
 
