@@ -10,9 +10,10 @@ as soon as the first words of the answer appear).
 Without BUNDLE_DIR it uses the demo bundle (`onellm export --demo` builds it; `onellm
 ask` builds it on first use). The demo's weights are random: its answers are noise.
 
-Thread-safety rule: one `Pipeline` may be shared by threads, but it runs one request at
-a time (a second thread's `ask` waits for the first); a stream's `cancel()` (one
-request) and `pipe.cancel()` (every open request) may be called from any thread.
+Thread-safety rule: one `Pipeline` may be shared by threads; it answers up to `parallel`
+requests at once (`Pipeline.load(..., parallel=N)`, default 1: more wait for a slot); a
+stream's `cancel()` (one request) and `pipe.cancel()` (every open request) may be called
+from any thread.
 """
 
 from __future__ import annotations

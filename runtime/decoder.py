@@ -28,6 +28,10 @@ before the exception leaves, and every prefill first checks that the cache holds
 position beyond the bookkeeping (a second Ctrl-C may land inside the rollback itself).
 A session runs one request at a time: while a `generate()` stream is open, a second
 `prefill`/`generate` on it, or a new `Decoder.session()` taking over its cache, raises.
+
+Requests (`Pipeline`, `onellm serve`) run on `runtime/engine.py`, which takes `Sampling`,
+the text stream and the GGUF check from here; `Decoder`/`Session` remain the one-sequence
+low-level API (benchmarks, the export's validation, `Pipeline.decoder` for logits).
 """
 
 from __future__ import annotations
@@ -617,10 +621,6 @@ class Decoder(_llama._Owner):
         s = Session(self)
         self._owner = s
         return s
-
-    def owns(self, session: Session | None) -> bool:
-        """Whether `session` still holds this decoder's KV cache (no newer session took it)."""
-        return session is not None and session is self._owner
 
     def _context_for(self, session: Session) -> _llama.LlamaContext:
         if self._ctx is None:

@@ -7,6 +7,10 @@
         print(chunk, end="")
     handle.cancel()                   # from any thread, at any time
 
+`onellm serve` and `Pipeline` (ask, chat, encode) are its clients: a chat sends its own
+rendered, trimmed prompt as `Request.prompt_ids`; `Engine.encode` runs only the reader and
+encoder.
+
 Shape (llama.cpp's server and vLLM's engine are the models; this is our own):
 
 - Every request gets its own llama.cpp sequence ("slot") in ONE context whose unified
@@ -60,7 +64,7 @@ import numpy as np
 from . import _llama
 from .bundle import Bundle, load_manifest
 from .registry import decoder_quant, resolve_device
-from .decoder import Sampling, _TextStream, check_gguf_file
+from .decoder import Sampling, _TextStream, _top_logprobs, check_gguf_file
 from .errors import BackendError, BundleError, ConfigError, InputError, OneLLMError
 from .prompt import ROLES, Conversation
 
@@ -117,11 +121,14 @@ class Request:
 
     messages: Sequence[tuple[str, str]]  # (role "user"|"assistant", text); alternate, last one "user"
     media: Media | None = None
+    prompt_ids: Sequence[int] | None = None  # or the rendered prompt's token ids, BOS first (messages unused)
     block: np.ndarray | None = None  # or a precomputed [32, n_embd] block (from `onellm encode`)
     modality: str | None = None  # what `block` encodes
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     stop: tuple[str, ...] = ()  # stop strings besides the template's
-    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # anything with is_set()/set()
+    logprobs: int = 0  # per sampled token, also its this-many most likely (id, log-probability)
+    flush_s: float = 0.0  # deliver text at most this often (0: every chunk); the first and last go at once
 
 
 @dataclasses.dataclass
@@ -139,6 +146,11 @@ class Result:
     ttft_s: float = 0.0  # submit -> first token
     decode_s: float = 0.0  # first token -> end
     slot: int = -1
+    preprocess_s: float = 0.0  # the reader (0 for a block-cache hit or a precomputed block)
+    encode_s: float = 0.0  # the encoder graphs (0 likewise)
+    prefill_s: float = 0.0  # slot -> first token (the prompt's uncached positions and the first draw)
+    logprobs: list[list[tuple[int, float]]] | None = None  # with Request.logprobs
+    block: np.ndarray | None = None  # Engine.encode's answer: the [32, n_embd] block (read-only)
 
     @property
     def finish_reason(self) -> str:
@@ -230,6 +242,9 @@ class _Job:
     digest: str | None = None
     modality: str | None = None
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    encode_only: bool = False  # Engine.encode: answered with the block, never given a slot
+    read_s: float = 0.0  # the reader's seconds (encoder worker)
+    encode_s: float = 0.0  # the encoder's seconds
 
     @property
     def request(self) -> Request:
@@ -249,6 +264,9 @@ class _Slot:
         self.stream: _TextStream | None = None
         self.result: Result | None = None
         self.t_first = 0.0
+        self.t_start = 0.0  # when the slot took its request
+        self.pending: list[str] = []  # text not yet delivered (Request.flush_s)
+        self.t_emit = 0.0  # when text was last delivered
         self.last_used = 0.0
 
     @property
@@ -280,6 +298,7 @@ class Engine:
                  prefill_chunk: int = 256, block_cache: int = 16, encode_batch: int = 4, limits: Limits | None = None,
                  kv_unified: bool = True, context: dict[str, Any] | None = None) -> None:
         context = context or {}  # llama.cpp context settings of the GGUF type (kv_type, flash_attn)
+        self.context = dict(context)
         manifest = bundle.manifest
         self.manifest = manifest
         self.encoder = encoder
@@ -315,6 +334,7 @@ class Engine:
         self._encode_q: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: collections.deque[_Job] = collections.deque()
         self._waiting = 0  # jobs submitted and not yet in a slot
+        self._clears: list[threading.Event] = []  # clear_cache() calls waiting for the scheduler
         self._closed = False
         self.counters = collections.Counter()  # steps, decode_calls, tokens_generated, tokens_reused, ...
         self._install_image_guard()
@@ -325,19 +345,29 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike, *, parallel: int | None = None, n_ctx_slot: int | None = None,
+    def load(cls, path: str | os.PathLike | Bundle, *, parallel: int | None = None, n_ctx_slot: int | None = None,
              threads: int | None = None, device: str = "cpu", quant: str | None = None, verify: bool = True,
-             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True) -> Engine:
+             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True,
+             precision: str | None = None, provider_options: dict[str, Any] | None = None,
+             context: dict[str, Any] | None = None, tokenizer=None) -> Engine:
         """Load a bundle for `parallel` concurrent requests of up to `n_ctx_slot` positions each
-        (default: the model's context length)."""
+        (default: the model's context length).
+
+        `path` may be a loaded `Bundle` (its manifest is not read again). `precision`: the encoder
+        precision (default: the device's pick); `provider_options`: onnxruntime provider options
+        (TensorRT's engine cache); `context`: llama.cpp context settings (kv_type, flash_attn) that
+        replace the GGUF type's; `tokenizer`: one already loaded for this bundle.
+        """
         from .encoder import Encoder
         from .tokenizer import Tokenizer
 
-        bundle = load_manifest(Path(path), verify=verify)
+        bundle = path if isinstance(path, Bundle) else load_manifest(Path(path), verify=verify)
         manifest = bundle.manifest
         enc_all = manifest.encoder.precisions
         provider, _device_id = resolve_device(device)  # the same choice as Pipeline.load
-        precision = provider.pick_precision(enc_all, manifest.encoder.default)
+        precision = precision or provider.pick_precision(enc_all, manifest.encoder.default)
+        if precision not in enc_all:
+            raise ConfigError(f"{bundle.dir}: encoder precision {precision!r} was not exported (bundle has {', '.join(enc_all)})")
         quants = manifest.decoder.quants
         quant = quant or manifest.decoder.default
         if quant not in quants:
@@ -345,11 +375,16 @@ class Engine:
         parallel = parallel or default_parallel()
         if parallel < 1:
             raise ConfigError(f"--parallel: expected a positive number of slots, found {parallel}")
-        tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
-        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False)
-        extra = decoder_quant(quant).use_extra_bufts()
+        tokenizer = tokenizer or Tokenizer(bundle.path(manifest.tokenizer.file))
         gguf = check_gguf_file(bundle.path(quants[quant].file))
-        model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
+        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False,
+                          provider_options=provider_options)
+        extra = decoder_quant(quant).use_extra_bufts()
+        try:
+            model = _llama.LlamaModel(gguf, use_extra_bufts=extra)
+        except BaseException:
+            encoder.close()
+            raise
         try:
             arch = model.meta("general.architecture")
             if arch != "llama":
@@ -361,12 +396,12 @@ class Engine:
             model._build_tables()
             engine = cls(bundle, encoder, model, tokenizer, parallel=parallel, n_ctx_slot=n_ctx_slot,
                          threads=threads, limits=limits, prefill_chunk=prefill_chunk, kv_unified=kv_unified,
-                         context=decoder_quant(quant).context_settings())
+                         context={**decoder_quant(quant).context_settings(), **(context or {})})
         except BaseException:
             model.close()
             encoder.close()
             raise
-        engine.precision, engine.quant = precision, quant
+        engine.precision, engine.quant, engine.gguf_path = precision, quant, gguf
         log.info("engine: %s, %d slots x %d positions, encoder %s, decoder %s", bundle.dir, parallel, n_ctx_slot,
                  precision, quant)
         return engine
@@ -386,7 +421,7 @@ class Engine:
         """Queue a request; returns its Handle. Bad requests raise InputError here, a full queue QueueFull."""
         if self._closed:
             raise EngineClosed("the engine is closed")
-        ids = self._prompt_ids(request.messages)
+        ids = self._prompt_ids(request.messages) if request.prompt_ids is None else self._check_ids(request.prompt_ids)
         s = request.sampling
         if s.max_new_tokens < 1:
             raise InputError("max_tokens", "a positive number of tokens", str(s.max_new_tokens))
@@ -418,6 +453,47 @@ class Engine:
                 self._ready.append(job)
                 self._cond.notify_all()
         return handle
+
+    def encode(self, media: Media, cancel: threading.Event | None = None) -> Handle:
+        """Read and encode one input on the encoder worker (through the block cache), no decoding.
+
+        The handle's Result carries `block` (read-only [32, n_embd] float32, shared with the
+        cache: copy it to change it), `modality`, `inputs` and the reader/encoder seconds.
+        """
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        if media.modality not in self.manifest.modalities:
+            raise InputError("input", f"one of this bundle's modalities ({', '.join(self.modalities)})",
+                             repr(media.modality))
+        handle = Handle(self, Request(messages=(), media=media, cancel=cancel or threading.Event()), None)
+        job = _Job(handle, [], time.perf_counter(), encode_only=True)
+        with self._cond:
+            if self._waiting >= self.limits.max_queue:
+                raise QueueFull(f"the request queue is full ({self.limits.max_queue} waiting); retry later")
+            self._waiting += 1
+            self.counters["encode_requests"] += 1
+            self._encode_q.put(job)
+        return handle
+
+    def clear_cache(self) -> None:
+        """Forget what the idle slots cache (the next requests prefill from scratch); returns once
+        the scheduler has done it. Busy slots keep their requests' positions."""
+        done = threading.Event()
+        with self._cond:
+            if self._closed:
+                return
+            self._clears.append(done)
+            self._cond.notify_all()
+        done.wait()
+
+    def cache_positions(self) -> list[tuple[int, int]]:
+        """Per slot: (positions our bookkeeping lists, positions llama.cpp holds). Equal unless a
+        fault left the cache out of step; call it while the engine is idle."""
+        return [(len(s.items), self.ctx.seq_pos_max(s.seq) + 1) for s in self.slots]
+
+    def slot_items(self, seq: int) -> list:
+        """What slot `seq` caches, one entry per position: a token id or (block digest, row)."""
+        return list(self.slots[seq].items)
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, busy slots and the counters (a snapshot)."""
@@ -472,6 +548,16 @@ class Engine:
             raise InputError("messages", "a last message from the user", "an assistant message last")
         assert conv.messages[-1][0] == ROLES[1]
         return self.tokenizer.encode(conv.render(), bos=True, eos=False)
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        n_vocab = self.model.n_vocab
+        if not ids:
+            raise InputError("prompt", "at least one token (BOS)", "no tokens")
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise InputError("prompt", f"token ids in [0, {n_vocab})", f"{bad[0]}")
+        return ids
 
     def _check_block(self, block: Any) -> np.ndarray:
         arr = np.asarray(block)
@@ -567,7 +653,9 @@ class Engine:
                     self._ready_job(job, hit)
                     continue
                 self._check_media_limits(media)
+                t0 = time.perf_counter()
                 item = read_input(media.modality, media.source, media.options, image=media.image)
+                job.read_s = time.perf_counter() - t0
                 todo[media.modality].append((job, key, item))
             except OneLLMError as exc:
                 self._fail_unstarted(job, exc)
@@ -579,8 +667,10 @@ class Engine:
             unique: dict[str, Any] = {}
             for _job, key, item in group:
                 unique.setdefault(key, item)
+            t0 = time.perf_counter()
             try:
                 blocks = self.encoder.encode_many(modality, [item.array for item in unique.values()])
+                blocks.flags.writeable = False  # shared by every request on these inputs
             except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep the worker
                 err = exc if isinstance(exc, OneLLMError) else BackendError(f"{modality} encoder: {exc}")
                 if not isinstance(exc, OneLLMError):
@@ -597,7 +687,9 @@ class Engine:
                         self._blocks.popitem(last=False)
                 self.counters["encodes"] += len(unique)
                 self.counters["encode_batches"] += 1
+            encode_s = time.perf_counter() - t0  # each request of the batch waited for all of it
             for job, key, _item in group:
+                job.encode_s = encode_s
                 self._ready_job(job, made[key])
 
     def _ready_job(self, job: _Job, hit: tuple[np.ndarray, str, dict]) -> None:
@@ -626,10 +718,13 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._ready and not any(s.busy for s in self.slots):
+                    while not (self._closed or self._ready or self._clears or any(s.busy for s in self.slots)):
                         self._cond.wait()
                     if self._closed:
                         break
+                    clears, self._clears = self._clears, []
+                if clears:
+                    self._clear_idle(clears)
                 self._admit()
                 self._reap_cancelled()
                 if any(s.busy for s in self.slots):
@@ -650,9 +745,29 @@ class Engine:
         for s in self.slots:
             if s.busy:
                 self._finish(s, "cancelled")
+        with self._cond:
+            clears, self._clears = self._clears, []
+        for ev in clears:
+            ev.set()
+
+    def _clear_idle(self, clears: list[threading.Event]) -> None:
+        try:
+            for s in self.slots:
+                if not s.busy and s.items:
+                    self.ctx.seq_rm(s.seq, 0, -1)
+                    s.items.clear()
+        finally:
+            for ev in clears:
+                ev.set()
 
     def _admit(self) -> None:
         """Give waiting requests a free slot (the one whose cache serves them best, else the LRU one)."""
+        with self._cond:
+            done = [j for j in self._ready if j.encode_only]
+            for j in done:
+                self._ready.remove(j)
+        for j in done:
+            self._finish_encode(j)
         while True:
             with self._cond:
                 if not self._ready:
@@ -661,6 +776,9 @@ class Engine:
                 if not free:
                     return
                 job = self._ready.popleft()
+            if job.encode_only:  # encoded since the sweep above
+                self._finish_encode(job)
+                continue
             if job.request.cancel.is_set():
                 self._finish_unstarted(job, "cancelled")
                 continue
@@ -686,6 +804,15 @@ class Engine:
                 self.ctx.seq_rm(slot.seq, keep, -1)
                 del slot.items[keep:]
             self._start(slot, job, target, keep)
+
+    def _finish_encode(self, job: _Job) -> None:
+        with self._cond:
+            self._waiting -= 1
+            self.counters["finished_encode"] += 1
+        now = time.perf_counter()
+        job.handle._emit("done", Result(stop_reason="encoded", modality=job.modality, inputs=job.inputs,
+                                        queue_s=now - job.t_submit, preprocess_s=job.read_s,
+                                        encode_s=job.encode_s, block=job.block))
 
     def _start(self, slot: _Slot, job: _Job, target: list, keep: int) -> None:
         req = job.request
@@ -713,8 +840,10 @@ class Engine:
                 slot.sampler.accept(item)
         slot.stream = _TextStream(self.stop_strings + tuple(x for x in req.stop if x))
         slot.result = Result(prompt_tokens=len(target), cached_tokens=keep, modality=job.modality,
-                             inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq)
-        slot.t_first = 0.0
+                             inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq,
+                             preprocess_s=job.read_s, encode_s=job.encode_s)
+        slot.t_first, slot.t_start, slot.t_emit = 0.0, now, 0.0
+        slot.pending.clear()
         with self._cond:
             self._waiting -= 1
             self.counters["tokens_reused"] += keep
@@ -737,10 +866,11 @@ class Engine:
                 rows = s.segments[0][1]
                 try:
                     ctx.decode(self.batch.embd_view(rows, len(s.items), "none", seq_id=s.seq))
-                except BackendError as exc:
+                except BaseException as exc:  # noqa: BLE001 - the request's error (its caller re-raises it)
                     self._fail_slot(s, exc)
                     continue
                 self.counters["decode_calls"] += 1
+                self.counters["rows_injected"] += rows.shape[0]
                 s.items.extend((s.job.digest, r) for r in range(self.n_inserted - rows.shape[0], self.n_inserted))
                 s.segments.pop(0)
         ids: list[int] = []
@@ -775,7 +905,7 @@ class Engine:
             return
         try:
             ctx.decode(self.batch.mixed(ids, pos, seqs, outs))
-        except BackendError as exc:
+        except BaseException as exc:  # noqa: BLE001 - every request in the batch gets the error
             for s, _, _ in plan:
                 self._fail_slot(s, exc)
             return
@@ -788,28 +918,40 @@ class Engine:
             if s.next_tok is not None and toks == [s.next_tok] and not s.segments:
                 s.next_tok = None
             elif s.segments:
+                self.counters["tokens_prefilled"] += len(toks)
                 head = s.segments[0][1]
                 if len(toks) == len(head):
                     s.segments.pop(0)
                 else:
                     s.segments[0] = ("tok", head[len(toks):])
             if has_out:
-                self._sample(s, idx - 1)
+                try:
+                    self._sample(s, idx - 1)
+                except BaseException as exc:  # noqa: BLE001 - a failed draw ends this request only
+                    self._fail_slot(s, exc)
 
     def _sample(self, s: _Slot, out_index: int) -> None:
         job, res = s.job, s.result
+        if job.request.logprobs > 0:
+            res.logprobs = res.logprobs if res.logprobs is not None else []
+            res.logprobs.append(_top_logprobs(self.ctx.logits_ith(out_index), job.request.logprobs))
         tok = s.sampler.sample(self.ctx, out_index)
         now = time.perf_counter()
         if not s.t_first:
             s.t_first = now
             res.ttft_s = now - job.t_submit
+            res.prefill_s = now - s.t_start
         res.tokens.append(tok)
         self.counters["tokens_generated"] += 1
         if self.model.is_eog(tok):
             return self._finish(s, "eos")
         chunk = s.stream.feed(self.model.piece(tok))
         if chunk:
-            job.handle._emit("text", chunk)
+            s.pending.append(chunk)
+            if now - s.t_emit >= job.request.flush_s:  # a fast model: one wake-up of the reader per flush_s
+                job.handle._emit("text", "".join(s.pending))
+                s.pending.clear()
+                s.t_emit = now
         if s.stream.stopped:
             return self._finish(s, "stop_string")
         if len(res.tokens) >= job.request.sampling.max_new_tokens:
@@ -827,11 +969,13 @@ class Engine:
         except BackendError:
             pass
         s.items.clear()
-        self._finish(s, None, error=exc)
+        if s.busy:
+            self._finish(s, None, error=exc)
 
     def _finish(self, s: _Slot, reason: str | None, error: BaseException | None = None) -> None:
         job, res = s.job, s.result
-        tail = s.stream.finish() if s.stream is not None and error is None else ""
+        tail = "".join(s.pending) + s.stream.finish() if s.stream is not None and error is None else ""
+        s.pending.clear()
         if tail:
             job.handle._emit("text", tail)
         now = time.perf_counter()

@@ -6,24 +6,23 @@
     chat = pipe.chat(imu="walk.csv")                      # keeps its KV cache between turns
     chat.ask("What is the person doing?"); chat.ask("Is it fast?")
 
-Data path of one request: the reader returns the modality array; onnxruntime runs the
-staged encoder graphs and writes the [32, n_embd] block into the encoder's ONE
-preallocated float32 buffer; that buffer is handed to llama.cpp by pointer as the
-embedding rows after BOS (nothing is copied on our side).
+Every request runs on an `Engine` (runtime/engine.py) that the pipeline loads with
+`parallel` slots: its encoder worker reads and encodes the input (blocks are cached by
+content), its scheduler prefills and decodes every running request in one llama.cpp
+batch per step, and a request whose prompt starts like a slot's cached positions (the
+same input block, the same conversation so far) prefills only what is new.
 
-Thread safety: a `Pipeline` may be shared between threads. It owns one encoder output
-buffer and one llama.cpp context, so requests are serialised by the pipeline's lock: a
-second thread's `ask` waits until the first finishes (a streamed answer holds the lock
-until its iterator is exhausted or closed). Use one `Pipeline` per thread for parallel
-requests. A second request on the SAME thread while a stream is open raises a
-BackendError (it would take over the KV cache under the open stream).
+Thread safety: a `Pipeline` may be shared between threads. Up to `parallel` requests run
+at once (the default, 1, keeps one KV cache as before; `Pipeline.load(parallel=N)` gives
+N); more wait for a slot. A second request on the SAME thread while one of its streams is
+open raises a BackendError (it would wait for a stream only that thread can drain).
 
 Cancellation is per request: `stream.cancel()` (or the `cancel` event passed to `ask`)
 stops that request, even before its first chunk; `Pipeline.cancel()` stops every open
 request. Both may be called from any thread. Chat turns are transactional: a turn that is
-interrupted (an exception, Ctrl-C, the stream closed early) leaves the conversation and
-the KV cache as they were before it; a chat that outgrows the context drops its oldest
-turns (see `Pipeline._fit_prompt`).
+interrupted (an exception, Ctrl-C, the stream closed early) is removed from the
+conversation, and the next turn reuses the KV cache only up to where the conversations
+agree; a chat that outgrows the context drops its oldest turns (see `Pipeline._fit_prompt`).
 """
 
 from __future__ import annotations
@@ -52,6 +51,10 @@ from .registry import decoder_quant, resolve_device
 log = logging.getLogger(__name__)
 
 DEMO_BUNDLE_NAME = "demo-tiny"
+DEFAULT_PARALLEL = 1  # engine slots of Pipeline.load: one KV cache, the memory of a one-request pipeline
+# A stream's text arrives at most this often (the first chunk at once): a small model's tokens
+# come faster than a thread switch per token costs (demo bundle: ~0.13 ms of ~0.4 ms per token)
+STREAM_FLUSH_S = 0.004
 
 
 def default_bundle_dir() -> Path:
@@ -85,6 +88,8 @@ class Answer:
     inputs: dict[str, Any]  # the readers' metadata
     logprobs: list[list[tuple[int, float]]] | None = None
     notices: list[str] = dataclasses.field(default_factory=list)  # e.g. "the oldest turns were dropped"
+    usage: dict[str, int] = dataclasses.field(default_factory=dict)  # prompt_tokens, cached_tokens, completion_tokens
+    slot: int = -1  # the engine slot that answered (-1: none)
 
     def to_json(self, tokenizer=None) -> dict[str, Any]:
         out = {
@@ -117,23 +122,23 @@ def read_input(modality: str, source: Any, options: dict[str, Any] | None = None
 
 
 class Pipeline:
-    """A loaded bundle: tokenizer, encoder sessions and the llama.cpp decoder."""
+    """A loaded bundle: tokenizer, encoder and llama.cpp, served by an `Engine` of `parallel` slots."""
 
-    def __init__(self, bundle: Bundle, encoder, decoder, tokenizer, load_seconds: float) -> None:
+    def __init__(self, bundle: Bundle, engine, load_seconds: float) -> None:
         self.bundle = bundle  # where the bundle is and what its manifest says
         self.manifest: Manifest = bundle.manifest
-        self.encoder = encoder
-        self.decoder = decoder
-        self.tokenizer = tokenizer
+        self.engine = engine  # runs every request (runtime/engine.py)
+        self.encoder = engine.encoder
+        self.tokenizer = engine.tokenizer
         self.load_seconds = load_seconds
         self.random_weights = self.manifest.random_weights
         self.bundle_dir = bundle.dir
-        self._lock = threading.RLock()  # one request at a time (re-entered by encode() inside a request)
-        self._active: AnswerStream | None = None  # the request holding the lock
-        self._active_thread: int | None = None
+        self.precision, self.quant = engine.precision, engine.quant
+        self._decoder = None  # the reference Decoder, loaded on first use of `.decoder`
+        self._decoder_lock = threading.Lock()
         self._open: weakref.WeakSet[AnswerStream] = weakref.WeakSet()  # created, not finished
+        self._running: dict[int, AnswerStream] = {}  # thread id -> its started, unfinished stream
         self._open_lock = threading.Lock()
-        self._plan_error: BaseException | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -147,6 +152,8 @@ class Pipeline:
         threads: int | None = None,
         n_ctx: int | None = None,
         verify: bool = True,
+        parallel: int = DEFAULT_PARALLEL,
+        context: dict[str, Any] | None = None,
     ) -> Pipeline:
         """Load a bundle (default: the demo bundle in the cache, which must exist).
 
@@ -155,9 +162,12 @@ class Pipeline:
         else CPU; llama.cpp offloads every layer when it was built with GPU support).
         precision: encoder precision to run (default: fp16 on CUDA when exported, else the
         bundle's CPU default). quant: which exported GGUF to run (default: the bundle's).
+        n_ctx: positions per conversation (default: the model's context length).
+        parallel: requests answered at once (engine slots); each slot holds an n_ctx KV cache,
+        so memory grows with it. context: llama.cpp settings (kv_type, flash_attn) replacing
+        the GGUF type's.
         """
-        from .decoder import Decoder
-        from .encoder import Encoder
+        from .engine import Engine, Limits
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -192,21 +202,29 @@ class Pipeline:
             raise ConfigError(f"{bundle.dir}: decoder quantization {quant!r} was not exported (bundle has {', '.join(quants)})")
         tokenizer = Tokenizer(bundle.path(manifest.tokenizer.file))
         _check_token_ids(bundle, tokenizer)
-        encoder = Encoder(enc_all[precision], bundle.dir, device=device, threads=threads, verify=False,
-                          provider_options=trt_options)
-        decoder = Decoder(bundle.path(quants[quant].file), n_ctx=n_ctx, n_threads=threads,
-                          use_extra_bufts=decoder_quant(quant).use_extra_bufts(), **decoder_quant(quant).context_settings())
-        _check_reader_constants(bundle)
-        pipe = cls(bundle, encoder, decoder, tokenizer, time.perf_counter() - t0)
-        pipe.precision, pipe.quant = precision, quant
+        # a library caller's inputs are its own: no server-style caps on size, length or tokens
+        limits = Limits(max_queue=1 << 16, max_tokens=1 << 30, max_media_bytes=1 << 62, max_media_seconds=float("inf"),
+                        max_image_pixels=_pillow_bomb_limit())
+        engine = Engine.load(bundle, parallel=parallel, n_ctx_slot=n_ctx, threads=threads, device=device, quant=quant,
+                             verify=False, limits=limits, precision=precision, provider_options=trt_options,
+                             context=context, tokenizer=tokenizer)
+        try:
+            _check_reader_constants(bundle)
+        except BaseException:
+            engine.close()
+            raise
+        pipe = cls(bundle, engine, time.perf_counter() - t0)
+        pipe._threads = threads
         if pipe.random_weights:
             log.info("bundle %s has RANDOM weights: answers are meaningless text", bundle.dir)
         return pipe
 
     def close(self) -> None:
-        with self._lock:
-            self.encoder.close()
-            self.decoder.close()
+        self.engine.close()
+        with self._decoder_lock:
+            if self._decoder is not None:
+                self._decoder.close()
+                self._decoder = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -218,6 +236,29 @@ class Pipeline:
     def modalities(self) -> list[str]:
         return list(self.manifest.modalities)
 
+    @property
+    def n_ctx(self) -> int:
+        """Positions one conversation may use (BOS, the rows, prompt and answer)."""
+        return self.engine.n_ctx_slot
+
+    @property
+    def parallel(self) -> int:
+        return self.engine.parallel
+
+    @property
+    def decoder(self):
+        """A `Decoder` of its own on the same GGUF and context settings, for low-level use
+        (`logits_for`, a `session()` driven by hand). Requests never use it; it is loaded on
+        first use (the weights a second time) and closed with the pipeline."""
+        from .decoder import Decoder
+
+        with self._decoder_lock:
+            if self._decoder is None:
+                eng = self.engine
+                self._decoder = Decoder(eng.gguf_path, n_ctx=eng.n_ctx_slot, n_threads=getattr(self, "_threads", None),
+                                        use_extra_bufts=decoder_quant(self.quant).use_extra_bufts(), **eng.context)
+            return self._decoder
+
     # ------------------------------------------------------------------ stages
     def pick_input(self, inputs: dict[str, Any]) -> tuple[str | None, Any, Any]:
         """(modality, source, image) from keyword inputs such as imu=..., depth=..., image=..."""
@@ -228,50 +269,31 @@ class Pipeline:
             raise ConfigError(f"this bundle has no {sel.modality!r} encoder (it has {', '.join(self.modalities)})")
         return sel.modality, sel.source, sel.image
 
-    def encode(self, modality: str, source: Any = None, *, image: Any = None, options: dict[str, Any] | None = None,
-               timings: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Read + encode one input; returns (the encoder's [32, n_embd] buffer view, reader metadata).
+    def _media(self, modality: str, source: Any, image: Any, options: dict[str, Any] | None):
+        """The engine's Media for one checked input."""
+        from .engine import Media
+        from .inputs import check_source
 
-        The view is overwritten by the next encode: copy it to keep it.
-        """
-        from .inputs import check_source, stdin_facts
-
-        t0 = time.perf_counter()
         source = check_source(source, get_modality(modality).cli_option, modality)
         image = check_source(image, "--image", "image") if image is not None else None
-        # First use of a modality: build its onnxruntime sessions on another thread while the
-        # reader parses the file (both take real time on a cold start: session creation for
-        # large graphs, and the reader's first imports, e.g. scipy.signal ~0.8 s).
-        builder = None
-        if not self.encoder.is_prepared(modality):
-            builder = threading.Thread(target=self._build_plan, args=(modality,), daemon=True)
-            builder.start()
-        try:
-            item = read_input(modality, source, options, image=image)
-        finally:
-            if builder is not None:
-                builder.join()
-        if self._plan_error is not None:
-            err, self._plan_error = self._plan_error, None
-            raise err
-        t1 = time.perf_counter()
-        with self._lock:
-            block = self.encoder.encode(modality, item.array)
-        t2 = time.perf_counter()
-        if timings is not None:
-            timings["preprocess_s"] = t1 - t0
-            timings["encode_s"] = t2 - t1
-        meta = dict(item.meta)
-        piped = stdin_facts(source)
-        if piped is not None:  # name standard input, not its temporary file
-            meta["source"], meta["stdin"] = piped["source"], piped
-        return block, meta
+        return Media(modality, source, dict(options or {}), image)
 
-    def _build_plan(self, modality: str) -> None:
-        try:
-            self.encoder.prepare(modality)
-        except BaseException as exc:  # re-raised on the caller's thread
-            self._plan_error = exc
+    def encode(self, modality: str, source: Any = None, *, image: Any = None, options: dict[str, Any] | None = None,
+               timings: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Read + encode one input on the engine's encoder worker; returns (the [32, n_embd] block,
+        reader metadata).
+
+        The block is read-only and shared with the engine's block cache (a later ask about the
+        same input reuses it): copy it to change it.
+        """
+        media = self._media(modality, source, image, options)
+        res = self.engine.encode(media).wait()
+        if res.block is None:  # the engine was closed under the request
+            raise BackendError(f"{self.bundle_dir}: the pipeline was closed before the {modality} input was encoded")
+        if timings is not None:
+            timings["preprocess_s"] = res.preprocess_s
+            timings["encode_s"] = res.encode_s
+        return res.block, _with_stdin_facts(res.inputs, media.source)
 
     def default_sampling(self):
         """The bundle's sampling defaults (`Manifest.prompt.defaults`) as a `Sampling`."""
@@ -285,7 +307,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ asking
     def cancel(self) -> None:
-        """Cancel every open request: running, waiting for the pipeline, or not yet started.
+        """Cancel every open request: running, waiting for a slot, or not yet started.
 
         Callable from any thread. Requests made after this call are not affected; to stop
         one request only, call its stream's `cancel()`.
@@ -302,23 +324,24 @@ class Pipeline:
     def _unregister(self, stream: AnswerStream) -> None:
         with self._open_lock:
             self._open.discard(stream)
+            if self._running.get(stream._thread) is stream:
+                del self._running[stream._thread]
 
     def _check_reentry(self) -> None:
-        """A BackendError when this thread already has a request open (it would take over the KV cache)."""
-        if self._active is not None and self._active_thread == threading.get_ident():
+        """A BackendError when this thread already has a request open: its next request would wait
+        for a stream that only this thread can drain (with one slot, forever)."""
+        if threading.get_ident() in self._running:
             raise BackendError(
                 "a streamed answer is still open on this thread; exhaust it, cancel it or close it "
                 "(stream.close()) before the next request"
             )
 
     def _enter(self, stream: AnswerStream) -> None:
-        """Mark `stream` as the running request (the lock is held: another holder is this thread)."""
-        if self._active is not None:
-            raise BackendError(
-                "a streamed answer is still open on this thread; exhaust it, cancel it or close it "
-                "(stream.close()) before the next request"
-            )
-        self._active, self._active_thread = stream, threading.get_ident()
+        """Mark `stream` as this thread's running request."""
+        with self._open_lock:
+            self._check_reentry()
+            stream._thread = threading.get_ident()
+            self._running[stream._thread] = stream
 
     def _fit_prompt(self, conv: Conversation, n_rows: int, sampling, chat: ChatSession | None) -> tuple[list[int], list[str]]:
         """The prompt ids of `conv`, dropping a chat's oldest turns when it outgrows the context.
@@ -328,16 +351,16 @@ class Pipeline:
         once every few turns rather than on every turn. A question that does not fit even
         alone is a one-line InputError.
         """
-        n_ctx = self.decoder.n_ctx
+        n_ctx = self.n_ctx
         ids = self.prompt_ids(conv)
         reserve = min(sampling.max_new_tokens, n_ctx // 4)
         notices: list[str] = []
         if len(ids) + n_rows + reserve <= n_ctx:
             return ids, notices
         alone = ids if conv.n_turns == 1 else self.prompt_ids(Conversation(conv.spec, list(conv.messages[-2:])))
-        if len(alone) + n_rows > n_ctx:  # checked before any turn is dropped: a bad question costs no history
+        if len(alone) + n_rows >= n_ctx:  # checked before any turn is dropped: a bad question costs no history
             raise InputError(
-                "question", f"a question that fits the context: at most {n_ctx} positions (n_ctx) with the system "
+                "question", f"a question that fits the context: fewer than {n_ctx} positions (n_ctx) with the system "
                 f"prompt{f' and the {n_rows} input rows' if n_rows else ''}", f"{len(alone) + n_rows}")
         if chat is None or conv.n_turns == 1:
             return ids, notices  # fits; the answer may stop early with stop_reason "context_full"
@@ -393,16 +416,21 @@ class Pipeline:
 
 
 class AnswerStream:
-    """One request: an iterator of answer chunks that holds the pipeline lock while it runs.
+    """One request: an iterator of answer chunks, submitted to the engine on the first `next()`.
 
     `.answer` is the `Answer` once the stream has ended (a cancelled answer included).
     `.cancel()` stops this request only, from any thread, at any time: before the first
-    `next()` (the request then ends at once with stop_reason "cancelled"), during the
-    prefill (checked between llama_decode calls) or between tokens.
-    Stop reading early with `.close()` (or use the stream in a `with` block): until it is
-    exhausted or closed it keeps the pipeline, and a second request on the same thread
-    raises a BackendError. An interrupted or closed chat turn is removed from the
-    conversation and the KV cache is trimmed back, so the next turn works.
+    `next()` (the request then ends at once with stop_reason "cancelled", nothing encoded),
+    while it waits for a slot, during the prefill or between tokens. The engine may have
+    drawn tokens past the last chunk read when `cancel()` lands: the stream yields no
+    chunk after it, the answer is "cancelled" (unless every chunk had been read) and its
+    text is what was read (its token_ids are every token drawn). The `cancel` Event given
+    to `ask` is polled by the engine instead: the request stops at the engine's next step
+    and the stream yields what was drawn until then.
+    Stop reading early with `.close()` (or use the stream in a `with` block): the request
+    is cancelled, and a chat turn is removed from the conversation (the next turn re-uses
+    the KV cache up to where the conversations agree). Until it is exhausted or closed, a
+    second request on the same thread raises a BackendError.
     """
 
     def __init__(self, pipe: Pipeline, question: str, *, chat: ChatSession | None, embeddings, modality, options,
@@ -410,8 +438,9 @@ class AnswerStream:
         self.pipe = pipe
         self.answer: Answer | None = None
         self.logprobs = logprobs
-        self._event = threading.Event()
-        self._stop = _AnyEvent(self._event, cancel)
+        self.handle = None  # the engine's Handle once submitted
+        self._thread: int | None = None
+        self._stop = _CancelToken(cancel)
         pipe._register(self)
         self._it = self._gen(question, chat, embeddings, modality, options, sampling, inputs)
 
@@ -423,14 +452,15 @@ class AnswerStream:
 
     def cancel(self) -> None:
         """Stop this request (callable from any thread, even before iteration starts)."""
-        self._event.set()
+        self._stop.set()
+        self.pipe.engine._wake()
 
     @property
     def cancelled(self) -> bool:
         return self._stop.is_set()
 
     def close(self) -> None:
-        """Stop reading: an unfinished request is abandoned and its chat turn rolled back."""
+        """Stop reading: an unfinished request is cancelled and its chat turn rolled back."""
         self._it.close()
 
     def __enter__(self) -> AnswerStream:
@@ -442,16 +472,14 @@ class AnswerStream:
     def _gen(self, question, chat, embeddings, modality, options, sampling, inputs) -> Iterator[str]:
         pipe = self.pipe
         try:
-            with pipe._lock:
-                pipe._enter(self)
-                try:
-                    yield from self._run(question, chat, embeddings, modality, options, sampling, inputs)
-                finally:
-                    pipe._active = pipe._active_thread = None
+            pipe._enter(self)
+            yield from self._run(question, chat, embeddings, modality, options, sampling, inputs)
         finally:
             pipe._unregister(self)
 
     def _run(self, question, chat, embeddings, modality, options, sampling, inputs) -> Iterator[str]:
+        from .engine import Request
+
         pipe = self.pipe
         timings: dict[str, float] = {"bundle_load_s": pipe.load_seconds}
         t_start = time.perf_counter()
@@ -459,71 +487,100 @@ class AnswerStream:
         if chat is not None and conv.drop_open_turn():  # left open by an interrupted rollback
             log.info("chat: dropped an unanswered turn left by an interrupted request")
         conv.add_question(question)
+        seen: list[str] = []
+        cut = False
         try:
             if self._stop.is_set():  # cancelled before it started: encode nothing
                 self.answer = _empty_answer(modality, timings, t_start)
                 if chat is not None:
                     conv.drop_open_turn()
                 return
+            media = block = None
             if chat is not None:
                 block, modality, meta = chat._ensure_block(timings)
             else:
-                block, modality, meta = self._input_block(embeddings, modality, options, inputs, timings)
+                block, media, modality, meta = self._input(embeddings, modality, options, inputs)
             sampling = sampling or pipe.default_sampling()
-            n_rows = 0 if block is None else block.shape[0]
+            n_rows = pipe.manifest.n_inserted if (block is not None or media is not None) else 0
             ids, notices = pipe._fit_prompt(conv, n_rows, sampling, chat)
-            session = chat.session() if chat is not None else pipe.decoder.session()
-            prefilled_before = session.tokens_prefilled + session.rows_injected
-            t0 = time.perf_counter()
-            session.prefill(ids, block, cancel=self._stop)
-            t1 = time.perf_counter()
-            timings["prefill_s"] = t1 - t0
-            timings["prefill_positions"] = session.tokens_prefilled + session.rows_injected - prefilled_before
-            first = None
-            n0 = session.tokens_generated
-            for chunk in session.generate(sampling, cancel=self._stop, stop=pipe.manifest.prompt.stop,
-                                          logprobs=self.logprobs):
-                if first is None:
-                    first = time.perf_counter()
-                yield chunk
+            t_submit = time.perf_counter()
+            handle = self.handle = pipe.engine.submit(Request(
+                messages=(), prompt_ids=ids, media=media, block=block, modality=modality, sampling=sampling,
+                cancel=self._stop, logprobs=self.logprobs, flush_s=STREAM_FLUSH_S))
+            try:
+                for chunk in handle:
+                    if cut or self._stop.own:  # cancel(): the reader stops here, wherever the engine is
+                        cut = True
+                        continue
+                    seen.append(chunk)
+                    yield chunk
+                res = handle.wait()
+            except BaseException:  # the consumer closed the stream or raised, or the request failed
+                handle.cancel()
+                handle._done.wait()  # the slot is settled before the turn is rolled back
+                raise
         except BaseException:
-            if chat is not None:  # the unanswered turn goes; the session already trimmed its cache
+            if chat is not None:  # the unanswered turn goes; the next turn trims the slot's cache
                 conv.drop_open_turn()
             raise
-        t2 = time.perf_counter()
-        gen = session.last
-        n_new = session.tokens_generated - n0
-        timings["first_token_s"] = (first if first is not None else t2) - t_start
-        timings["decode_s"] = t2 - t1
+        t_end = time.perf_counter()
+        if media is not None:
+            meta = _with_stdin_facts(res.inputs, media.source)
+            timings.update(preprocess_s=res.preprocess_s, encode_s=res.encode_s)
+        stop_reason = "cancelled" if cut else res.stop_reason
+        text = "".join(seen) if cut else res.text
+        n_new = len(res.tokens)
+        timings["prefill_s"] = res.prefill_s
+        timings["prefill_positions"] = res.prompt_tokens - res.cached_tokens
+        timings["first_token_s"] = (t_submit - t_start) + res.ttft_s if n_new else t_end - t_start
+        timings["decode_s"] = res.decode_s
         timings["decode_tokens"] = n_new
-        timings["decode_tokens_per_s"] = n_new / (t2 - t1) if t2 > t1 else 0.0
-        timings["total_s"] = t2 - t_start
+        timings["decode_tokens_per_s"] = res.decode_tokens_per_s
+        timings["total_s"] = t_end - t_start
         timings["peak_rss_mib"] = peak_rss_mib()
-        self.answer = Answer(text=gen.text, modality=modality, token_ids=list(gen.tokens),
-                             stop_reason=gen.stop_reason, timings=timings, inputs=meta,
-                             logprobs=gen.logprobs, notices=notices)
+        self.answer = Answer(text=text, modality=res.modality, token_ids=list(res.tokens), stop_reason=stop_reason,
+                             timings=timings, inputs=meta, logprobs=res.logprobs, notices=notices,
+                             usage={"prompt_tokens": res.prompt_tokens, "cached_tokens": res.cached_tokens,
+                                    "completion_tokens": n_new},
+                             slot=res.slot)
         if chat is not None:
-            if gen.stop_reason == "cancelled" and not gen.text:
+            if stop_reason == "cancelled" and not text:
                 conv.drop_open_turn()  # nothing was answered: the turn never happened
             else:
-                conv.set_answer(gen.text)  # a cancelled answer keeps what the user saw
+                conv.set_answer(text)  # a cancelled answer keeps what the user saw
                 chat.turns += 1
 
-    def _input_block(self, embeddings, modality, options, inputs, timings) -> tuple[Any, str | None, dict]:
+    def _input(self, embeddings, modality, options, inputs) -> tuple[Any, Any, str | None, dict]:
+        """(block, media, modality, metadata) of a one-off question."""
         pipe = self.pipe
         if embeddings is not None:
             from .inputs import select_input
 
             select_input(inputs, embeddings=True)  # refuses an input file alongside the block
             block, modality = _check_embeddings(embeddings, pipe.manifest, modality)
-            timings.update(preprocess_s=0.0, encode_s=0.0)
-            return block, modality, {"source": "embeddings"}
+            return block, None, modality, {"source": "embeddings"}
         m, source, image = pipe.pick_input(inputs)
         if m is None:
-            timings.update(preprocess_s=0.0, encode_s=0.0)
-            return None, modality, {}
-        block, meta = pipe.encode(m, source, image=image, options=options, timings=timings)
-        return block, m, meta
+            return None, None, modality, {}
+        return None, pipe._media(m, source, image, options), m, {}
+
+
+def _with_stdin_facts(meta: dict[str, Any], source: Any) -> dict[str, Any]:
+    """The reader's metadata, naming standard input rather than its temporary file."""
+    from .inputs import stdin_facts
+
+    meta = dict(meta)
+    piped = stdin_facts(source)
+    if piped is not None:
+        meta["source"], meta["stdin"] = piped["source"], piped
+    return meta
+
+
+def _pillow_bomb_limit() -> int:
+    """The pixel count above which Pillow refuses an image by default (twice its warning limit)."""
+    from PIL import Image
+
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 def _empty_answer(modality: str | None, timings: dict[str, float], t_start: float) -> Answer:
@@ -536,11 +593,14 @@ def _empty_answer(modality: str | None, timings: dict[str, float], t_start: floa
 
 
 class ChatSession:
-    """A conversation about one input that keeps its encoder block and KV cache.
+    """A conversation about one input: its block is encoded once, its turns reuse a slot's KV cache.
 
     `conversation` holds the turns the model sees: a turn that was interrupted or closed
     is removed, and when the conversation outgrows the context the oldest turns are
     dropped (the input block and the system prompt stay); `turns_dropped` counts them.
+    Each turn is one engine request carrying the whole (trimmed) conversation; the engine
+    reuses the slot that caches its longest prefix, so a follow-up prefills only the new
+    turn, and several chats may run at once.
     """
 
     def __init__(self, pipe: Pipeline, *, embeddings, modality, options, inputs) -> None:
@@ -550,24 +610,23 @@ class ChatSession:
         self.modality = modality
         self.meta: dict[str, Any] = {}
         self._embeddings, self._options, self._inputs = embeddings, options, inputs
-        self._session = None
         self.turns = 0  # answered turns
         self.turns_dropped = 0  # oldest turns dropped to stay within the context
         self._warned_context = False
 
     def _ensure_block(self, timings: dict[str, float] | None = None) -> tuple[np.ndarray | None, str | None, dict]:
-        """Read and encode the input once (call with the pipeline lock held)."""
+        """Read and encode the input once."""
         pipe = self.pipe
         if self.block is None:
             if self._embeddings is not None:
                 block, self.modality = _check_embeddings(self._embeddings, pipe.manifest, self.modality)
-                self.block = block.copy()
+                self.block = np.array(block, dtype=np.float32, copy=True)
                 self.meta = {"source": "embeddings"}
             else:
                 m, source, image = pipe.pick_input(self._inputs)
                 if m is not None:
                     block, self.meta = pipe.encode(m, source, image=image, options=self._options, timings=timings)
-                    self.block, self.modality = np.array(block, copy=True), m
+                    self.block, self.modality = block, m  # read-only, shared with the engine's block cache
                     return self.block, self.modality, self.meta
         if timings is not None:
             timings.update(preprocess_s=0.0, encode_s=0.0)
@@ -575,23 +634,9 @@ class ChatSession:
 
     def prepare(self) -> dict[str, Any]:
         """Read and encode the conversation's input now (otherwise the first question does)."""
-        pipe = self.pipe
-        pipe._check_reentry()
-        with pipe._lock:
-            self._ensure_block()
+        self.pipe._check_reentry()
+        self._ensure_block()
         return self.meta
-
-    def session(self):
-        dec = self.pipe.decoder
-        if not dec.owns(self._session):
-            if self._session is not None:
-                log.info("chat: KV cache was used by another request; re-prefilling the conversation")
-            self._session = dec.session()
-        return self._session
-
-    @property
-    def decoder_session(self):
-        return self._session
 
     def ask(self, question: str, *, stream: bool = False, sampling=None, cancel: threading.Event | None = None):
         """One turn; returns an `AnswerStream` (stream=True) or the `Answer`."""
@@ -627,14 +672,23 @@ def _check_token_ids(bundle: Bundle, tokenizer) -> None:
                           f"records, found {have[0]}/{have[1]}")
 
 
-class _AnyEvent:
-    """An event that is set when any of its parts is (cancellation from several sources)."""
+class _CancelToken:
+    """A request's cancel flag: set by `cancel()`, or by the caller's own Event (the engine polls is_set)."""
 
-    def __init__(self, *events: threading.Event | None) -> None:
-        self._events = [e for e in events if e is not None]
+    def __init__(self, extra: threading.Event | None = None) -> None:
+        self._own = threading.Event()
+        self._extra = extra
+
+    def set(self) -> None:
+        self._own.set()
+
+    @property
+    def own(self) -> bool:
+        """Set by `set()` (the stream's or the pipeline's cancel), not by the caller's Event."""
+        return self._own.is_set()
 
     def is_set(self) -> bool:
-        return any(e.is_set() for e in self._events)
+        return self._own.is_set() or (self._extra is not None and self._extra.is_set())
 
 
 def _check_embeddings(block: Any, manifest: Manifest, modality: str | None = None) -> tuple[np.ndarray, str]:

@@ -116,23 +116,25 @@ def tiny_bundle(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path_factory) 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_bundle):
-    """The runtime Pipeline on `tiny_bundle` (CPU). Shared: tests must not close it."""
+    """The runtime Pipeline on `tiny_bundle` (CPU), two engine slots (two asks run at once).
+    Shared: tests must not close it."""
     from onellm.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    pipe = Pipeline.load(tiny_bundle, device="cpu", parallel=2)
     yield pipe
     pipe.close()
 
 
 @pytest.fixture(scope="session")
-def exact_pipe(tiny_pipeline):
-    """The tiny pipeline's bundle with an f32 KV cache and no flash attention, set explicitly:
-    a conversation prefilled in pieces (or re-prefilled after a trim) is then bit-identical to
-    a fresh prefill, so "equals a fresh prefill" holds exactly even at the random model's
-    near-ties (with an f16 cache a merged piece and its two halves can swap places)."""
-    from onellm.runtime.decoder import Decoder
+def exact_pipe(tiny_bundle):
+    """The tiny bundle with an f32 KV cache and no flash attention, set explicitly, and one
+    slot: a conversation prefilled in pieces (or re-prefilled after a trim) is then
+    bit-identical to a fresh prefill of `pipe.decoder` (same settings), so "equals a fresh
+    prefill" holds exactly even at the random model's near-ties (with an f16 cache a merged
+    piece and its two halves can swap places)."""
     from onellm.runtime.pipeline import Pipeline
 
-    dec = Decoder(tiny_pipeline.decoder.path, kv_type="f32", flash_attn=False)
-    yield Pipeline(tiny_pipeline.bundle, tiny_pipeline.encoder, dec, tiny_pipeline.tokenizer, 0.0)
-    dec.close()
+    pipe = Pipeline.load(tiny_bundle, device="cpu", verify=False, parallel=1,
+                         context={"kv_type": "f32", "flash_attn": False})
+    yield pipe
+    pipe.close()

@@ -371,7 +371,7 @@ def test_ctx_option_sets_the_context(tiny_bundle):
     short = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--ctx", "20", "Q?")
     assert short.exit_code != 0 and short.stderr.count("onellm: error:") == 1 and "Traceback" not in short.stderr
     with Pipeline.load(tiny_bundle, device="cpu", n_ctx=160) as pipe:
-        assert pipe.decoder.n_ctx == 160
+        assert pipe.n_ctx == pipe.engine.n_ctx_slot == 160
 
 
 def test_verify_checksums_only_needs_no_torch(tiny_bundle, tmp_path, monkeypatch):

@@ -42,8 +42,8 @@ def _fresh_tokens(pipe, conv: Conversation, block) -> list[int]:
 
 def test_fifty_turn_chat_at_ctx_512_never_raises(exact_pipe, block, caplog):
     pipe = exact_pipe
-    n_ctx = pipe.decoder.n_ctx
-    assert n_ctx == 512
+    n_ctx = pipe.n_ctx
+    assert n_ctx == 512 == pipe.decoder.n_ctx
     chat = pipe.chat(embeddings=block, modality="imu")
     notices: list[str] = []
     compared = trims = max_positions = prefilled = 0
@@ -55,8 +55,9 @@ def test_fifty_turn_chat_at_ctx_512_never_raises(exact_pipe, block, caplog):
                               sampling=Sampling.greedy(MAX_NEW))
             notices += answer.notices
             prefilled += answer.timings["prefill_positions"]
-            s = chat.decoder_session
-            assert s.cached_positions() == s.n_past <= n_ctx
+            kept, held = pipe.engine.cache_positions()[answer.slot]
+            assert kept == held <= n_ctx
+            items = pipe.engine.slot_items(answer.slot)
             conv = chat.conversation
             assert conv.messages[-1] == ("Assistant", answer.text)
             positions = len(pipe.prompt_ids(_open_copy(conv))) + 32
@@ -65,7 +66,7 @@ def test_fifty_turn_chat_at_ctx_512_never_raises(exact_pipe, block, caplog):
             if chat.turns_dropped > before:
                 trims += 1
                 # the system prompt and the block stay; the oldest turns went
-                assert conv.render().startswith(SYSTEM) and s._items[1:33] == [(s._items[1][0], r) for r in range(32)]
+                assert conv.render().startswith(SYSTEM) and items[1:33] == [(items[1][0], r) for r in range(32)]
                 assert conv.messages[0][1] != "Question 0: what does the person do after step 0?"
                 assert answer.token_ids == _fresh_tokens(pipe, _open_copy(conv), block), f"turn {i}"
                 compared += 1

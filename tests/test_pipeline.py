@@ -87,26 +87,43 @@ def test_near_tie_statistics_are_rare():
     assert len(full) >= len(_STATS) - 1, _STATS
 
 
-def test_block_is_handed_over_by_pointer(tiny_pipeline, monkeypatch):
-    """The encoder writes into ONE buffer and llama.cpp's batch points at that very buffer."""
+def test_block_is_encoded_once_and_handed_over_by_pointer(tiny_pipeline, monkeypatch, tmp_path):
+    """The encoder writes into ONE buffer; the engine copies the block once per distinct input
+    (requests outlive the next encode) and llama.cpp's batch points at that copy. A second
+    question about the same input re-encodes nothing and injects no rows (prefix reuse)."""
     from onellm.runtime import _llama
 
     seen: list[int] = []
     original = _llama.LlamaBatch.embd_view
 
-    def spy(self, rows, pos0, logits="last"):
+    def spy(self, rows, pos0, logits="last", seq_id=0):
         seen.append(rows.__array_interface__["data"][0])
-        return original(self, rows, pos0, logits)
+        return original(self, rows, pos0, logits, seq_id=seq_id)
 
     monkeypatch.setattr(_llama.LlamaBatch, "embd_view", spy)
+    csv = _unique_walk(tmp_path)
     buf = tiny_pipeline.encoder.buffer
-    buf_ptr = buf.__array_interface__["data"][0]
-    csv = EXAMPLES / "imu" / "walk.csv"
-    a1 = tiny_pipeline.ask(QUESTION, imu=str(csv), sampling=_greedy(4))
-    a2 = tiny_pipeline.ask(QUESTION, imu=str(csv), sampling=_greedy(4))
+    encodes = tiny_pipeline.engine.counters["encodes"]
+    a1 = tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(4))
+    a2 = tiny_pipeline.ask(QUESTION, imu=csv, sampling=_greedy(4))
     assert tiny_pipeline.encoder.buffer is buf, "the output buffer was reallocated"
-    assert seen == [buf_ptr, buf_ptr], "llama.cpp did not read the encoder's own buffer"
+    assert tiny_pipeline.engine.counters["encodes"] == encodes + 1
+    block, _ = tiny_pipeline.encode("imu", csv)  # the engine's cached copy, read-only
+    assert not block.flags.writeable
+    assert seen == [block.__array_interface__["data"][0]], "llama.cpp did not read the cached block"
     assert a1.token_ids == a2.token_ids
+    assert a2.usage["cached_tokens"] == a2.usage["prompt_tokens"] - 1  # only the last position re-decoded
+
+
+def _unique_walk(tmp_path) -> str:
+    """walk.csv with one sample changed: an input no other test encoded (the engine caches blocks)."""
+    lines = (EXAMPLES / "imu" / "walk.csv").read_text().splitlines()
+    cells = lines[5].split(",")
+    cells[-1] = str(float(cells[-1]) + 0.001 * (1 + hash(str(tmp_path)) % 997))
+    lines[5] = ",".join(cells)
+    path = tmp_path / "walk.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def _greedy(n: int):
@@ -115,7 +132,7 @@ def _greedy(n: int):
     return Sampling.greedy(n)
 
 
-def test_chat_follow_up_reencodes_nothing_and_prefills_only_the_new_turn(tiny_pipeline, monkeypatch):
+def test_chat_follow_up_reencodes_nothing_and_prefills_only_the_new_turn(tiny_pipeline, monkeypatch, tmp_path):
     calls = {"encode": 0}
     original = tiny_pipeline.encoder.encode
 
@@ -124,19 +141,21 @@ def test_chat_follow_up_reencodes_nothing_and_prefills_only_the_new_turn(tiny_pi
         return original(modality, array)
 
     monkeypatch.setattr(tiny_pipeline.encoder, "encode", counting)
-    chat = tiny_pipeline.chat(imu=str(EXAMPLES / "imu" / "walk.csv"))
+    counters = tiny_pipeline.engine.counters
+    rows0 = counters["rows_injected"]
+    chat = tiny_pipeline.chat(imu=_unique_walk(tmp_path))
     first = chat.ask("What is the person doing?", sampling=_greedy(8))
-    session = chat.decoder_session
-    after_first = (session.tokens_prefilled, session.rows_injected)
+    after_first = (counters["tokens_prefilled"], counters["rows_injected"])
     turn1_prompt = len(tiny_pipeline.prompt_ids(_conversation_of(chat, turns=1)))
     second = chat.ask("Is it fast?", sampling=_greedy(8))
     assert calls["encode"] == 1, "the input was encoded again for the follow-up"
-    assert session.rows_injected == after_first[1] == 32, "the block was injected again"
+    assert counters["rows_injected"] == after_first[1] == rows0 + 32, "the block was injected again"
+    assert second.slot == first.slot and second.usage["cached_tokens"] >= turn1_prompt
     new_ids = tiny_pipeline.prompt_ids(chat.conversation)
     # Turn 2 prefills only the new turn: turn 1's answer (re-tokenised from its text, so
     # it may differ from the sampled ids) and the new question, plus the one position
     # re-decoded for its logits - never the system prompt, the block or question 1.
-    prefilled = session.tokens_prefilled - after_first[0]
+    prefilled = counters["tokens_prefilled"] - after_first[0]
     assert prefilled == second.timings["prefill_positions"]
     assert prefilled <= len(new_ids) - turn1_prompt + 1, (prefilled, len(new_ids), turn1_prompt)
     assert prefilled < len(new_ids) // 2
@@ -198,6 +217,54 @@ def test_two_threads_get_the_answers_of_sequential_calls(tiny_pipeline):
     assert results == {"a": want_a, "b": want_b}
 
 
+def test_two_threads_asks_overlap_and_each_equals_its_answer_alone(tiny_pipeline, monkeypatch):
+    """Two threads' asks share the engine's decode batches (no lock between them): the first
+    batch waits until the other request is ready for a slot, so both are admitted while the
+    first still decodes; each answer equals the one it gets alone."""
+    from onellm.runtime import _llama
+
+    engine = tiny_pipeline.engine
+    csv = str(EXAMPLES / "imu" / "walk.csv")
+    fmri = str(EXAMPLES / "fmri" / "betas.npy")
+    asks = {"a": ("What is the person doing?", {"imu": csv}), "b": ("Describe the scan.", {"fmri": fmri})}
+    alone = {k: tiny_pipeline.ask(q, sampling=_greedy(16), **kw) for k, (q, kw) in asks.items()}
+    engine.clear_cache()  # both prefill from scratch, as alone
+    batches: list[set[int]] = []
+    gate = {"armed": True}
+    original = _llama.LlamaBatch.mixed
+
+    def spy(self, ids, pos, seq_ids, outputs):
+        if gate["armed"]:  # the first batch of the pair: hold it until the other request is ready
+            gate["armed"] = False
+            with engine._cond:
+                assert engine._cond.wait_for(lambda: engine._ready or engine.stats()["slots_busy"] == 2, 120)
+        batches.append(set(seq_ids))
+        return original(self, ids, pos, seq_ids, outputs)
+
+    monkeypatch.setattr(_llama.LlamaBatch, "mixed", spy)
+    got: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def run(name):
+        q, kw = asks[name]
+        try:
+            got[name] = tiny_pipeline.ask(q, sampling=_greedy(16), **kw)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in asks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert any(len(b) == 2 for b in batches), "the two asks never shared a decode batch"
+    assert {got["a"].slot, got["b"].slot} == {0, 1}
+    for k in asks:
+        assert got[k].token_ids == alone[k].token_ids, k
+        assert got[k].text == alone[k].text and got[k].stop_reason == alone[k].stop_reason
+
+
 def test_cancel_from_another_thread(tiny_pipeline):
     """Pipeline.cancel() from another thread, after the second chunk: the answer stops there."""
     from onellm.runtime.decoder import Sampling
@@ -255,8 +322,6 @@ def test_a_second_request_on_the_same_thread_while_a_stream_is_open_is_refused(t
     chat = tiny_pipeline.chat(imu=csv)
     with pytest.raises(BackendError, match="still open on this thread"):
         chat.ask("Is it fast?", sampling=_greedy(3))
-    with pytest.raises(BackendError, match="open generate"):
-        tiny_pipeline.decoder.session()
     # the open stream is unharmed
     rest = "".join(stream)
     assert stream.answer.token_ids == want and stream.answer.text == first + rest
@@ -354,17 +419,19 @@ def test_manifest_records_preprocessing_constants_and_load_warns_on_drift(tiny_b
     assert any("TARGET_RATE" in r.getMessage() for r in caplog.records)
 
 
-def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch):
+def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch, tmp_path):
     calls = []
     original = tiny_pipeline.encoder.encode
     monkeypatch.setattr(tiny_pipeline.encoder, "encode", lambda m, a: calls.append(m) or original(m, a))
-    chat = tiny_pipeline.chat(imu=str(EXAMPLES / "imu" / "walk.csv"))
+    csv = _unique_walk(tmp_path)
+    chat = tiny_pipeline.chat(imu=csv)
     meta = chat.prepare()
     assert calls == ["imu"] and meta["source"].endswith("walk.csv")
     a = chat.ask("What is the person doing?", sampling=_greedy(6))
     chat.ask("Is it fast?", sampling=_greedy(6))
     assert calls == ["imu"]
-    plain = tiny_pipeline.ask("What is the person doing?", imu=str(EXAMPLES / "imu" / "walk.csv"), sampling=_greedy(6))
+    plain = tiny_pipeline.ask("What is the person doing?", imu=csv, sampling=_greedy(6))
+    assert calls == ["imu"]  # the engine's block cache: same content, no second encode
     assert a.token_ids == plain.token_ids
 
 
