@@ -134,13 +134,13 @@ def _greedy(n: int):
 
 def test_chat_follow_up_reencodes_nothing_and_prefills_only_the_new_turn(tiny_pipeline, monkeypatch, tmp_path):
     calls = {"encode": 0}
-    original = tiny_pipeline.encoder.encode
+    original = tiny_pipeline.encoder.encode_many  # the engine's encoder worker encodes through it
 
-    def counting(modality, array):
-        calls["encode"] += 1
-        return original(modality, array)
+    def counting(modality, arrays, **kw):
+        calls["encode"] += len(arrays)
+        return original(modality, arrays, **kw)
 
-    monkeypatch.setattr(tiny_pipeline.encoder, "encode", counting)
+    monkeypatch.setattr(tiny_pipeline.encoder, "encode_many", counting)
     counters = tiny_pipeline.engine.counters
     rows0 = counters["rows_injected"]
     chat = tiny_pipeline.chat(imu=_unique_walk(tmp_path))
@@ -287,7 +287,7 @@ def test_cancel_from_another_thread(tiny_pipeline):
 def test_cancel_before_the_first_chunk_is_honoured(tiny_pipeline, monkeypatch, how):
     """cancel() between ask(stream=True) and the first next(): nothing is encoded or decoded."""
     calls = []
-    monkeypatch.setattr(tiny_pipeline.encoder, "encode", lambda m, a: calls.append(m))
+    monkeypatch.setattr(tiny_pipeline.encoder, "encode_many", lambda m, a, **kw: calls.append(m))
     event = threading.Event()
     stream = tiny_pipeline.ask(QUESTION, imu=str(EXAMPLES / "imu" / "walk.csv"), stream=True,
                                sampling=_greedy(20), cancel=event)
@@ -421,8 +421,8 @@ def test_manifest_records_preprocessing_constants_and_load_warns_on_drift(tiny_b
 
 def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch, tmp_path):
     calls = []
-    original = tiny_pipeline.encoder.encode
-    monkeypatch.setattr(tiny_pipeline.encoder, "encode", lambda m, a: calls.append(m) or original(m, a))
+    original = tiny_pipeline.encoder.encode_many  # the engine's encoder worker encodes through it
+    monkeypatch.setattr(tiny_pipeline.encoder, "encode_many", lambda m, a, **kw: calls.append(m) or original(m, a, **kw))
     csv = _unique_walk(tmp_path)
     chat = tiny_pipeline.chat(imu=csv)
     meta = chat.prepare()
