@@ -1140,12 +1140,14 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @_sampling_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run the jobs as a Ray Data pipeline (pip install onellm[ray]): a new local Ray, or ADDRESS.")
+@click.option("--parallel", type=int, default=2, show_default=True,
+              help="Decode slots: jobs decoded at once in one batch (the next ones are read and encoded meanwhile).")
 @click.option("--ray-actors", type=int, default=2, show_default=True, help="With --ray: pipelines (actors) to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
 @handle_errors
 def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
               reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
-              ray_actors, as_json) -> None:
+              parallel, ray_actors, as_json) -> None:
     """Answer many jobs into a resumable JSONL results file.
 
     \b
@@ -1199,8 +1201,12 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
                                   sampling=sampling, device="cpu" if device == "auto" else device, threads=threads,
                                   progress=show)
         elif pending:
-            with _open_pipeline(bundle, device, precision, quant, threads) as pipe:
-                state = run_batch(pipe, jobs, results, sampling=sampling, progress=show)
+            from onellm.runtime.engine import Engine
+
+            with Engine.load(_bundle_path(bundle), parallel=parallel, device=device, precision=precision, quant=quant,
+                             threads=threads) as engine:
+                _echo_random_notice(engine.manifest)
+                state = run_batch(engine, jobs, results, sampling=sampling, progress=show)
         else:
             from onellm.runtime.batch import Progress
 

@@ -324,7 +324,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike, *, parallel: int | None = None, n_ctx_slot: int | None = None,
              threads: int | None = None, device: str = "cpu", quant: str | None = None, verify: bool = True,
-             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True) -> Engine:
+             limits: Limits | None = None, prefill_chunk: int = 256, kv_unified: bool = True,
+             precision: str | None = None) -> Engine:
         """Load a bundle for `parallel` concurrent requests of up to `n_ctx_slot` positions each
         (default: the model's context length)."""
         from .encoder import Encoder
@@ -334,7 +335,9 @@ class Engine:
         manifest = bundle.manifest
         enc_all = manifest.encoder.precisions
         provider, _device_id = resolve_device(device)  # the same choice as Pipeline.load
-        precision = provider.pick_precision(enc_all, manifest.encoder.default)
+        precision = precision or provider.pick_precision(enc_all, manifest.encoder.default)
+        if precision not in enc_all:
+            raise ConfigError(f"{bundle.dir}: encoder precision {precision!r} was not exported (bundle has {', '.join(enc_all)})")
         quants = manifest.decoder.quants
         quant = quant or manifest.decoder.default
         if quant not in quants:
