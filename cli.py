@@ -1142,12 +1142,15 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
               help="Run the jobs as a Ray Data pipeline (pip install onellm[ray]): a new local Ray, or ADDRESS.")
 @click.option("--parallel", type=int, default=2, show_default=True,
               help="Decode slots: jobs decoded at once in one batch (the next ones are read and encoded meanwhile).")
-@click.option("--ray-actors", type=int, default=2, show_default=True, help="With --ray: pipelines (actors) to run.")
+@click.option("--ray-actors", type=int, default=2, show_default=True,
+              help="With --ray: decoder actors (each an engine with --parallel slots).")
+@click.option("--ray-encoders", type=int, default=1, show_default=True,
+              help="With --ray: encoder actors (CPU: reader + encoder sessions).")
 @click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
 @handle_errors
 def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
               reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
-              parallel, ray_actors, as_json) -> None:
+              parallel, ray_actors, ray_encoders, as_json) -> None:
     """Answer many jobs into a resumable JSONL results file.
 
     \b
@@ -1194,10 +1197,11 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
         pending = sum(1 for j in jobs if j.id not in results.done)
         if pending and ray_address:
             from onellm.runtime.pipeline import default_bundle_dir
-            from onellm.runtime.ray_batch import run_batch_ray
+            from onellm.runtime.ray_batch import RayPlan, run_batch_ray
 
+            plan = RayPlan(encoders=ray_encoders, decoders=ray_actors, slots=parallel)
             state = run_batch_ray(jobs, results, bundle=bundle or default_bundle_dir(),
-                                  address=None if ray_address == "local" else ray_address, actors=ray_actors,
+                                  address=None if ray_address == "local" else ray_address, plan=plan,
                                   sampling=sampling, device="cpu" if device == "auto" else device, threads=threads,
                                   progress=show)
         elif pending:

@@ -338,7 +338,7 @@ class Runner:
         first_s = time.perf_counter() - prep.t0
         messages: list[tuple[str, str]] = [("user", job.questions[0])]
         turns = [_turn(job.questions[0], res)]
-        inputs = prep.meta if prep.block is not None else res.inputs
+        inputs = prep.meta if prep.block is not None else _own_paths(res.inputs, prep.media)
         for question in job.questions[1:]:
             messages += [("assistant", res.text), ("user", question)]
             res = self._submit(prep, list(messages)).wait()  # the conversation's prefix stays in the slot's cache
@@ -407,6 +407,17 @@ class Runner:
                 progress(state)
         state.seconds = time.perf_counter() - t0
         return state
+
+
+def _own_paths(meta: dict[str, Any], media) -> dict[str, Any]:
+    """The reader metadata naming this job's files: the engine's block cache is keyed by file
+    content, so a hit carries the path of whichever identical file was encoded first."""
+    out = dict(meta)
+    if media is not None:
+        for key, src in (("source", media.source), ("image", media.image)):
+            if isinstance(out.get(key), str) and isinstance(src, (str, os.PathLike)):
+                out[key] = os.fspath(src)
+    return out
 
 
 def _turn(question: str, res) -> dict[str, Any]:

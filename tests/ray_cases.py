@@ -1,5 +1,8 @@
 """`onellm batch --ray`: the same jobs on a local two-node Ray cluster (skipped without Ray).
 
+The pipeline has two stages (encoder actors, then decoder actors holding an engine with
+two slots); the plan below fits the 2 simulated CPUs with room for both stages.
+
 Run by tests/test_batch_ray.py in a pytest process of its own: Ray leaves threads running
 after `ray.shutdown()` (Ray Data's metrics poller, tqdm's monitor) that the rest of the
 test session should not share.
@@ -11,10 +14,32 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_batch import GREEDY, _batch, _by_id, _write_jobs  # noqa: E402
+from test_batch import GREEDY, _batch, _by_id, _write_jobs, batch_engine  # noqa: E402,F401
 
 from onellm.runtime.batch import ResultsFile, read_jobs, read_results  # noqa: E402
-from onellm.runtime.ray_batch import run_batch_ray  # noqa: E402
+from onellm.runtime.ray_batch import RayPlan, run_batch_ray  # noqa: E402
+
+PLAN = RayPlan(encoders=1, decoders=2, slots=2, encoder_cpus=0.5, decoder_cpus=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request):
+    """The parent test's tiny bundle when it passed one (building it again here takes minutes)."""
+    import os
+    from pathlib import Path
+
+    given = os.environ.get("ONELLM_RAY_CASES_BUNDLE")
+    return Path(given) if given else request.getfixturevalue("_built_tiny_bundle")
+
+
+@pytest.fixture(scope="session")
+def _built_tiny_bundle(tiny_config, tiny_checkpoint, tiny_tokenizer, tmp_path_factory):
+    from onellm.export.bundle import build_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"  # as conftest's tiny_bundle
+    build_bundle(out, tiny_config, tiny_checkpoint, tiny_tokenizer, encoder_precision="fp32",
+                 decoder_quant="f32", random_weights=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +54,15 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def test_ray_batch_equals_local_and_resumes(two_node_cluster, tiny_bundle, tiny_pipeline, tmp_path):
+def test_ray_batch_equals_local_and_resumes(two_node_cluster, tiny_bundle, batch_engine, tmp_path):
     jobs = read_jobs(_write_jobs(tmp_path))
-    _batch(tiny_pipeline, jobs, tmp_path / "local.jsonl")
+    _batch(batch_engine, jobs, tmp_path / "local.jsonl")
     out = tmp_path / "ray.jsonl"
     with ResultsFile(out) as results:  # half the jobs first, as if an earlier run was stopped
-        first = run_batch_ray(jobs[:3], results, bundle=tiny_bundle, actors=2, sampling=GREEDY, threads=1)
+        first = run_batch_ray(jobs[:3], results, bundle=tiny_bundle, plan=PLAN, sampling=GREEDY, threads=1)
     assert (first.done, first.failed) == (2, 1)
     with ResultsFile(out) as results:
-        state = run_batch_ray(jobs, results, bundle=tiny_bundle, actors=2, sampling=GREEDY, threads=1)
+        state = run_batch_ray(jobs, results, bundle=tiny_bundle, plan=PLAN, sampling=GREEDY, threads=1)
     assert (state.skipped, state.done + state.failed) == (3, len(jobs) - 3)
     assert _by_id(read_results(out)) == _by_id(read_results(tmp_path / "local.jsonl"))
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -50,26 +75,51 @@ def test_ray_batch_refuses_a_missing_bundle_before_starting(tmp_path):
         run_batch_ray(read_jobs(_write_jobs(tmp_path)), results, bundle=tmp_path / "nothing")
 
 
-def test_killed_actor_loses_no_job(two_node_cluster, tiny_bundle, tiny_pipeline, tmp_path):
+def test_killed_decoder_actor_loses_no_job(two_node_cluster, tiny_bundle, batch_engine, tmp_path):
     import os
     import signal
 
     from ray.util.state import list_actors
 
     jobs = read_jobs(_write_jobs(tmp_path))
-    _batch(tiny_pipeline, jobs, tmp_path / "local.jsonl")
+    _batch(batch_engine, jobs, tmp_path / "local.jsonl")
     killed = []
 
-    def kill_one_actor(state):  # after the first record: the other actor is mid-job
+    def kill_one_actor(state):  # after the first record: the other decoder actor is mid-batch
         if not killed:
-            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "_Answerer" in a.class_name]
+            workers = [a for a in list_actors() if "_DecodeStage" in a.class_name and a.state == "ALIVE"]
             assert len(workers) == 2
             os.kill(workers[0].pid, signal.SIGKILL)
             killed.append(workers[0].pid)
 
     out = tmp_path / "ray.jsonl"
     with ResultsFile(out) as results:
-        state = run_batch_ray(jobs, results, bundle=tiny_bundle, actors=2, sampling=GREEDY, threads=1,
+        state = run_batch_ray(jobs, results, bundle=tiny_bundle, plan=PLAN, sampling=GREEDY, threads=1,
                               progress=kill_one_actor)
     assert killed and state.done + state.failed == len(jobs)
     assert _by_id(read_results(out)) == _by_id(read_results(tmp_path / "local.jsonl"))  # each id once, all equal
+
+
+def test_a_node_with_a_mismatched_bundle_refuses_to_start(two_node_cluster, tiny_bundle, tmp_path):
+    import shutil
+
+    from onellm.runtime.errors import BundleError
+    from onellm.runtime.ray_batch import bundle_files, check_bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    gguf = next(copy.glob("*.gguf"))
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte: the copy on "every node" (a shared path) is damaged
+    gguf.write_bytes(bytes(data))
+    out = tmp_path / "r.jsonl"
+    with ResultsFile(out) as results, pytest.raises(BundleError) as err:
+        run_batch_ray(read_jobs(_write_jobs(tmp_path)), results, bundle=copy, plan=PLAN, sampling=GREEDY, threads=1)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("node ") and gguf.name in msg and "checksum mismatch" in msg
+    assert out.read_bytes() == b""  # refused before any job ran
+    # a copy whose manifest is not the driver's (another export at the same path) is refused too
+    other = dict(bundle_files(tiny_bundle))
+    other[gguf.name] = "0" * 64
+    with pytest.raises(BundleError, match="is not the driver's"):
+        check_bundle(tiny_bundle, other, "node X")

@@ -317,3 +317,16 @@ def test_inputs_folder_errors_are_one_line(tmp_path, args, expect):
     args = [a.replace("DIR", str(tmp_path)) for a in args]
     res = _run("batch", *args, "--out", str(tmp_path / "r.jsonl"))
     assert res.exit_code == 2 and expect in res.output and res.output.strip().count("\n") == 0
+
+
+def test_identical_files_keep_their_own_paths(batch_engine, tmp_path):
+    # the engine's block cache is keyed by content: the second file is a cache hit, its record still names it
+    for name in ("a.csv", "b.csv"):
+        shutil.copy(IMU, tmp_path / name)
+    (tmp_path / "jobs.jsonl").write_text('{"id": "a", "imu": "a.csv", "question": "Q?"}\n'
+                                         '{"id": "b", "imu": "b.csv", "question": "Q?"}\n')
+    _batch(batch_engine, read_jobs(tmp_path / "jobs.jsonl"), tmp_path / "r.jsonl")
+    got = _by_id(read_results(tmp_path / "r.jsonl"))
+    assert got["a"]["input"]["source"] == str(tmp_path.resolve() / "a.csv")
+    assert got["b"]["input"]["source"] == str(tmp_path.resolve() / "b.csv")
+    assert got["a"]["token_ids"] == got["b"]["token_ids"]
