@@ -123,3 +123,55 @@ def test_a_node_with_a_mismatched_bundle_refuses_to_start(two_node_cluster, tiny
     other[gguf.name] = "0" * 64
     with pytest.raises(BundleError, match="is not the driver's"):
         check_bundle(tiny_bundle, other, "node X")
+
+
+def test_served_chat_completion_through_the_openai_client(two_node_cluster, tiny_bundle, batch_engine):
+    """`serve --ray`: encoder and decoder deployments behind the local server's ingress; the official
+    client gets the same greedy answer as the local engine, for text and for an IMU upload."""
+    import base64
+
+    import openai
+
+    from onellm.runtime import ray_serve
+    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.engine import Media, Request
+    from onellm.runtime.server import ServerThread, create_app
+
+    from test_batch import IMU
+
+    plan = ray_serve.ServePlan(encoder_replicas=1, decoder_replicas=1, slots=2, encoder_cpus=0.5, decoder_cpus=0.5,
+                               threads=1)
+    backend = ray_serve.deploy(tiny_bundle, plan=plan)
+    try:
+        with ServerThread(create_app(backend, model_id="tiny")) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+            imu = {"type": "input_imu", "input_imu": {"data": base64.b64encode(IMU.read_bytes()).decode(),
+                                                      "format": "csv"}}
+            for content, media in (("Hello there", None),
+                                   ([{"type": "text", "text": "What is the person doing?"}, imu], Media("imu", str(IMU)))):
+                got = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                     max_tokens=8, temperature=0)
+                question = content if isinstance(content, str) else content[0]["text"]
+                want = batch_engine.submit(Request(messages=[("user", question)], media=media,
+                                                   sampling=Sampling.greedy(8))).wait(120)
+                assert got.choices[0].message.content == want.text
+                assert got.choices[0].finish_reason == want.finish_reason
+                assert got.usage.completion_tokens == len(want.tokens)
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
+                                                    max_tokens=8, temperature=0, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == got_text_only(batch_engine)
+            bad = {"type": "input_imu", "input_imu": {"data": base64.b64encode(b"time_s,acc_x\n0,1\n").decode(),
+                                                      "format": "csv"}}
+            with pytest.raises(openai.BadRequestError) as err:  # the encoder replica's reader error, as locally
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [bad]}], max_tokens=4)
+            assert "expected" in str(err.value)
+    finally:
+        backend.close()
+
+
+def got_text_only(engine) -> str:
+    from onellm.runtime.decoder import Sampling
+    from onellm.runtime.engine import Request
+
+    return engine.submit(Request(messages=[("user", "Hello there")], sampling=Sampling.greedy(8))).wait(120).text

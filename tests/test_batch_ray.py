@@ -28,4 +28,4 @@ def test_ray_cases_pass_in_their_own_process(tiny_bundle):
     )
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert "4 passed" in proc.stdout, tail
+    assert "5 passed" in proc.stdout, tail
