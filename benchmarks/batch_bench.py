@@ -26,6 +26,7 @@ Run: `python -m onellm.benchmarks.batch_bench [--bundle DIR] [--jobs 16] [--max-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,16 +98,46 @@ def _batch_engine(bundle_dir: str, jobs, sampling, threads, slots: int, out: Pat
         return load_s, time.perf_counter() - t0, engine.stats()
 
 
-def _ray(bundle_dir: str, jobs, sampling, threads, out: Path) -> dict:
-    from onellm.runtime.batch import ResultsFile
-    from onellm.runtime.ray_batch import run_batch_ray
+def _ray(bundle_dir: str, jobs, sampling, threads, slots: int, out: Path) -> dict:
+    """`run_batch_ray` on a new local Ray: one encoder actor (half a CPU) and one decoder actor
+    with `slots` slots, the same work as one local engine with an encoder thread."""
+    import ray
 
-    with ResultsFile(out) as results:
+    from onellm.runtime.batch import ResultsFile
+    from onellm.runtime.ray_batch import RayPlan, run_batch_ray
+
+    plan = RayPlan(encoders=1, decoders=1, slots=slots, encoder_cpus=0.5, decoder_cpus=1.0)
+    t0 = time.perf_counter()
+    ray.init(log_to_driver=False, include_dashboard=False)
+    init_s = time.perf_counter() - t0
+    try:
+        with ResultsFile(out) as results:
+            t0 = time.perf_counter()
+            marks: list[float] = []
+            state = run_batch_ray(jobs, results, bundle=bundle_dir, plan=plan, sampling=sampling, threads=threads,
+                                  progress=lambda _s: marks.append(time.perf_counter()))
+            total = time.perf_counter() - t0
+        encode = [json.loads(x)["seconds"].get("encode", 0.0) for x in out.read_text().splitlines()]
+    finally:
+        ray.shutdown()
+    return {"plan": dataclasses.asdict(plan), "ray_init_s": round(init_s, 3), "seconds_run": round(total, 3),
+            "seconds_streaming": round(state.seconds, 3),
+            "steady_jobs_per_s": round((len(marks) - 1) / (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
+            "encode_ms_per_job": round(1000 * sum(encode) / max(1, len(encode)), 2)}
+
+
+def _encode_ms(bundle_dir: str, jobs, threads) -> float:
+    """Read + encode one job on one encoder (ms, mean over the jobs after a warm-up): the CPU stage."""
+    from onellm.runtime.engine import Engine
+    from onellm.runtime.pipeline import read_input
+
+    with Engine.load(bundle_dir, parallel=1, device="cpu", threads=threads) as engine:
+        enc = engine.encoder
+        enc.encode("imu", read_input("imu", jobs[0].inputs["imu"]).array)
         t0 = time.perf_counter()
-        state = run_batch_ray(jobs, results, bundle=bundle_dir, sampling=sampling, threads=threads)
-        total = time.perf_counter() - t0
-    return {"seconds_with_startup": round(total, 3), "seconds_streaming": round(state.seconds, 3),
-            "stages": getattr(state, "stages", {})}
+        for job in jobs:
+            enc.encode("imu", read_input("imu", job.inputs["imu"]).array)
+        return 1000 * (time.perf_counter() - t0) / len(jobs)
 
 
 def run(bundle: str | None, n_jobs: int, max_tokens: int, slots: list[int], cli_jobs: int, threads: int | None,
@@ -140,8 +171,19 @@ def run(bundle: str | None, n_jobs: int, max_tokens: int, slots: list[int], cli_
             per_ask = [_timed(_onellm("ask", *common, "--imu", j.inputs["imu"], j.questions[0]))
                        for j in jobs[:cli_jobs]]
             secs["ask_cli_loop"] = sum(per_ask) / len(per_ask) * n_jobs
+        out["stages"] = {"encode_ms_per_job": round(_encode_ms(bundle_dir, jobs, threads), 2)}
+        for n in slots:
+            toks = out[f"engine_p{n}_counters"]["tokens_generated"]
+            out["stages"][f"decode_tokens_per_s_p{n}"] = round(toks / secs[f"batch_p{n}"], 1)
         if ray:
-            out["ray"] = _ray(bundle_dir, jobs, sampling, threads, tmp / "ray.jsonl")
+            out["ray"] = _ray(bundle_dir, jobs, sampling, threads, max(slots), tmp / "ray.jsonl")
+            local = secs[f"batch_p{max(slots)}"]
+            out["ray"]["overhead_vs_local_batch"] = {
+                "streaming": round(out["ray"]["seconds_streaming"] / local - 1, 3),
+                "run_with_actor_start": round(out["ray"]["seconds_run"] / (local + loads[f"engine_p{max(slots)}"]) - 1, 3)}
+            if out["ray"]["steady_jobs_per_s"]:
+                out["ray"]["overhead_vs_local_batch"]["steady_state"] = round(
+                    (n_jobs / local) / out["ray"]["steady_jobs_per_s"] - 1, 3)
     out["load_s"] = {k: round(v, 3) for k, v in loads.items()}
     out["seconds"] = {k: round(v, 3) for k, v in secs.items()}
     out["jobs_per_s"] = {k: round(n_jobs / v, 3) for k, v in secs.items()}

@@ -34,6 +34,10 @@ from .errors import BackendError, BundleError, ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
+# Rows per Ray Data block: one job each for small runs (a killed actor retries one job), at most
+# this many blocks for large ones (a million one-row blocks would cost more to schedule than to run).
+MAX_BLOCKS = 4096
+
 
 # ----------------------------------------------------------------------------- bundle placement
 
@@ -215,7 +219,7 @@ def run_batch_ray(jobs: list[Job], results: ResultsFile, *, bundle: str | Path, 
         ray.init(address=address, log_to_driver=False)
     check_nodes(bundle, expected)
     rows = [{"job": json.dumps(dataclasses.asdict(j))} for j in todo]
-    ds = (ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = (ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
           .map(_EncodeStage, concurrency=max(1, plan.encoders), num_cpus=plan.encoder_cpus,
                fn_constructor_kwargs={"bundle": bundle, "expected": expected, "device": device, "threads": threads})
           .map_batches(_DecodeStage, batch_size=max(1, plan.slots), concurrency=max(1, plan.decoders),
