@@ -149,7 +149,8 @@ class _EncodeStage:
 
 class _DecodeStage:
     """A Ray Data actor holding an `Engine` (llama.cpp context with `slots` parallel slots):
-    a batch of encoded rows -> their records, decoded together in the engine's slots."""
+    a batch of encoded rows -> their records, decoded together in the engine's slots. A batch
+    is two rows per slot, so a slot whose job ends early takes the next row of the batch."""
 
     def __init__(self, bundle: str, expected: dict[str, str], sampling, slots: int = 2,
                  threads: int | None = None) -> None:
@@ -222,7 +223,7 @@ def run_batch_ray(jobs: list[Job], results: ResultsFile, *, bundle: str | Path, 
     ds = (ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
           .map(_EncodeStage, concurrency=max(1, plan.encoders), num_cpus=plan.encoder_cpus,
                fn_constructor_kwargs={"bundle": bundle, "expected": expected, "device": device, "threads": threads})
-          .map_batches(_DecodeStage, batch_size=max(1, plan.slots), concurrency=max(1, plan.decoders),
+          .map_batches(_DecodeStage, batch_size=2 * max(1, plan.slots), concurrency=max(1, plan.decoders),
                        num_cpus=plan.decoder_cpus, num_gpus=plan.decoder_gpus or None, batch_format="numpy",
                        fn_constructor_kwargs={"bundle": bundle, "expected": expected,
                                               "sampling": sampling or Sampling(), "slots": plan.slots,

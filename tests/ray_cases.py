@@ -75,27 +75,41 @@ def test_ray_batch_refuses_a_missing_bundle_before_starting(tmp_path):
         run_batch_ray(read_jobs(_write_jobs(tmp_path)), results, bundle=tmp_path / "nothing")
 
 
+def _decoder_pids() -> list[int]:
+    """Decoder actor processes, by the title Ray gives its workers (no dashboard needed)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"_DecodeStage" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
 def test_killed_decoder_actor_loses_no_job(two_node_cluster, tiny_bundle, batch_engine, tmp_path):
     import os
     import signal
-
-    from ray.util.state import list_actors
 
     jobs = read_jobs(_write_jobs(tmp_path))
     _batch(batch_engine, jobs, tmp_path / "local.jsonl")
     killed = []
 
-    def kill_one_actor(state):  # after the first record: the other decoder actor is mid-batch
+    def kill_decoders(state):  # after the first record, jobs still in flight: SIGKILL every decoder actor
         if not killed:
-            workers = [a for a in list_actors() if "_DecodeStage" in a.class_name and a.state == "ALIVE"]
-            assert len(workers) == 2
-            os.kill(workers[0].pid, signal.SIGKILL)
-            killed.append(workers[0].pid)
+            assert state.finished < len(jobs)
+            workers = _decoder_pids()
+            assert workers, "no decoder actor process found"
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(workers)
 
     out = tmp_path / "ray.jsonl"
     with ResultsFile(out) as results:
         state = run_batch_ray(jobs, results, bundle=tiny_bundle, plan=PLAN, sampling=GREEDY, threads=1,
-                              progress=kill_one_actor)
+                              progress=kill_decoders)
     assert killed and state.done + state.failed == len(jobs)
     assert _by_id(read_results(out)) == _by_id(read_results(tmp_path / "local.jsonl"))  # each id once, all equal
 
