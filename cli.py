@@ -1088,8 +1088,17 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Cap on a request's max_tokens.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting before 429 replies.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Encoder and decoder as Ray Serve deployments (pip install onellm[ray]): a new local Ray, or ADDRESS.")
+@click.option("--encoder-replicas", type=int, default=1, show_default=True, help="With --ray: encoder replicas.")
+@click.option("--decoder-replicas", type=int, default=1, show_default=True,
+              help="With --ray: decoder replicas (each --parallel slots).")
+@click.option("--encoder-cpus", type=float, default=1.0, show_default=True, help="With --ray: CPUs per encoder replica.")
+@click.option("--decoder-cpus", type=float, default=1.0, show_default=True, help="With --ray: CPUs per decoder replica.")
+@click.option("--decoder-gpus", type=float, default=0.0, show_default=True, help="With --ray: GPUs per decoder replica.")
 @handle_errors
-def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir, max_tokens, max_queue, threads) -> None:
+def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir, max_tokens, max_queue, threads,
+              ray_address, encoder_replicas, decoder_replicas, encoder_cpus, decoder_cpus, decoder_gpus) -> None:
     """Serve the bundle over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
 
     Media go in as content parts (image_url, input_audio, input_video, file, input_imu, ...);
@@ -1101,7 +1110,16 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 
     path = _bundle_path(bundle)
     limits = Limits(max_tokens=max_tokens, max_queue=max_queue)
-    engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits)
+    if ray_address:
+        from onellm.runtime import ray_serve
+
+        plan = ray_serve.ServePlan(encoder_replicas=encoder_replicas, decoder_replicas=decoder_replicas,
+                                   slots=parallel or 2, encoder_cpus=encoder_cpus, decoder_cpus=decoder_cpus,
+                                   decoder_gpus=decoder_gpus, threads=threads)
+        engine = ray_serve.deploy(path, address=None if ray_address == "local" else ray_address, plan=plan,
+                                  limits=limits)
+    else:
+        engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits)
     model_id = load_manifest(path, verify=False).dir.name
     url = f"http://{host}:{port}"
     click.echo(f"onellm serve: {model_id} ({', '.join(engine.modalities)}), {engine.parallel} requests at once, "
@@ -1140,12 +1158,17 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
 @_sampling_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run the jobs as a Ray Data pipeline (pip install onellm[ray]): a new local Ray, or ADDRESS.")
-@click.option("--ray-actors", type=int, default=2, show_default=True, help="With --ray: pipelines (actors) to run.")
+@click.option("--parallel", type=int, default=2, show_default=True,
+              help="Decode slots: jobs decoded at once in one batch (the next ones are read and encoded meanwhile).")
+@click.option("--ray-actors", type=int, default=2, show_default=True,
+              help="With --ray: decoder actors (each an engine with --parallel slots).")
+@click.option("--ray-encoders", type=int, default=1, show_default=True,
+              help="With --ray: encoder actors (CPU: reader + encoder sessions).")
 @click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
 @handle_errors
 def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
               reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
-              ray_actors, as_json) -> None:
+              parallel, ray_actors, ray_encoders, as_json) -> None:
     """Answer many jobs into a resumable JSONL results file.
 
     \b
@@ -1192,15 +1215,20 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
         pending = sum(1 for j in jobs if j.id not in results.done)
         if pending and ray_address:
             from onellm.runtime.pipeline import default_bundle_dir
-            from onellm.runtime.ray_batch import run_batch_ray
+            from onellm.runtime.ray_batch import RayPlan, run_batch_ray
 
+            plan = RayPlan(encoders=ray_encoders, decoders=ray_actors, slots=parallel)
             state = run_batch_ray(jobs, results, bundle=bundle or default_bundle_dir(),
-                                  address=None if ray_address == "local" else ray_address, actors=ray_actors,
+                                  address=None if ray_address == "local" else ray_address, plan=plan,
                                   sampling=sampling, device="cpu" if device == "auto" else device, threads=threads,
                                   progress=show)
         elif pending:
-            with _open_pipeline(bundle, device, precision, quant, threads) as pipe:
-                state = run_batch(pipe, jobs, results, sampling=sampling, progress=show)
+            from onellm.runtime.engine import Engine
+
+            with Engine.load(_bundle_path(bundle), parallel=parallel, device=device, precision=precision, quant=quant,
+                             threads=threads) as engine:
+                _echo_random_notice(engine.manifest)
+                state = run_batch(engine, jobs, results, sampling=sampling, progress=show)
         else:
             from onellm.runtime.batch import Progress
 

@@ -1,8 +1,8 @@
 """`onellm batch`: answer many jobs from a JSONL file into a resumable JSONL results file.
 
     jobs = read_jobs("jobs.jsonl")                      # validates every line before anything loads
-    with Pipeline.load("bundle/") as pipe, ResultsFile("results.jsonl") as out:
-        summary = run_batch(pipe, jobs, out)
+    with Engine.load("bundle/", parallel=2) as engine, ResultsFile("results.jsonl") as out:
+        summary = run_batch(engine, jobs, out)
 
 A job line is one JSON object:
     {"id": "walk-1", "imu": "walk.csv", "question": "What is the person doing?",
@@ -12,27 +12,27 @@ relative paths resolve against the jobs file's folder. "questions" (a list) asks
 questions in one chat about the same input.
 
 Results: one JSON object per line, appended, flushed and fsynced as each job ends, so a
-killed run loses at most the job in flight. A rerun skips every id already in the file.
+killed run loses at most the jobs in flight (in the engine). A rerun skips every id already in the file.
 A torn last line (a kill in the middle of a write) is ignored and the next record starts
 on a new line after it; the file is never truncated or rewritten. A job whose input is bad
 becomes an error record {"id", "error"} and the run goes on.
 
-Pipelining: a worker thread reads, preprocesses and encodes the next jobs while the main
-thread decodes the current one (the pipeline's lock serialises the encoder and decoder;
-the readers, usually the slow part, run alongside the decode). `Runner._answer` is the
-one place that decodes, so a request engine with several decode slots can replace it.
+Pipelining: jobs go through the request engine (`Engine.load(bundle, parallel=N)`): its
+encoder worker reads and encodes the next jobs while its N slots decode the current ones
+in one batch. Records are still written one by one in job order, so greedy or seeded
+sampling writes the same file on every run (equal to single `ask`s, up to near-tie
+argmaxes that batched kernels may round differently).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,67 +262,132 @@ class Progress:
 
 @dataclasses.dataclass
 class _Prepared:
-    """A job read and encoded, ready to decode (or the one-line error that stopped it)."""
+    """A job whose first question is in the engine (or the one-line error that stopped it)."""
 
     job: Job
     modality: str | None = None
-    block: np.ndarray | None = None  # a copy of the encoder's [32, n_embd] rows
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seconds: float = 0.0  # reading + encoding
-    error: str | None = None
-
-
-_END = object()
+    media: Any = None  # engine.Media: read + encoded by the engine's encoder worker
+    block: np.ndarray | None = None  # or a block encoded elsewhere (Ray's encoder stage)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # reader metadata of `block`
+    handle: Any = None  # engine.Handle of the first question
+    error: str | None = None  # a bad input: becomes the job's error record
+    crash: BaseException | None = None  # anything else: raised when the job's turn to be written comes
+    t0: float = 0.0
 
 
 class Runner:
-    """Runs jobs through a `Pipeline` into a `ResultsFile`, reading ahead on a worker thread."""
+    """Runs jobs through an `Engine`'s decode slots into a `ResultsFile`.
 
-    def __init__(self, pipe, results: ResultsFile, *, sampling=None, prefetch: int = PREFETCH) -> None:
+    Up to `parallel + prefetch` jobs are in the engine at once: its encoder worker reads
+    and encodes the next ones while the slots decode the current ones. Records are
+    written in job order (a finished job waits for the ones before it), so a rerun and a
+    resumed run write the same file, and a kill loses only the jobs in the engine.
+    """
+
+    def __init__(self, engine, results: ResultsFile | None, *, sampling=None, prefetch: int = PREFETCH) -> None:
         from .decoder import Sampling
 
-        self.pipe = pipe
+        self.engine = engine
         self.results = results
         self.sampling = sampling or Sampling()
-        self.prefetch = max(1, prefetch)
+        self.depth = max(1, engine.parallel + max(0, prefetch))
 
-    # The two stages. Both turn a bad input (InputError/ConfigError) into an error record.
+    # The stages. A bad input (InputError/ConfigError) becomes an error record.
     def _prepare(self, job: Job) -> _Prepared:
-        """Read + encode one job's input (worker thread)."""
-        t0 = time.perf_counter()
+        """Pick the job's input and submit its first question (the engine reads and encodes it)."""
+        from .engine import Media
+        from .inputs import check_source, select_input
+
+        prep = _Prepared(job, t0=time.perf_counter())
         try:
-            modality, source, image = self.pipe.pick_input(dict(job.inputs))
-            block, meta = None, {}
-            if modality is not None:
-                view, meta = self.pipe.encode(modality, source, image=image, options=job.options)
-                block = np.array(view, copy=True)  # the view is overwritten by the next encode
-            return _Prepared(job, modality, block, meta, time.perf_counter() - t0)
+            sel = select_input(dict(job.inputs))
+            if sel.modality is not None:
+                if sel.modality not in self.engine.modalities:
+                    raise ConfigError(f"this bundle has no {sel.modality!r} encoder "
+                                      f"(it has {', '.join(self.engine.modalities)})")
+                source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
+                image = check_source(sel.image, "--image", "image") if sel.image is not None else None
+                prep.modality, prep.media = sel.modality, Media(sel.modality, source, dict(job.options), image=image)
+            prep.handle = self._submit(prep, [("user", job.questions[0])])
         except (InputError, ConfigError) as exc:
-            return _Prepared(job, error=str(exc), seconds=time.perf_counter() - t0)
+            prep.error = str(exc)
+        return prep
+
+    def prepared_block(self, job: Job, modality: str | None, block: np.ndarray | None,
+                       meta: dict[str, Any]) -> _Prepared:
+        """A job whose input was read and encoded elsewhere: submit its first question with the block."""
+        prep = _Prepared(job, modality=modality, block=block, meta=dict(meta), t0=time.perf_counter())
+        try:
+            prep.handle = self._submit(prep, [("user", job.questions[0])])
+        except (InputError, ConfigError) as exc:
+            prep.error = str(exc)
+        return prep
+
+    def _submit(self, prep: _Prepared, messages: list[tuple[str, str]]):
+        from .engine import Request
+
+        sampling = dataclasses.replace(self.sampling, **prep.job.sampling)
+        return self.engine.submit(Request(messages=messages, media=prep.media, block=prep.block,
+                                          modality=prep.modality if prep.block is not None else None,
+                                          sampling=sampling))
 
     def _answer(self, prep: _Prepared) -> dict[str, Any]:
-        """Decode one prepared job into its result record (main thread)."""
+        """The job's result record: the first answer, then each further question in the same chat."""
         job = prep.job
-        sampling = dataclasses.replace(self.sampling, **job.sampling)
-        t0 = time.perf_counter()
-        chat = self.pipe.chat(embeddings=prep.block, modality=prep.modality) if prep.block is not None else None
-        turns = []
-        for question in job.questions:
-            if chat is not None:
-                ans = chat.ask(question, sampling=sampling)
-            else:
-                ans = self.pipe.ask(question, sampling=sampling)
-            turns.append({"question": question, "answer": ans.text, "token_ids": ans.token_ids,
-                          "stop_reason": ans.stop_reason})
+        res = prep.handle.wait()
+        first_s = time.perf_counter() - prep.t0
+        messages: list[tuple[str, str]] = [("user", job.questions[0])]
+        turns = [_turn(job.questions[0], res)]
+        inputs = prep.meta if prep.block is not None else _own_paths(res.inputs, prep.media)
+        for question in job.questions[1:]:
+            messages += [("assistant", res.text), ("user", question)]
+            res = self._submit(prep, list(messages)).wait()  # the conversation's prefix stays in the slot's cache
+            turns.append(_turn(question, res))
         record: dict[str, Any] = {"id": job.id}
         if job.multi:
             record["answers"] = turns
         else:
             record.update(turns[0])
         record["modality"] = prep.modality
-        record["input"] = prep.meta
-        record["seconds"] = {"read_encode": round(prep.seconds, 4), "decode": round(time.perf_counter() - t0, 4)}
+        record["input"] = inputs
+        record["seconds"] = {"first": round(first_s, 4), "total": round(time.perf_counter() - prep.t0, 4)}
         return record
+
+    def _record(self, prep: _Prepared) -> dict[str, Any]:
+        """Wait for one job and make its record (answer or error)."""
+        if prep.crash is not None:
+            raise prep.crash
+        if prep.error is None:
+            try:
+                prep.handle.wait()
+            except (InputError, ConfigError) as exc:  # the reader's one-line message
+                prep.error = str(exc)
+        if prep.error is not None:
+            return {"id": prep.job.id, "error": prep.error}
+        return self._answer(prep)
+
+    def records(self, items: Iterable, prepare: Callable[[Any], _Prepared] | None = None) -> Iterator[dict[str, Any]]:
+        """Each item's record, in order, keeping up to `depth` items in the engine.
+
+        `prepare` turns an item into a `_Prepared` (default: `_prepare` of a `Job`). Leaving
+        early (an exception, a closed generator) cancels the jobs still in the engine.
+        """
+        prepare = prepare or self._prepare
+        window: collections.deque[_Prepared] = collections.deque()
+        try:
+            for item in items:
+                try:
+                    window.append(prepare(item))
+                except Exception as exc:  # noqa: BLE001 - raised in order, after the jobs before it
+                    window.append(_Prepared(item if isinstance(item, Job) else None, crash=exc))
+                while len(window) >= self.depth or (window and window[0].crash is not None):
+                    yield self._record(window.popleft())
+            while window:
+                yield self._record(window.popleft())
+        finally:
+            for prep in window:
+                if prep.handle is not None:
+                    prep.handle.cancel()
 
     def run(self, jobs: Iterable[Job], progress: Callable[[Progress], None] | None = None) -> Progress:
         """Run every job whose id has no record yet; returns the final counts."""
@@ -330,58 +395,36 @@ class Runner:
         todo = [j for j in jobs if j.id not in self.results.done]
         state = Progress(total=len(todo), skipped=len(jobs) - len(todo))
         t0 = time.perf_counter()
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def feed() -> None:
-            try:
-                for job in todo:
-                    if stop.is_set():
-                        return
-                    item = self._prepare(job)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as exc:  # surfaced on the main thread
-                ready.put(exc)
-            finally:
-                ready.put(_END)
-
-        worker = threading.Thread(target=feed, name="onellm-batch-reader", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item.error is not None:
-                    self.results.append({"id": item.job.id, "error": item.error})
-                    state.failed += 1
-                    log.info("job %s failed: %s", item.job.id, item.error)
-                else:
-                    self.results.append(self._answer(item))
-                    state.done += 1
-                state.seconds = time.perf_counter() - t0
-                if progress is not None:
-                    progress(state)
-        finally:
-            stop.set()
-            deadline = time.monotonic() + 30.0
-            while worker.is_alive() and time.monotonic() < deadline:  # let the reader see `stop`
-                try:
-                    ready.get(timeout=0.1)
-                except queue.Empty:
-                    pass
+        for record in self.records(todo):
+            self.results.append(record)
+            if "error" in record:
+                state.failed += 1
+                log.info("job %s failed: %s", record["id"], record["error"])
+            else:
+                state.done += 1
+            state.seconds = time.perf_counter() - t0
+            if progress is not None:
+                progress(state)
         state.seconds = time.perf_counter() - t0
         return state
 
 
-def run_batch(pipe, jobs: Iterable[Job], results: ResultsFile, *, sampling=None,
+def _own_paths(meta: dict[str, Any], media) -> dict[str, Any]:
+    """The reader metadata naming this job's files: the engine's block cache is keyed by file
+    content, so a hit carries the path of whichever identical file was encoded first."""
+    out = dict(meta)
+    if media is not None:
+        for key, src in (("source", media.source), ("image", media.image)):
+            if isinstance(out.get(key), str) and isinstance(src, (str, os.PathLike)):
+                out[key] = os.fspath(src)
+    return out
+
+
+def _turn(question: str, res) -> dict[str, Any]:
+    return {"question": question, "answer": res.text, "token_ids": list(res.tokens), "stop_reason": res.stop_reason}
+
+
+def run_batch(engine, jobs: Iterable[Job], results: ResultsFile, *, sampling=None,
               progress: Callable[[Progress], None] | None = None) -> Progress:
-    """Answer `jobs` with `pipe` into `results` (see the module docstring); returns the counts."""
-    return Runner(pipe, results, sampling=sampling).run(jobs, progress)
+    """Answer `jobs` with `engine` (an `Engine`) into `results` (see the module docstring)."""
+    return Runner(engine, results, sampling=sampling).run(jobs, progress)

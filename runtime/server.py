@@ -31,6 +31,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import dataclasses
 import hmac
 import inspect
 import io
@@ -430,20 +431,52 @@ def _extension(res: Result) -> dict[str, Any]:
             "input": json.loads(json.dumps(res.inputs, default=str))}
 
 
-def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None,
+@dataclasses.dataclass
+class _Served:
+    """What the routes of one app share: the backend and the server's settings.
+
+    The backend is a local `Engine` or anything with its serving surface (`RayBackend`):
+    `submit(Request, on_event)` -> a handle with `cancel()`, `stats()`, and the attributes
+    `manifest`, `modalities`, `random_weights`, `parallel`, `n_ctx_slot`, `bundle_dir`, `limits`.
+    """
+
+    backend: Any
+    model_id: str
+    media_root: Path | None
+    max_body: int
+    metrics: Metrics
+
+    def check_model(self, name: Any) -> None:
+        if name is not None and name != self.model_id:
+            raise ApiError(404, f"model {name!r} does not exist (this server has {self.model_id!r})", param="model",
+                           code="model_not_found")
+
+
+def create_app(engine, *, model_id: str | None = None, api_key: str | None = None,
                media_dir: str | Path | None = None, max_body: int = DEFAULT_MAX_BODY):
-    """The FastAPI app serving `engine` (which stays owned by the caller)."""
+    """The FastAPI app serving `engine`: a local `Engine` or a backend with its serving surface
+    (see `_Served`), which stays owned by the caller."""
     if _IMPORT_ERROR is not None:
         raise ConfigError(f"onellm serve needs the serve extra (pip install 'onellm[serve]'): {_IMPORT_ERROR}")
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    model_id = model_id or engine.bundle_dir.name
-    media_root = Path(media_dir).resolve() if media_dir else None
-    metrics = Metrics(engine)
+    served = _Served(engine, model_id or engine.bundle_dir.name, Path(media_dir).resolve() if media_dir else None,
+                     max_body, Metrics(engine))
     app = FastAPI(title="onellm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics = engine, served.metrics
+    _add_error_handlers(app, served.metrics)
+    _add_auth(app, api_key)
+    _add_info_routes(app, served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        return await _chat_completion(served, request)
+
+    return app
+
+
+def _add_error_handlers(app, metrics: Metrics) -> None:
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, exc: ApiError):
@@ -456,6 +489,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         return ApiError(exc.status_code, str(exc.detail), type_="invalid_request_error",
                         code="not_found" if exc.status_code == 404 else None).response()
 
+
+def _add_auth(app, api_key: str | None) -> None:
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next):
         if api_key and request.url.path != "/health":
@@ -465,6 +500,12 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                                 type_="authentication_error", code="invalid_api_key").response()
         return await call_next(request)
 
+
+def _add_info_routes(app, served: _Served) -> None:
+    from fastapi.responses import PlainTextResponse
+
+    engine, model_id = served.backend, served.model_id
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, **engine.stats()}
@@ -473,7 +514,7 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     async def metrics_text():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -481,157 +522,166 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
 
     @app.get("/v1/models/{name}")
     async def model(name: str):
-        if name != model_id:
-            raise ApiError(404, f"model {name!r} does not exist (this server has {model_id!r})", param="model",
-                           code="model_not_found")
+        served.check_model(name)
         return model_card(engine, model_id)
 
-    async def read_body(request: HttpRequest) -> dict:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise ApiError(413, f"request body: expected at most {max_body} bytes, found {declared}",
+
+async def _read_body(request: HttpRequest, max_body: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"request body: expected at most {max_body} bytes, found {declared}",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"request body: expected at most {max_body} bytes, found more",
                            code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise ApiError(413, f"request body: expected at most {max_body} bytes, found more",
-                               code="body_too_large")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body: expected JSON, found a parse error ({exc})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"request body: expected a JSON object, found {type(body).__name__}")
-        return body
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body: expected JSON, found a parse error ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body: expected a JSON object, found {type(body).__name__}")
+    return body
 
-    def build_request(body: dict, upload: _Upload) -> Request:
-        name = body.get("model")
-        if name is not None and name != model_id:
-            raise ApiError(404, f"model {name!r} does not exist (this server has {model_id!r})", param="model",
-                           code="model_not_found")
-        turns, part = parse_messages(body.get("messages"), media_root)
-        sampling, stops = parse_sampling(body, engine.limits.max_tokens)
-        req = Request(messages=turns, sampling=sampling, stop=stops)
-        if part is None:
-            return req
-        if part.modality not in engine.modalities:
-            raise ApiError(400, f"{part.param}: this bundle has no {part.modality} encoder (it has "
-                           f"{', '.join(engine.modalities)})", param=part.param)
-        if part.block is not None:
-            req.block, req.modality = part.block, part.modality
-            return req
-        lim = engine.limits.max_media_bytes
-        if part.data is not None and len(part.data) > lim:
-            raise ApiError(413, f"{part.param}: expected media of at most {lim} bytes, found {len(part.data)}",
-                           param=part.param, code="media_too_large")
-        source = part.path if part.path is not None else upload.write(f"input{part.ext}", part.data)
-        image = upload.write(f"photo{part.image[1]}", part.image[0]) if part.image else None
-        req.media = Media(part.modality, str(source), part.options, image=str(image) if image else None,
-                          cleanup=upload.cleanup)
+
+def _build_request(served: _Served, body: dict, upload: _Upload) -> Request:
+    engine = served.backend
+    served.check_model(body.get("model"))
+    turns, part = parse_messages(body.get("messages"), served.media_root)
+    sampling, stops = parse_sampling(body, engine.limits.max_tokens)
+    req = Request(messages=turns, sampling=sampling, stop=stops)
+    if part is None:
         return req
+    if part.modality not in engine.modalities:
+        raise ApiError(400, f"{part.param}: this bundle has no {part.modality} encoder (it has "
+                       f"{', '.join(engine.modalities)})", param=part.param)
+    if part.block is not None:
+        req.block, req.modality = part.block, part.modality
+        return req
+    lim = engine.limits.max_media_bytes
+    if part.data is not None and len(part.data) > lim:
+        raise ApiError(413, f"{part.param}: expected media of at most {lim} bytes, found {len(part.data)}",
+                       param=part.param, code="media_too_large")
+    source = part.path if part.path is not None else upload.write(f"input{part.ext}", part.data)
+    image = upload.write(f"photo{part.image[1]}", part.image[0]) if part.image else None
+    req.media = Media(part.modality, str(source), part.options, image=str(image) if image else None,
+                      cleanup=upload.cleanup)
+    return req
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HttpRequest):
-        body = await read_body(request)
-        stream = bool(body.get("stream"))
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-        upload = _Upload()
-        events = _EventBridge(asyncio.get_running_loop())
-        try:
-            req = build_request(body, upload)
-            handle = engine.submit(req, on_event=events.put)
-        except ApiError:
-            upload.cleanup()
-            raise
-        except OneLLMError as exc:
-            upload.cleanup()
-            raise api_error_for(exc, "messages") from None
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
 
-        async def next_event():
-            """The next engine event; a client gone away cancels the request."""
-            while True:
-                try:
-                    return await events.get(0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        handle.cancel()
-                        raise asyncio.CancelledError() from None
+@dataclasses.dataclass
+class _Call:
+    """One chat completion in flight: its handle, its events and how it answers."""
 
-        def finished(res: Result) -> None:
-            metrics.observe(res)
+    served: _Served
+    request: HttpRequest
+    handle: Any
+    events: _EventBridge
+    include_usage: bool
+    cid: str = dataclasses.field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-        # The first event decides the status: a reader error is still a 400 here.
-        try:
-            first = await next_event()
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
-        if first[0] == "error":
-            raise api_error_for(first[1], "messages")
-
-        if not stream:
-            kind, value = first
+    async def next_event(self) -> tuple[str, Any]:
+        """The next engine event; a client gone away cancels the request."""
+        while True:
             try:
-                while kind == "text":
-                    kind, value = await next_event()
-            finally:
-                if kind == "text":  # the client went away: free the slot now
-                    handle.cancel()
-            if kind == "error":
-                raise api_error_for(value, "messages")
-            res: Result = value
-            finished(res)
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                             "finish_reason": res.finish_reason, "logprobs": None}],
-                "usage": _usage(res),
-                "onellm": _extension(res),
-            })
+                return await self.events.get(0.25)
+            except asyncio.TimeoutError:
+                if await self.request.is_disconnected():
+                    self.handle.cancel()
+                    raise asyncio.CancelledError() from None
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
-                  extension: dict | None = None) -> str:
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                   if choices else []}
-            if include_usage:
-                out["usage"] = usage
-            if extension is not None:
-                out["onellm"] = extension
-            return f"data: {json.dumps(out)}\n\n"
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
+              extension: dict | None = None) -> str:
+        out = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+               "model": self.served.model_id,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
+        if self.include_usage:
+            out["usage"] = usage
+        if extension is not None:
+            out["onellm"] = extension
+        return f"data: {json.dumps(out)}\n\n"
 
-        async def sse():
-            kind, value = first
-            ended = False
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while kind == "text":
-                    yield chunk({"content": value})
-                    kind, value = await events.get()
-                if kind == "error":
-                    err = api_error_for(value)
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': err.code}})}\n\n"
-                else:
-                    finished(value)
-                    yield chunk({}, value.finish_reason)
-                    if include_usage:
-                        yield chunk({}, usage=_usage(value), choices=False, extension=_extension(value))
-                ended = True
-                yield "data: [DONE]\n\n"
-            finally:
-                if not ended and kind == "text":  # the client went away (or the server stops): free the slot now
-                    handle.cancel()
-                    metrics.requests.labels("disconnected").inc()
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
+async def _chat_completion(served: _Served, request: HttpRequest):
+    body = await _read_body(request, served.max_body)
+    opts = body.get("stream_options") or {}
+    upload = _Upload()
+    events = _EventBridge(asyncio.get_running_loop())
+    try:
+        handle = served.backend.submit(_build_request(served, body, upload), on_event=events.put)
+    except ApiError:
+        upload.cleanup()
+        raise
+    except OneLLMError as exc:
+        upload.cleanup()
+        raise api_error_for(exc, "messages") from None
+    call = _Call(served, request, handle, events, bool(isinstance(opts, dict) and opts.get("include_usage")))
+    # The first event decides the status: a reader error is still a 400 here.
+    try:
+        first = await call.next_event()
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
+    if first[0] == "error":
+        raise api_error_for(first[1], "messages")
+    if body.get("stream"):
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(_sse(call, first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _whole_answer(call, first)
 
-    return app
+
+async def _whole_answer(call: _Call, first: tuple[str, Any]):
+    from fastapi.responses import JSONResponse
+
+    kind, value = first
+    try:
+        while kind == "text":
+            kind, value = await call.next_event()
+    finally:
+        if kind == "text":  # the client went away: free the slot now
+            call.handle.cancel()
+    if kind == "error":
+        raise api_error_for(value, "messages")
+    res: Result = value
+    call.served.metrics.observe(res)
+    return JSONResponse({
+        "id": call.cid, "object": "chat.completion", "created": call.created, "model": call.served.model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                     "finish_reason": res.finish_reason, "logprobs": None}],
+        "usage": _usage(res),
+        "onellm": _extension(res),
+    })
+
+
+async def _sse(call: _Call, first: tuple[str, Any]):
+    kind, value = first
+    ended = False
+    try:
+        yield call.chunk({"role": "assistant", "content": ""})
+        while kind == "text":
+            yield call.chunk({"content": value})
+            kind, value = await call.events.get()
+        if kind == "error":
+            err = api_error_for(value)
+            error = {"message": err.message, "type": err.type, "param": None, "code": err.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        else:
+            call.served.metrics.observe(value)
+            yield call.chunk({}, value.finish_reason)
+            if call.include_usage:
+                yield call.chunk({}, usage=_usage(value), choices=False, extension=_extension(value))
+        ended = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not ended and kind == "text":  # the client went away (or the server stops): free the slot now
+            call.handle.cancel()
+            call.served.metrics.requests.labels("disconnected").inc()
 
 
 class _EventBridge:

@@ -60,9 +60,18 @@ def _by_id(records: list[dict]) -> dict[str, dict]:
     return {r["id"]: _essence(r) for r in records}
 
 
-def _batch(pipe, jobs, out: Path, sampling=GREEDY):
+def _batch(engine, jobs, out: Path, sampling=GREEDY):
     with ResultsFile(out) as results:
-        return run_batch(pipe, jobs, results, sampling=sampling)
+        return run_batch(engine, jobs, results, sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def batch_engine(tiny_bundle):
+    """The engine `onellm batch` runs on, with its default two decode slots."""
+    from onellm.runtime.engine import Engine
+
+    with Engine.load(tiny_bundle, parallel=2) as engine:
+        yield engine
 
 
 # ----------------------------------------------------------------------------- validation
@@ -107,9 +116,9 @@ def test_relative_paths_resolve_against_the_jobs_folder(tmp_path):
 # ----------------------------------------------------------------------------- answers
 
 
-def test_results_equal_single_asks_and_bad_inputs_are_records(tiny_pipeline, tmp_path):
+def test_results_equal_single_asks_and_bad_inputs_are_records(batch_engine, tiny_pipeline, tmp_path):
     jobs = read_jobs(_write_jobs(tmp_path))
-    state = _batch(tiny_pipeline, jobs, tmp_path / "r.jsonl")
+    state = _batch(batch_engine, jobs, tmp_path / "r.jsonl")
     assert (state.done, state.failed, state.skipped) == (len(jobs) - 1, 1, 0)
     got = _by_id(read_results(tmp_path / "r.jsonl"))
     assert list(got) == [j.id for j in jobs]  # in job order
@@ -133,24 +142,24 @@ def test_results_equal_single_asks_and_bad_inputs_are_records(tiny_pipeline, tmp
     assert len(got["imu-0"]["token_ids"]) > 0
 
 
-def test_seeded_sampling_repeats_exactly(tiny_pipeline, tmp_path):
+def test_seeded_sampling_repeats_exactly(batch_engine, tmp_path):
     jobs = read_jobs(_write_jobs(tmp_path))
     hot = Sampling(temperature=1.5, top_p=1.0, seed=7, max_new_tokens=8)
-    _batch(tiny_pipeline, jobs, tmp_path / "a.jsonl", sampling=hot)
-    _batch(tiny_pipeline, jobs, tmp_path / "b.jsonl", sampling=hot)
+    _batch(batch_engine, jobs, tmp_path / "a.jsonl", sampling=hot)
+    _batch(batch_engine, jobs, tmp_path / "b.jsonl", sampling=hot)
     a, b = _by_id(read_results(tmp_path / "a.jsonl")), _by_id(read_results(tmp_path / "b.jsonl"))
     assert a == b
-    _batch(tiny_pipeline, jobs, tmp_path / "g.jsonl")
+    _batch(batch_engine, jobs, tmp_path / "g.jsonl")
     greedy = _by_id(read_results(tmp_path / "g.jsonl"))
     assert any(a[k].get("token_ids") != greedy[k].get("token_ids") for k in a)  # the sampling did something
 
 
-def test_job_sampling_overrides_the_run_default(tiny_pipeline, tmp_path):
+def test_job_sampling_overrides_the_run_default(batch_engine, tmp_path):
     shutil.copy(FMRI, tmp_path / "betas.npy")
     (tmp_path / "jobs.jsonl").write_text(
         '{"id": "short", "fmri": "betas.npy", "question": "Q?", "sampling": {"max_tokens": 2}}\n'
         '{"id": "long", "fmri": "betas.npy", "question": "Q?"}\n')
-    _batch(tiny_pipeline, read_jobs(tmp_path / "jobs.jsonl"), tmp_path / "r.jsonl",
+    _batch(batch_engine, read_jobs(tmp_path / "jobs.jsonl"), tmp_path / "r.jsonl",
            sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=5, seed=3))
     got = _by_id(read_results(tmp_path / "r.jsonl"))
     assert len(got["short"]["token_ids"]) <= 2 and got["long"]["token_ids"][:2] == got["short"]["token_ids"]
@@ -159,9 +168,9 @@ def test_job_sampling_overrides_the_run_default(tiny_pipeline, tmp_path):
 # ----------------------------------------------------------------------------- resuming
 
 
-def test_interrupt_in_the_middle_then_resume_loses_and_duplicates_nothing(tiny_pipeline, tmp_path, monkeypatch):
+def test_interrupt_in_the_middle_then_resume_loses_and_duplicates_nothing(batch_engine, tmp_path, monkeypatch):
     jobs = read_jobs(_write_jobs(tmp_path))
-    _batch(tiny_pipeline, jobs, tmp_path / "clean.jsonl")
+    _batch(batch_engine, jobs, tmp_path / "clean.jsonl")
     clean = _by_id(read_results(tmp_path / "clean.jsonl"))
 
     real = batch.Runner._answer
@@ -176,18 +185,18 @@ def test_interrupt_in_the_middle_then_resume_loses_and_duplicates_nothing(tiny_p
     monkeypatch.setattr(batch.Runner, "_answer", interrupted)
     out = tmp_path / "r.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        _batch(tiny_pipeline, jobs, out)
+        _batch(batch_engine, jobs, out)
     first = read_results(out)
     assert [r["id"] for r in first] == ["imu-0", "imu-1", "bad"]  # two answers + the error record, then the kill
     before = out.read_bytes()
     monkeypatch.setattr(batch.Runner, "_answer", real)
-    state = _batch(tiny_pipeline, jobs, out)
+    state = _batch(batch_engine, jobs, out)
     assert (state.skipped, state.done + state.failed) == (3, len(jobs) - 3)
     assert out.read_bytes().startswith(before)  # appended, never rewritten
     assert _by_id(read_results(out)) == clean
 
 
-def test_reader_failure_stops_the_run_and_keeps_what_was_written(tiny_pipeline, tmp_path, monkeypatch):
+def test_reader_failure_stops_the_run_and_keeps_what_was_written(batch_engine, tmp_path, monkeypatch):
     jobs = read_jobs(_write_jobs(tmp_path))
     real = batch.Runner._prepare
 
@@ -198,14 +207,14 @@ def test_reader_failure_stops_the_run_and_keeps_what_was_written(tiny_pipeline, 
 
     monkeypatch.setattr(batch.Runner, "_prepare", broken)
     with pytest.raises(RuntimeError, match="reader crashed"):
-        _batch(tiny_pipeline, jobs, tmp_path / "r.jsonl")
+        _batch(batch_engine, jobs, tmp_path / "r.jsonl")
     assert [r["id"] for r in read_results(tmp_path / "r.jsonl")] == ["imu-0", "imu-1", "bad", "imu-2"]
 
 
-def test_torn_last_line_is_stepped_over_not_cut(tiny_pipeline, tmp_path):
+def test_torn_last_line_is_stepped_over_not_cut(batch_engine, tmp_path):
     jobs = read_jobs(_write_jobs(tmp_path))
     out = tmp_path / "r.jsonl"
-    _batch(tiny_pipeline, jobs[:2], out)
+    _batch(batch_engine, jobs[:2], out)
     full = _by_id(read_results(out))
     with open(out, "ab") as fh:
         fh.write(b'{"id":"bad","error":"half a reco')  # a kill -9 in the middle of a write
@@ -214,7 +223,7 @@ def test_torn_last_line_is_stepped_over_not_cut(tiny_pipeline, tmp_path):
     assert results.done == {"imu-0", "imu-1"} and results.torn_lines == 1
     results.close()
     assert out.read_bytes() == torn + b"\n"  # the torn line is kept; the next record starts on its own line
-    state = _batch(tiny_pipeline, jobs, out)
+    state = _batch(batch_engine, jobs, out)
     assert (state.skipped, state.done + state.failed) == (2, len(jobs) - 2)
     data = out.read_bytes()
     assert data.startswith(torn + b"\n")
@@ -308,3 +317,16 @@ def test_inputs_folder_errors_are_one_line(tmp_path, args, expect):
     args = [a.replace("DIR", str(tmp_path)) for a in args]
     res = _run("batch", *args, "--out", str(tmp_path / "r.jsonl"))
     assert res.exit_code == 2 and expect in res.output and res.output.strip().count("\n") == 0
+
+
+def test_identical_files_keep_their_own_paths(batch_engine, tmp_path):
+    # the engine's block cache is keyed by content: the second file is a cache hit, its record still names it
+    for name in ("a.csv", "b.csv"):
+        shutil.copy(IMU, tmp_path / name)
+    (tmp_path / "jobs.jsonl").write_text('{"id": "a", "imu": "a.csv", "question": "Q?"}\n'
+                                         '{"id": "b", "imu": "b.csv", "question": "Q?"}\n')
+    _batch(batch_engine, read_jobs(tmp_path / "jobs.jsonl"), tmp_path / "r.jsonl")
+    got = _by_id(read_results(tmp_path / "r.jsonl"))
+    assert got["a"]["input"]["source"] == str(tmp_path.resolve() / "a.csv")
+    assert got["b"]["input"]["source"] == str(tmp_path.resolve() / "b.csv")
+    assert got["a"]["token_ids"] == got["b"]["token_ids"]

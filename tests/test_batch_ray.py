@@ -8,6 +8,7 @@ thread); in the main test session they ran beside later tests that parse Python 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-def test_ray_cases_pass_in_their_own_process():
+def test_ray_cases_pass_in_their_own_process(tiny_bundle):
     pytest.importorskip("ray")
+    env = {**os.environ, "ONELLM_RAY_CASES_BUNDLE": str(tiny_bundle)}  # built once, in this session
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
          str(HERE / "ray_cases.py")],
-        capture_output=True, text=True, timeout=1200, cwd=HERE.parent,
+        capture_output=True, text=True, timeout=1200, cwd=HERE.parent, env=env,
     )
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert "3 passed" in proc.stdout, tail
+    assert "5 passed" in proc.stdout, tail
