@@ -308,51 +308,6 @@ def _parse_reader_options(items: tuple[str, ...]) -> dict:
     return parse_reader_options(items)
 
 
-def _read_modality_input(files: dict[str, str | None], input_npy: str | None, modality: str | None,
-                         options: dict | None = None):
-    """(modality name, preprocessed array) from the modality options, or None for text only."""
-    from onellm.runtime.errors import InputError
-    from onellm.runtime.inputs import check_source, reader_options, select_input
-    from onellm.runtime.modalities import get_modality
-
-    given = {name: path for name, path in files.items() if path}
-    if input_npy:
-        if not modality:
-            raise InputError("--input-npy", "--modality NAME saying which modality the array is", "no --modality")
-        if given:
-            raise InputError("--input-npy", "no modality file options alongside it", " ".join(
-                get_modality(n).cli_option for n in given))
-        import numpy as np
-
-        spec = get_modality(modality)
-        path = check_source(input_npy, "--input-npy", modality)
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(input_npy, "a .npy array", f"an unreadable file ({str(exc).splitlines()[0][:120]})") from None
-        if tuple(array.shape) not in (spec.input_shape, (1, *spec.input_shape)):
-            raise InputError(input_npy, f"a preprocessed {spec.name} array of shape {list(spec.input_shape)}",
-                             f"shape {list(array.shape)}")
-        return spec.name, array.astype(spec.input_dtype, copy=False)
-    if modality:
-        raise InputError("--modality", "--input-npy FILE to go with it", "no --input-npy")
-    sel = select_input(given)
-    if sel.modality is None:
-        return None
-    spec = get_modality(sel.modality)
-    options = reader_options(sel.modality, options)
-    source = check_source(sel.source, spec.cli_option, sel.modality)
-    if sel.image is not None:
-        options["image"] = check_source(sel.image, "--image", "image")
-    try:
-        result = spec.preprocess(source, **options)
-    except NotImplementedError:
-        raise InputError(sel.source, f"a file the {sel.modality} reader can read",
-                         f"no {sel.modality} reader yet; pass a preprocessed array with --input-npy FILE "
-                         f"--modality {sel.modality}") from None
-    return sel.modality, result.array
-
-
 @reference_group.command("ask", cls=_ModalityOptionsCommand)
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="consolidated.00-of-01.pth, one of its .s0-.s9 shards, or their directory.")
@@ -394,6 +349,7 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
     from onellm.ref.config import resolve_config
     from onellm.ref.generate import generate
     from onellm.runtime.errors import InputError
+    from onellm.runtime.inputs import read_selected
     from onellm.runtime.modalities import get_modality
     from onellm.runtime.tokenizer import Tokenizer
 
@@ -404,7 +360,8 @@ def reference_ask_cmd(checkpoint, tokenizer_path, clip_checkpoint, preset, confi
                          f"{tokenizer.vocab_size} pieces")
     t0 = time.perf_counter()
     modality_files = {name: _one_or_list(v) for name, v in modality_files.items()}
-    inputs = _read_modality_input(modality_files, input_npy, modality, _parse_reader_options(reader_options))
+    inputs = read_selected(modality_files, _parse_reader_options(reader_options), input_npy=input_npy,
+                           modality=modality)
     preprocess_s = time.perf_counter() - t0
     if inputs is not None and inputs[0] not in cfg.modalities:
         raise InputError(inputs[0], f"one of the config's modalities ({', '.join(cfg.modalities)})", inputs[0])
@@ -721,22 +678,6 @@ def _reader_kwargs(modality: str | None, values: dict, reader_options=()) -> dic
     return _reader_options(modality, _parse_reader_options(reader_options), flags)
 
 
-def _select(files: dict, *, embeddings: bool = False, stdin_ok: bool = True):
-    """The checked input selection: one legal combination, paths readable, `-` read from stdin."""
-    from onellm.runtime.errors import InputError
-    from onellm.runtime.inputs import STDIN, Selection, check_source, select_input
-    from onellm.runtime.modalities import get_modality
-
-    sel = select_input(files, embeddings=embeddings)
-    if sel.modality is None:
-        return sel
-    if not stdin_ok and STDIN in (sel.source, sel.image):
-        raise InputError(STDIN, "a file path here (standard input carries the chat's questions)", "-")
-    source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
-    image = check_source(sel.image, "--image", "image") if sel.image is not None else None
-    return Selection(sel.modality, source, image)
-
-
 def _pipeline_inputs(sel) -> dict:
     """A selection as Pipeline keyword inputs."""
     if sel.modality is None:
@@ -749,28 +690,16 @@ def _pipeline_inputs(sel) -> dict:
 
 def _bundle_path(bundle) -> Path:
     """--bundle, or the demo bundle in the cache (built on first use where torch is installed)."""
-    from onellm.runtime.bundle import MANIFEST
-    from onellm.runtime.errors import BundleError
+    if bundle:
+        return Path(bundle)
+    from onellm.export.bundle import ensure_demo_bundle
     from onellm.runtime.pipeline import default_bundle_dir
 
-    path = Path(bundle) if bundle else default_bundle_dir()
-    if not bundle and not (path / MANIFEST).is_file():
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise BundleError(
-                f"no --bundle given and no demo bundle at {path}; build one where the export extra is installed "
-                f"(`onellm export --demo --out {path}`) or pass --bundle DIR") from None
-        from onellm.export.bundle import build_demo_bundle
-        from onellm.runtime.inputs import check_out_dir
-
-        check_out_dir(path, "the demo bundle directory")
-        click.secho(f"onellm: building the demo bundle (tiny model, RANDOM weights) in {path} - once", err=True,
-                    fg="yellow")
-        progress = _Progress("demo bundle")
-        build_demo_bundle(path, progress=progress, force=True)
+    progress = _Progress("demo bundle")
+    if ensure_demo_bundle(default_bundle_dir(), progress=progress,
+                          announce=lambda msg: click.secho(f"onellm: {msg}", err=True, fg="yellow")):
         progress.finish()
-    return path
+    return default_bundle_dir()
 
 
 def _open_pipeline(bundle, device, precision, quant, threads, n_ctx=None):
@@ -854,13 +783,14 @@ def ask_cmd(question, bundle, device, precision, quant, threads, reader_options,
 
     from onellm.runtime.embeddings import check_embeddings, load_embeddings
     from onellm.runtime.errors import InputError
+    from onellm.runtime.inputs import select_checked
     from onellm.runtime.modalities import get_modality
 
     _check_ranges(threads=threads, ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   repeat_penalty=repeat_penalty, logprobs=logprobs)
     _check_question(question)
     files = _split_inputs(kwargs)
-    sel = _select(files, embeddings=bool(embeddings))
+    sel = select_checked(files, embeddings=bool(embeddings))
     block = meta = None
     if embeddings:
         block, meta = load_embeddings(embeddings)
@@ -920,11 +850,11 @@ def encode_cmd(bundle, device, precision, quant, threads, reader_options, out_pa
     """
     from onellm.runtime.embeddings import embeddings_meta, save_embeddings
     from onellm.runtime.errors import InputError
-    from onellm.runtime.inputs import check_out_file
+    from onellm.runtime.inputs import check_out_file, select_checked
 
     _check_ranges(threads=threads)
     files = _split_inputs(kwargs)
-    sel = _select(files)
+    sel = select_checked(files)
     if sel.modality is None:
         raise InputError("options", "one input file to encode (--imu, --image, ...)", "none")
     options = _reader_kwargs(sel.modality, kwargs, reader_options)
@@ -948,10 +878,12 @@ def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, max
     The input is encoded once; follow-up questions reuse the KV cache, so only the new
     turn is prefilled.
     """
+    from onellm.runtime.inputs import select_checked
+
     _check_ranges(threads=threads, ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   repeat_penalty=repeat_penalty)
     files = _split_inputs(kwargs)
-    sel = _select(files, stdin_ok=False)
+    sel = select_checked(files, stdin_ok=False)
     options = _reader_kwargs(sel.modality, kwargs, reader_options)
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
     pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)

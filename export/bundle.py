@@ -35,7 +35,8 @@ import numpy as np
 
 from onellm.runtime import __version__
 from onellm.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
-from onellm.runtime.errors import ConfigError, OneLLMError
+from onellm.runtime.errors import BundleError, ConfigError, OneLLMError
+from onellm.runtime.inputs import check_out_dir
 from onellm.runtime.manifest import (
     DecoderSection,
     DecoderVariant,
@@ -262,6 +263,25 @@ def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progre
         return build_bundle(out_dir, cfg, ckpt, tok, encoder_precision=encoder_precision,
                             decoder_quant=decoder_quant, force=force, random_weights=True, random_seed=DEMO_SEED,
                             progress=progress)
+
+
+def ensure_demo_bundle(path: str | os.PathLike, *, progress: Progress | None = None,
+                       announce: Callable[[str], None] | None = None) -> bool:
+    """The demo bundle at `path` (the runtime's default bundle), built there on first use; True when
+    built now. Building needs torch (the export extra); without it a BundleError says what to do."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return False
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BundleError(f"no --bundle given and no demo bundle at {path}; build one where the export extra is "
+                          f"installed (`onellm export --demo --out {path}`) or pass --bundle DIR") from None
+    check_out_dir(path, "the demo bundle directory")
+    if announce:
+        announce(f"building the demo bundle (tiny model, RANDOM weights) in {path} - once")
+    build_demo_bundle(path, progress=progress, force=True)
+    return True
 
 
 def _default_precision(precisions: Sequence[str]) -> str:

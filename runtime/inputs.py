@@ -12,6 +12,9 @@ rules live in one place:
   does not take (the message lists the keys it does).
 - `check_source(...)`: an input path exists and is readable; `-` is standard input,
   read once into a temporary file whose format is sniffed from its first bytes.
+- `select_checked(inputs)`: `select_input` with its files checked as above;
+  `read_selected(...)`: that input read to the encoder's array (or an already
+  preprocessed `--input-npy` array), for the reference model.
 - `check_out_file` / `check_out_dir`: an output can be written, before the work starts.
 """
 
@@ -34,8 +37,6 @@ log = logging.getLogger(__name__)
 
 STDIN = "-"
 STDIN_LABEL = "<stdin>"
-
-# Keyword names the Python API accepts for the paired modalities (the registry names work too).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,65 @@ def select_input(inputs: dict[str, Any], *, embeddings: bool = False) -> Selecti
         raise InputError("inputs", f"one input per question ({spec.cli_option} does not take an --image)",
                          f"{spec.cli_option} and --image")
     return Selection(name, source, image)
+
+
+def select_checked(inputs: dict[str, Any], *, embeddings: bool = False, stdin_ok: bool = True) -> Selection:
+    """`select_input` with its files checked (`check_source`): readable paths, `-` read from standard
+    input once (`stdin_ok=False`: refused, because standard input carries something else)."""
+    sel = select_input(inputs, embeddings=embeddings)
+    if sel.modality is None:
+        return sel
+    if not stdin_ok and STDIN in (sel.source, sel.image):
+        raise InputError(STDIN, "a file path here (standard input carries the chat's questions)", "-")
+    source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
+    image = check_source(sel.image, "--image", "image") if sel.image is not None else None
+    return Selection(sel.modality, source, image)
+
+
+def read_selected(inputs: dict[str, Any], options: dict[str, Any] | None = None, *, input_npy: str | None = None,
+                  modality: str | None = None) -> tuple[str, Any] | None:
+    """(modality, encoder input array) of the one input given, or None for a text-only question.
+
+    `input_npy` with `modality`: an already-preprocessed array (.npy of the modality's input
+    shape, optionally with a batch axis of 1) instead of a file for the reader.
+    """
+    given = {name: path for name, path in inputs.items() if path}
+    if input_npy:
+        if not modality:
+            raise InputError("--input-npy", "--modality NAME saying which modality the array is", "no --modality")
+        if given:
+            raise InputError("--input-npy", "no modality file options alongside it",
+                             " ".join(get_modality(input_names().get(n, n)).cli_option for n in given))
+        return modality, _load_input_npy(input_npy, modality)
+    if modality:
+        raise InputError("--modality", "--input-npy FILE to go with it", "no --input-npy")
+    sel = select_checked(given)
+    if sel.modality is None:
+        return None
+    opts = reader_options(sel.modality, options)
+    if sel.image is not None:
+        opts["image"] = sel.image
+    try:
+        return sel.modality, get_modality(sel.modality).preprocess(sel.source, **opts).array
+    except NotImplementedError:
+        raise InputError(sel.source, f"a file the {sel.modality} reader can read",
+                         f"no {sel.modality} reader yet; pass a preprocessed array with --input-npy FILE "
+                         f"--modality {sel.modality}") from None
+
+
+def _load_input_npy(path: str, modality: str):
+    import numpy as np
+
+    spec = get_modality(modality)
+    checked = check_source(path, "--input-npy", modality)
+    try:
+        array = np.load(checked, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "a .npy array", f"an unreadable file ({str(exc).splitlines()[0][:120]})") from None
+    if tuple(array.shape) not in (spec.input_shape, (1, *spec.input_shape)):
+        raise InputError(path, f"a preprocessed {spec.name} array of shape {list(spec.input_shape)}",
+                         f"shape {list(array.shape)}")
+    return array.astype(spec.input_dtype, copy=False)
 
 
 def reader_parameters(modality: str) -> list[str]:
