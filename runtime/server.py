@@ -52,7 +52,7 @@ import numpy as np
 from .decoder import Sampling
 from .engine import Engine, EngineClosed, Media, QueueFull, Request, Result
 from .errors import BackendError, ConfigError, InputError, OneLLMError
-from .modalities import get_modality
+from .modalities import all_modalities, get_modality, input_names
 from .prompt import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 try:  # the `serve` extra; the annotations of the route functions need the name at module level
@@ -74,14 +74,23 @@ _MIME_EXT = {
     "audio/flac": ".flac", "audio/ogg": ".ogg", "video/mp4": ".mp4", "video/webm": ".webm",
     "video/quicktime": ".mov", "video/x-matroska": ".mkv", "video/x-msvideo": ".avi", "text/csv": ".csv",
 }
-_EXT_MODALITY = {  # the `file` part: extension -> modality (.npy is decided by its shape)
-    ".csv": "imu", ".tsv": "imu", ".ply": "point", ".pcd": "point", ".xyz": "point",
-    **{e: "image" for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp")},
-    **{e: "audio" for e in (".wav", ".flac", ".ogg", ".mp3")},
-    **{e: "video" for e in (".mp4", ".mov", ".webm", ".mkv", ".avi")},
-}
-_TYPED = {"input_imu": "imu", "input_point": "point", "input_fmri": "fmri", "input_depth": "rgbd",
-          "input_normal": "rgbn", "input_audio": "audio", "input_video": "video", "input_image": "image"}
+
+
+def _file_part_extensions() -> dict[str, str]:
+    """The `file` part: extension -> modality, from the modality specs' file types. An extension
+    decides when exactly one modality that stands alone claims it (a depth or normal map needs
+    its photo, so it goes as a typed part); .npy is decided by its shape."""
+    claims: dict[str, set[str]] = collections.defaultdict(set)
+    for spec in all_modalities().values():
+        if not spec.requires_image:
+            for ext in spec.file_types:
+                claims[ext].add(spec.name)
+    return {ext: names.pop() for ext, names in sorted(claims.items()) if len(names) == 1 and ext != ".npy"}
+
+
+_EXT_MODALITY = _file_part_extensions()
+# the typed parts: `input_<name>` for every input name of the specs (`input_depth` -> rgbd)
+_TYPED = {f"input_{name}": modality for name, modality in input_names().items()}
 MEDIA_PART_TYPES = ("image_url", "video_url", "file", "input_embeddings", *_TYPED)
 
 

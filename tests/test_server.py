@@ -373,3 +373,19 @@ def test_serve_command_reports_a_missing_bundle_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--bundle", str(tmp_path / "none"), "--port", "1"])
     assert result.exit_code != 0
     assert "Traceback" not in result.output and "none" in result.output
+
+
+def test_media_part_tables_come_from_the_modality_specs():
+    """Every input name has its typed part, and a `file` part's extension picks the one standalone
+    modality whose spec lists it (ambiguous ones, like .npy and .txt, are not in the table)."""
+    from onellm.runtime import server
+    from onellm.runtime.modalities import all_modalities, input_names
+
+    assert {f"input_{n}" for n in input_names()} <= set(server.MEDIA_PART_TYPES)
+    assert server._TYPED["input_depth"] == "rgbd" and server._TYPED["input_normal"] == "rgbn"
+    specs = all_modalities()
+    for ext, modality in server._EXT_MODALITY.items():
+        assert ext in specs[modality].file_types and not specs[modality].requires_image
+        assert [m for m, s in specs.items() if ext in s.file_types and not s.requires_image] == [modality]
+    assert ".npy" not in server._EXT_MODALITY and ".txt" not in server._EXT_MODALITY
+    assert server._EXT_MODALITY[".ply"] == "point" and server._EXT_MODALITY[".csv"] == "imu"
