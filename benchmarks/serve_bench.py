@@ -155,7 +155,7 @@ def raw_decode_rates(gguf: str, quant: str, levels: list[int], threads: int | No
     batch per step, in a unified cache like the engine's (the ceiling the engine's scaling is held to)."""
     import numpy as np
 
-    from onellm.runtime import _llama
+    from onellm.runtime import decoder as _llama  # its public LlamaModel/LlamaContext/LlamaBatch
     from onellm.runtime.registry import decoder_quant
 
     q = decoder_quant(quant)

@@ -316,7 +316,7 @@ def export_gguf(
                           progress=progress, total_steps=n_steps)
         info["intermediate"] = None
     else:
-        from onellm.runtime._llama import quantize_model
+        from onellm.runtime.decoder import quantize_model
 
         inter = "f16" if _source_is_fp16(checkpoint_tensors, cfg) else "f32"
         tmp = out_path.with_name(f".{out_path.name}.{inter}.gguf")

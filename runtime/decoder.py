@@ -60,6 +60,10 @@ GGUF_MAGIC = b"GGUF"
 # `with capture_native_log() as lines:` collects llama.cpp's log lines emitted inside the block
 # (the bench reads how llama.cpp resolved flash attention from them)
 capture_native_log = _llama.capture_native_log
+# llama.cpp's quantizer (export writes the quantized GGUFs with it)
+quantize_model = _llama.quantize_model
+# the low-level wrappers, for measurements of llama.cpp alone (benchmarks/serve_bench.py)
+LlamaModel, LlamaContext, LlamaBatch = _llama.LlamaModel, _llama.LlamaContext, _llama.LlamaBatch
 
 def context_settings_for(quant: str) -> dict[str, Any]:
     """`Decoder` keyword arguments (kv_type, flash_attn) for a GGUF of this type, from the quant
