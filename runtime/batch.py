@@ -260,6 +260,21 @@ class Progress:
                 "seconds": round(self.seconds, 3), "jobs_per_s": round(self.jobs_per_s, 3)}
 
 
+def pick_job_input(job: Job, modalities: list[str]) -> tuple[str | None, Any, Any]:
+    """(modality, source, image) of a job, checked as `ask` checks them (the files exist, the
+    bundle has the encoder); InputError/ConfigError otherwise. modality None: a text question."""
+    from .inputs import check_source, select_input
+
+    sel = select_input(dict(job.inputs))
+    if sel.modality is None:
+        return None, None, None
+    if sel.modality not in modalities:
+        raise ConfigError(f"this bundle has no {sel.modality!r} encoder (it has {', '.join(modalities)})")
+    source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
+    image = check_source(sel.image, "--image", "image") if sel.image is not None else None
+    return sel.modality, source, image
+
+
 @dataclasses.dataclass
 class _Prepared:
     """A job whose first question is in the engine (or the one-line error that stopped it)."""
@@ -296,18 +311,12 @@ class Runner:
     def _prepare(self, job: Job) -> _Prepared:
         """Pick the job's input and submit its first question (the engine reads and encodes it)."""
         from .engine import Media
-        from .inputs import check_source, select_input
 
         prep = _Prepared(job, t0=time.perf_counter())
         try:
-            sel = select_input(dict(job.inputs))
-            if sel.modality is not None:
-                if sel.modality not in self.engine.modalities:
-                    raise ConfigError(f"this bundle has no {sel.modality!r} encoder "
-                                      f"(it has {', '.join(self.engine.modalities)})")
-                source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
-                image = check_source(sel.image, "--image", "image") if sel.image is not None else None
-                prep.modality, prep.media = sel.modality, Media(sel.modality, source, dict(job.options), image=image)
+            modality, source, image = pick_job_input(job, self.engine.modalities)
+            if modality is not None:
+                prep.modality, prep.media = modality, Media(modality, source, dict(job.options), image=image)
             prep.handle = self._submit(prep, [("user", job.questions[0])])
         except (InputError, ConfigError) as exc:
             prep.error = str(exc)

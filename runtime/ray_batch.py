@@ -124,23 +124,18 @@ class _EncodeStage:
         self.modalities = list(b.manifest.modalities)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from .inputs import check_source, select_input
-        from .modalities import get_modality
+        from .batch import pick_job_input
         from .pipeline import read_input
 
         job = _job_of(row["job"])
         out = {"job": row["job"], "modality": "", "block": b"", "meta": "{}", "error": "", "encode_s": 0.0}
         t0 = time.perf_counter()
         try:
-            sel = select_input(dict(job.inputs))
-            if sel.modality is not None:
-                if sel.modality not in self.modalities:
-                    raise ConfigError(f"this bundle has no {sel.modality!r} encoder (it has {', '.join(self.modalities)})")
-                source = check_source(sel.source, get_modality(sel.modality).cli_option, sel.modality)
-                image = check_source(sel.image, "--image", "image") if sel.image is not None else None
-                item = read_input(sel.modality, source, job.options, image=image)
-                block = np.asarray(self.encoder.encode(sel.modality, item.array), dtype=np.float32)
-                out.update(modality=sel.modality, block=block.tobytes(), meta=json.dumps(item.meta, default=str))
+            modality, source, image = pick_job_input(job, self.modalities)
+            if modality is not None:
+                item = read_input(modality, source, job.options, image=image)
+                block = np.asarray(self.encoder.encode(modality, item.array), dtype=np.float32)
+                out.update(modality=modality, block=block.tobytes(), meta=json.dumps(item.meta, default=str))
         except (InputError, ConfigError) as exc:
             out["error"] = str(exc)
         out["encode_s"] = time.perf_counter() - t0

@@ -76,15 +76,26 @@ def test_ray_batch_refuses_a_missing_bundle_before_starting(tmp_path):
 
 
 def _decoder_pids() -> list[int]:
-    """Decoder actor processes, by the title Ray gives its workers (no dashboard needed)."""
+    """This cluster's decoder actor processes: by the title Ray gives its workers (no dashboard
+    needed), among this process's descendants only (other sessions may run Ray on this machine)."""
+    import os
     from pathlib import Path
 
-    pids = []
+    def parent(pid: int) -> int:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+
+    me, pids = os.getpid(), []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"_DecodeStage" in (proc / "cmdline").read_bytes():
+            if not (proc.name.isdigit() and b"_DecodeStage" in (proc / "cmdline").read_bytes()):
+                continue
+            pid = int(proc.name)
+            while pid > 1 and pid != me:
+                pid = parent(pid)
+            if pid == me:
                 pids.append(int(proc.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return sorted(pids)
 
