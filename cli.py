@@ -1020,6 +1020,12 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Cap on a request's max_tokens.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting before 429 replies.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="cpu", show_default=True,
+              help="Where the encoder runs (as for `onellm ask`; auto: TensorRT, else CUDA, else CPU).")
+@click.option("--precision", type=click.Choice(list(ENCODER_PRECISIONS)), default=None,
+              help="Encoder precision (default: the device's pick among the exported ones).")
+@click.option("--quant", type=click.Choice(list(DECODER_QUANTS)), default=None,
+              help="Which exported GGUF to run (default: the bundle's).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encoder and decoder as Ray Serve deployments (pip install onellm[ray]): a new local Ray, or ADDRESS.")
 @click.option("--encoder-replicas", type=int, default=1, show_default=True, help="With --ray: encoder replicas.")
@@ -1030,7 +1036,7 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--decoder-gpus", type=float, default=0.0, show_default=True, help="With --ray: GPUs per decoder replica.")
 @handle_errors
 def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir, max_tokens, max_queue, threads,
-              ray_address, encoder_replicas, decoder_replicas, encoder_cpus, decoder_cpus, decoder_gpus) -> None:
+              device, precision, quant, ray_address, encoder_replicas, decoder_replicas, encoder_cpus, decoder_cpus, decoder_gpus) -> None:
     """Serve the bundle over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
 
     Media go in as content parts (image_url, input_audio, input_video, file, input_imu, ...);
@@ -1051,7 +1057,8 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
         engine = ray_serve.deploy(path, address=None if ray_address == "local" else ray_address, plan=plan,
                                   limits=limits)
     else:
-        engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits)
+        engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits,
+                             device=device, precision=precision, quant=quant)
     model_id = load_manifest(path, verify=False).dir.name
     url = f"http://{host}:{port}"
     click.echo(f"onellm serve: {model_id} ({', '.join(engine.modalities)}), {engine.parallel} requests at once, "
