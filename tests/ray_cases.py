@@ -53,6 +53,7 @@ def test_ray_batch_refuses_a_missing_bundle_before_starting(tmp_path):
 def test_killed_actor_loses_no_job(two_node_cluster, tiny_bundle, tiny_pipeline, tmp_path):
     import os
     import signal
+    import time
 
     from ray.util.state import list_actors
 
@@ -62,7 +63,13 @@ def test_killed_actor_loses_no_job(two_node_cluster, tiny_bundle, tiny_pipeline,
 
     def kill_one_actor(state):  # after the first record: the other actor is mid-job
         if not killed:
-            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "_Answerer" in a.class_name]
+            # the first record may come before the second actor finished loading its pipeline:
+            # wait for it to be ALIVE (a state, polled; bounded so a broken pool fails the test)
+            for _ in range(600):
+                workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "_Answerer" in a.class_name]
+                if len(workers) == 2:
+                    break
+                time.sleep(0.2)
             assert len(workers) == 2
             os.kill(workers[0].pid, signal.SIGKILL)
             killed.append(workers[0].pid)
