@@ -282,6 +282,19 @@ def _common_prefix(a: list, b: list) -> int:
     return i
 
 
+def _own_labels(job: _Job) -> dict[str, Any]:
+    """The reader's metadata named after this request's own input: a block-cache hit carries the
+    metadata of the first input with the same content, which may have had another path."""
+    from .modalities._io import source_label
+
+    media, inputs = job.request.media, dict(job.inputs)
+    if media is not None:
+        for key, src in (("source", media.source), ("image", media.image)):
+            if key in inputs and isinstance(src, (str, os.PathLike)):
+                inputs[key] = source_label(src)
+    return inputs
+
+
 def block_digest(block: np.ndarray) -> str:
     """The digest a block's rows are cached under (same as decoder.Session's)."""
     return hashlib.blake2b(block.tobytes(), digest_size=16).hexdigest()
@@ -810,7 +823,7 @@ class Engine:
             self._waiting -= 1
             self.counters["finished_encode"] += 1
         now = time.perf_counter()
-        job.handle._emit("done", Result(stop_reason="encoded", modality=job.modality, inputs=job.inputs,
+        job.handle._emit("done", Result(stop_reason="encoded", modality=job.modality, inputs=_own_labels(job),
                                         queue_s=now - job.t_submit, preprocess_s=job.read_s,
                                         encode_s=job.encode_s, block=job.block))
 
@@ -840,7 +853,7 @@ class Engine:
                 slot.sampler.accept(item)
         slot.stream = _TextStream(self.stop_strings + tuple(x for x in req.stop if x))
         slot.result = Result(prompt_tokens=len(target), cached_tokens=keep, modality=job.modality,
-                             inputs=job.inputs, queue_s=now - job.t_submit, slot=slot.seq,
+                             inputs=_own_labels(job), queue_s=now - job.t_submit, slot=slot.seq,
                              preprocess_s=job.read_s, encode_s=job.encode_s)
         slot.t_first, slot.t_start, slot.t_emit = 0.0, now, 0.0
         slot.pending.clear()

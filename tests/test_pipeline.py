@@ -115,6 +115,22 @@ def test_block_is_encoded_once_and_handed_over_by_pointer(tiny_pipeline, monkeyp
     assert a2.usage["cached_tokens"] == a2.usage["prompt_tokens"] - 1  # only the last position re-decoded
 
 
+def test_a_cached_block_reports_the_askers_own_file(tiny_pipeline, tmp_path):
+    """Two files with the same content share one cached block, but each answer names its own file."""
+    import shutil
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    shutil.copy(_unique_walk(tmp_path), a)
+    shutil.copy(a, b)
+    first = tiny_pipeline.ask(QUESTION, imu=str(a), sampling=_greedy(3))
+    encodes = tiny_pipeline.engine.counters["encodes"]
+    second = tiny_pipeline.ask(QUESTION, imu=str(b), sampling=_greedy(3))
+    _, meta = tiny_pipeline.encode("imu", str(b))
+    assert tiny_pipeline.engine.counters["encodes"] == encodes  # a cache hit
+    assert first.inputs["source"] == str(a) and second.inputs["source"] == str(b) and meta["source"] == str(b)
+    assert second.token_ids == first.token_ids
+
+
 def _unique_walk(tmp_path) -> str:
     """walk.csv with one sample changed: an input no other test encoded (the engine caches blocks)."""
     lines = (EXAMPLES / "imu" / "walk.csv").read_text().splitlines()
