@@ -116,6 +116,7 @@ def build_bundle(
     random_seed: int | None = None,
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
+    low_memory: bool = False,
 ) -> Manifest:
     """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it.
 
@@ -123,6 +124,10 @@ def build_bundle(
     relaxes them for random-weight models, whose flat logits inflate max|diff|/std).
     `random_seed`: the seed `save_random_checkpoint` made the checkpoint with, recorded so
     `onellm verify` can rebuild that checkpoint (the demo bundle) instead of asking for it.
+    `low_memory`: load the checkpoint as stored (memory-mapped, no fp32 copy: a 7B release
+    needs ~0.5 GB instead of 27 GB); the encoder graphs are traced from an encoder-only fp32
+    copy and each GGUF is checked against the same fp32 reference run one decoder layer at a
+    time (`onellm.ref.lowmem`), so the validation is the full one, only slower.
     """
     from onellm.ref.checkpoint import load_model
 
@@ -147,7 +152,8 @@ def build_bundle(
     stage.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
     try:
         step("load checkpoint", 0, 1)
-        model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint, dtype="fp32")
+        model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint,
+                                   dtype=_stored_dtype(checkpoint) if low_memory else "fp32")
         step("load checkpoint", 1, 1)
         src_digest = _checkpoint_digest(report.files)
 
@@ -156,7 +162,7 @@ def build_bundle(
 
         shutil.copyfile(tokenizer, stage / "tokenizer.model")
         decoders = export_decoders(model, cfg, checkpoint, stage, quants, probe=mods[0], tolerances=gguf_tolerances,
-                                   step=step)
+                                   step=step, release_files=report.files if low_memory else ())
         trt_entry = _maybe_build_trt(stage, enc, step) if trt else None
 
         tok = Tokenizer(stage / "tokenizer.model")
@@ -201,33 +207,49 @@ def build_bundle(
 
 
 def export_decoders(model, cfg, checkpoint, stage: Path, quants: Sequence[str], *, probe: str,
-                    tolerances: dict[str, dict[str, float]] | None = None, step=None) -> dict[str, DecoderVariant]:
+                    tolerances: dict[str, dict[str, float]] | None = None, step=None,
+                    release_files: Sequence[str] = ()) -> dict[str, DecoderVariant]:
     """One GGUF per quantization in `stage`, each validated right after writing against the
-    reference's logits on a real encoder block (the `probe` modality's seeded dummy input)."""
+    reference's logits on a real encoder block (the `probe` modality's seeded dummy input).
+
+    `release_files`: the checkpoint files whose resident pages are dropped once read (the
+    low-memory export; see build_bundle)."""
     from onellm.ref.checkpoint import open_checkpoint
+    from onellm.ref.lowmem import page_releaser
 
     from .gguf import export_gguf, validate_gguf
-    from .onnx_encoder import chain_input, reference_block
+    from .onnx_encoder import chain_input, fp32_reference, reference_block
 
     def report(what: str, done: int, total: int) -> None:
         if step:
             step(what, done, total)
 
-    block = reference_block(model, probe, chain_input(probe, 0))
+    block = reference_block(fp32_reference(model), probe, chain_input(probe, 0))
     tensors = open_checkpoint(checkpoint)
+    release = page_releaser(release_files) if release_files else None
     decoders: dict[str, DecoderVariant] = {}
     for quant in quants:
         name = f"decoder-{quant}.gguf"
         info = export_gguf(tensors, cfg, stage / "tokenizer.model", stage / name, quant=quant,
-                           progress=lambda d, t, w, q=quant: report(f"decoder {q}: {w}", d, t))
+                           progress=lambda d, t, w, q=quant: report(f"decoder {q}: {w}", d, t), release=release)
         report(f"decoder {quant}: validate", 0, 1)
         parity = _jsonable(validate_gguf(model, cfg, stage / name, quant, block=block,
-                                         tolerances=(tolerances or {}).get(quant)))
+                                         tolerances=(tolerances or {}).get(quant), release_files=release_files))
         report(f"decoder {quant}: validate", 1, 1)
         decoders[quant] = DecoderVariant(quant=quant, file=name, sha256=info["sha256"], bytes=info["bytes"],
                                          n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
                                          parity={"probe_modality": probe, **parity})
     return decoders
+
+
+def _stored_dtype(checkpoint) -> str:
+    """The floating dtype most of the checkpoint's tensors are stored in ("fp16" for the release)."""
+    from collections import Counter
+
+    from onellm.ref.checkpoint import dtype_name, open_checkpoint
+
+    counts = Counter(dtype_name(t.dtype) for t in open_checkpoint(checkpoint).values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else "fp32"
 
 
 def _install(stage: Path, out_dir: Path) -> None:
