@@ -94,6 +94,8 @@ DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
                  _no_extra_bufts, None, "8-bit blocks (near-lossless, half of f16)"),
     DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
                  _repack_without_amx, None, "4-bit k-quants (smallest, fastest on CPU)"),
+    DecoderQuant("q4_0", "MOSTLY_Q4_0", 2, False, {"rel": 1.0, "cos": 0.9, "top1": 0.45},
+                 _repack_without_amx, None, "4-bit blocks, one scale per 32 weights (CPU_REPACK's fastest kernels)"),
 )}
 
 
