@@ -1225,7 +1225,7 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 @click.option("--modalities", default=None, help="Comma list (default image,imu).")
 @click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
 @click.option("--decoder-quants", default=None,
-              help=f"Comma list of {','.join(DECODER_QUANTS)} (default: all but f32).")
+              help=f"Comma list of {','.join(DECODER_QUANTS)} (default f16,q8_0,q4_k_m; 7b: q4_k_m,q8_0,q4_0).")
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
 @click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
 @click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")
@@ -1242,7 +1242,7 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch reference rows.")
 @click.option("--no-baselines", is_flag=True, help="Skip llama-cpp-python / plain onnxruntime overhead rows.")
 @click.option("--no-footprint", is_flag=True, help="Skip the fresh-process load time / peak RSS probes.")
-@click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~30 GB on disk).")
+@click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~15 GB fp16 on disk, written streamed).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores).")
 @click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="auto", show_default=True,
               help="Also run GPU encoder rows when onnxruntime has CUDA (auto).")
