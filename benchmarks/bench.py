@@ -566,13 +566,9 @@ def prepare_artifacts(cfg, opts: BenchOptions, precisions: Sequence[str], quants
 def release_size(cfg) -> bool:
     """Whether the model in fp32 would take over half this machine's RAM (the 7b preset on
     24 GiB): then the checkpoint is synthesised streamed in fp16 and exported in low-memory mode."""
-    from onellm.ref.model import count_parameters
+    from onellm.export.bundle import fp32_exceeds_half_ram
 
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return cfg.name == "7b"
-    return count_parameters(cfg)["total"] * 4 > ram / 2
+    return fp32_exceeds_half_ram(cfg)
 
 
 def _bundle_mismatch(bundle: Path, cfg, precisions, quants) -> str | None:

@@ -146,8 +146,9 @@ def sweep_model(path: Path, quant: str, extra_bufts: bool, pairs: Sequence[tuple
                 batch.close()
                 ctx.close()
             med = statistics.median(times)
+            # llama.cpp clamps n_batch and n_ubatch to n_ctx: the row records what the context got
             rows.append({"quant": quant, "extra_bufts": extra_bufts, "weight_buffers": buffers,
-                         "n_batch": n_batch, "n_ubatch": ctx.n_ubatch, "positions": n_pos,
+                         "n_batch": ctx.n_batch, "n_ubatch": ctx.n_ubatch, "positions": n_pos,
                          "prefill_s": med, "prefill_s_min": min(times), "prefill_tok_s": n_pos / med,
                          "decode_tok_s": tps, "load_s": load_s, "bytes": path.stat().st_size})
             log.info("%s bufts=%s batch=%d ubatch=%d: prefill %.3fs (%.0f pos/s), decode %.2f tok/s",

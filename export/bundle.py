@@ -116,7 +116,7 @@ def build_bundle(
     random_seed: int | None = None,
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
-    low_memory: bool = False,
+    low_memory: bool | None = None,
 ) -> Manifest:
     """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it.
 
@@ -127,7 +127,9 @@ def build_bundle(
     `low_memory`: load the checkpoint as stored (memory-mapped, no fp32 copy: a 7B release
     needs ~0.5 GB instead of 27 GB); the encoder graphs are traced from an encoder-only fp32
     copy and each GGUF is checked against the same fp32 reference run one decoder layer at a
-    time (`onellm.ref.lowmem`), so the validation is the full one, only slower.
+    time (`onellm.ref.lowmem`), so the validation is the full one, only slower. Default
+    (None): on when the model in fp32 would take over half of this machine's RAM
+    (`fp32_exceeds_half_ram`), e.g. the 7B release on 24 GiB.
     """
     from onellm.ref.checkpoint import load_model
 
@@ -146,6 +148,10 @@ def build_bundle(
         if progress:
             progress(what, done, total)
 
+    if low_memory is None:
+        low_memory = fp32_exceeds_half_ram(cfg)
+        if low_memory:
+            log.info("%s in fp32 would take over half the RAM: exporting from the checkpoint as stored", cfg.name)
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -240,6 +246,17 @@ def export_decoders(model, cfg, checkpoint, stage: Path, quants: Sequence[str], 
                                          n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
                                          parity={"probe_modality": probe, **parity})
     return decoders
+
+
+def fp32_exceeds_half_ram(cfg) -> bool:
+    """Whether the model's parameters in fp32 would take over half of this machine's RAM."""
+    from onellm.ref.model import count_parameters
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume a 16 GiB machine
+        ram = 16 * 2**30
+    return count_parameters(cfg)["total"] * 4 > ram / 2
 
 
 def _stored_dtype(checkpoint) -> str:

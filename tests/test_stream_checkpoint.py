@@ -123,3 +123,32 @@ def test_low_memory_reference_equals_fp32_model(tmp_path):
     r16 = reference_logits(m16, cfg, 1, block[0].numpy(), text, release_files=report.files)
     r32 = reference_logits(m32, cfg, 1, block[0].numpy(), text)
     np.testing.assert_allclose(r16, r32, rtol=1e-5, atol=1e-5 * float(np.abs(r32).max()))
+
+
+def test_low_memory_export_validates_gguf_against_the_layerwise_reference(tmp_path, tiny_tokenizer):
+    import shutil
+
+    from onellm.export.bundle import export_decoders
+
+    cfg = load_preset("tiny")
+    ckpt = stream_random_checkpoint(cfg, tmp_path / "m.pth", seed=4)
+    model, report = load_model(cfg, ckpt, dtype="fp16")
+    shutil.copyfile(tiny_tokenizer, tmp_path / "tokenizer.model")
+    out = export_decoders(model, cfg, ckpt, tmp_path, ["f16"], probe="imu", release_files=report.files)
+    parity = out["f16"].parity
+    # an f16 GGUF of fp16 weights: the same numbers, so the fp32 reference agrees to f16 KV-cache noise
+    assert parity["cos_min"] > 0.9995 and parity["top1"] >= 0.95 and parity["positions"] > 32
+    assert (tmp_path / "decoder-f16.gguf").is_file()
+    assert all(p.dtype == torch.float16 for p in model.layers.parameters())  # never cast in place
+
+
+def test_low_memory_is_chosen_by_model_size(monkeypatch):
+    import os
+
+    from onellm.export.bundle import fp32_exceeds_half_ram
+
+    ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 2**30 // 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: ram[name])
+    assert fp32_exceeds_half_ram(load_preset("7b")) and not fp32_exceeds_half_ram(load_preset("bench"))
+    ram["SC_PHYS_PAGES"] = 128 * 2**30 // 4096  # a 128 GiB machine loads 7B in fp32
+    assert not fp32_exceeds_half_ram(load_preset("7b"))
