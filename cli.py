@@ -1225,7 +1225,7 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 @click.option("--modalities", default=None, help="Comma list (default image,imu).")
 @click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
 @click.option("--decoder-quants", default=None,
-              help=f"Comma list of {','.join(DECODER_QUANTS)} (default f16,q8_0,q4_k_m; 7b: q4_k_m,q8_0,q4_0).")
+              help=f"Comma list of {','.join(DECODER_QUANTS)} (default f16,q8_0,q4_k_m; 7b: q8_0,q4_k_m,q4_0).")
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
 @click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
 @click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")

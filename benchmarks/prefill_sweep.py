@@ -11,12 +11,14 @@ scale of the real block, clip_proj2's LayerNorm output).
 
 Grid, per GGUF type: llama.cpp's extra CPU buffer types (weight repacking: CPU_REPACK)
 off and on, times each n_batch/n_ubatch pair. One model load per (type, buffer types),
-one context per pair. Types the bundle lacks are quantised from its f16 GGUF (or
+one context per pair, all open at once per type. Types the bundle lacks are quantised from its f16 GGUF (or
 --f16) into --work with llama.cpp's quantizer: q4_0, q4_k_m, q8_0 through the registry,
 bf16 by llama.cpp's raw file type (32), which the registry does not offer.
 
-Figures per cell: prefill seconds and positions/s (median over --repeats after one
-warm-up), decode tokens/s over --new-tokens, and the load seconds of the model. The
+Figures per cell: prefill seconds and positions/s and decode tokens/s over
+--new-tokens, the best of --repeats interleaved rounds after one warm-up (medians
+beside them), and the load seconds of the model. All cells of one type are measured
+round-robin, so on a shared CPU they see the same load. The
 load average before and after is recorded; timings on a shared CPU are noisy, compare
 cells of one run. Each context uses the type's registry settings (KV cache type, flash
 attention), as the runtime would.
@@ -121,40 +123,58 @@ def decode_rate(ctx, batch, start: int, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - t0)
 
 
-def sweep_model(path: Path, quant: str, extra_bufts: bool, pairs: Sequence[tuple[int, int]], ids: Sequence[int],
-                block: np.ndarray, threads: int, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
-    """Every (n_batch, n_ubatch) cell for one loaded model."""
+def sweep_quant(path: Path, quant: str, bufts: Sequence[bool], pairs: Sequence[tuple[int, int]],
+                ids: Sequence[int], block: np.ndarray, threads: int, repeats: int,
+                new_tokens: int) -> list[dict[str, Any]]:
+    """Every (buffer types, n_batch, n_ubatch) cell of one GGUF, measured in interleaved rounds.
+
+    Both loads (repacked or not) and every context stay open together, and each round
+    visits every cell once (one prefill, one decode run), so the cells of a type share the
+    same minutes of a shared CPU's load. Per cell: the fastest prefill and decode over the
+    rounds (contention only ever slows a run, so the best run is the least disturbed one)
+    and the median.
+    """
     from onellm.runtime import _llama
 
-    t0 = time.perf_counter()
-    with _llama.capture_native_log() as lines:
-        model = _llama.LlamaModel(path, n_gpu_layers=0, use_extra_bufts=extra_bufts)
-    load_s = time.perf_counter() - t0
-    buffers = sorted({w for line in lines for w in ("CPU_REPACK", "AMX") if w in line and "buffer size" in line})
-    rows = []
     n_pos = len(ids) + block.shape[0]
+    models, cells = [], []
     try:
-        for n_batch, n_ubatch in pairs:
-            ctx = _llama.LlamaContext(model, n_ctx=max(256, n_pos + new_tokens + 8), n_batch=n_batch,
-                                      n_ubatch=n_ubatch, n_threads=threads, **_context_settings(quant))
-            batch = _llama.LlamaBatch(max(ctx.n_batch, block.shape[0]))
-            try:
-                prefill_once(ctx, batch, ids, block)  # warm-up: page faults, repacking, thread start
-                times = [prefill_once(ctx, batch, ids, block) for _ in range(repeats)]
-                tps = decode_rate(ctx, batch, n_pos, new_tokens)
-            finally:
-                batch.close()
-                ctx.close()
-            med = statistics.median(times)
-            # llama.cpp clamps n_batch and n_ubatch to n_ctx: the row records what the context got
-            rows.append({"quant": quant, "extra_bufts": extra_bufts, "weight_buffers": buffers,
-                         "n_batch": ctx.n_batch, "n_ubatch": ctx.n_ubatch, "positions": n_pos,
-                         "prefill_s": med, "prefill_s_min": min(times), "prefill_tok_s": n_pos / med,
-                         "decode_tok_s": tps, "load_s": load_s, "bytes": path.stat().st_size})
-            log.info("%s bufts=%s batch=%d ubatch=%d: prefill %.3fs (%.0f pos/s), decode %.2f tok/s",
-                     quant, extra_bufts, n_batch, ctx.n_ubatch, med, n_pos / med, tps)
+        for extra in bufts:
+            t0 = time.perf_counter()
+            with _llama.capture_native_log() as lines:
+                model = _llama.LlamaModel(path, n_gpu_layers=0, use_extra_bufts=extra)
+            models.append(model)
+            load_s = time.perf_counter() - t0
+            buffers = sorted({w for line in lines for w in ("CPU_REPACK", "AMX") if w in line and "buffer size" in line})
+            for n_batch, n_ubatch in pairs:
+                ctx = _llama.LlamaContext(model, n_ctx=max(256, n_pos + new_tokens + 8), n_batch=n_batch,
+                                          n_ubatch=n_ubatch, n_threads=threads, **_context_settings(quant))
+                batch = _llama.LlamaBatch(max(ctx.n_batch, block.shape[0]))
+                cells.append({"ctx": ctx, "batch": batch, "prefill": [], "decode": [],
+                              # llama.cpp clamps n_batch and n_ubatch to n_ctx: the row records what the context got
+                              "row": {"quant": quant, "extra_bufts": extra, "weight_buffers": buffers,
+                                      "n_batch": ctx.n_batch, "n_ubatch": ctx.n_ubatch, "positions": n_pos,
+                                      "load_s": load_s, "bytes": path.stat().st_size}})
+        for cell in cells:  # warm-up: page faults, repacking, thread start
+            prefill_once(cell["ctx"], cell["batch"], ids, block)
+        for _ in range(repeats):
+            for cell in cells:
+                cell["prefill"].append(prefill_once(cell["ctx"], cell["batch"], ids, block))
+                cell["decode"].append(decode_rate(cell["ctx"], cell["batch"], n_pos, new_tokens))
     finally:
-        model.close()
+        for cell in cells:
+            cell["batch"].close()
+            cell["ctx"].close()
+        for model in models:
+            model.close()
+    rows = []
+    for cell in cells:
+        row, best = cell["row"], min(cell["prefill"])
+        row.update(prefill_s=best, prefill_s_median=statistics.median(cell["prefill"]), prefill_tok_s=n_pos / best,
+                   decode_tok_s=max(cell["decode"]), decode_tok_s_median=statistics.median(cell["decode"]))
+        log.info("%s bufts=%s batch=%d ubatch=%d: prefill %.3fs (%.0f pos/s), decode %.2f tok/s", quant,
+                 row["extra_bufts"], row["n_batch"], row["n_ubatch"], best, n_pos / best, row["decode_tok_s"])
+        rows.append(row)
     return rows
 
 
@@ -179,8 +199,7 @@ def run_sweep(*, bundle: Path | None, quants: Sequence[str], pairs: Sequence[tup
                               "rows": []}
     for quant in quants:
         path = gguf_for(quant, bundle, f16, work)
-        for extra in bufts:
-            result["rows"] += sweep_model(path, quant, extra, pairs, ids, block, threads, repeats, new_tokens)
+        result["rows"] += sweep_quant(path, quant, bufts, pairs, ids, block, threads, repeats, new_tokens)
     result["load_average_end"] = list(os.getloadavg())
     result["best"] = best_settings(result["rows"])
     return result

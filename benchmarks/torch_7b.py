@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from onellm.benchmarks import bench
     from onellm.ref.checkpoint import load_model
-    from onellm.runtime.bundle import load_manifest
     from onellm.runtime.encoder import physical_cores
+    from onellm.runtime.modalities import get_modality
+    from onellm.runtime.prompt import V1_PROMPT, Conversation
+    from onellm.runtime.tokenizer import Tokenizer
 
     free = mem_available_gib()
     if free < args.min_free_gib:
@@ -58,9 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or physical_cores())
     cfg = bench.bench_config(bench.BenchOptions(preset="7b"))
     work = args.work or bench.default_work_dir(cfg)
-    bundle = work / "bundle"
-    manifest = load_manifest(bundle, verify=False).manifest
-    sources, inputs, prompt = bench._inputs_and_prompts(cfg, manifest, bundle, work)
+    # the bench's inputs and first questions, without needing the exported bundle
+    tokenizer = Tokenizer(work / "tokenizer" / "tokenizer.model")
+    sources = bench.modality_sources(cfg.modalities, work)
+    inputs, prompt = {}, {}
+    rng = np.random.default_rng(0)
+    for m in cfg.modalities:
+        spec = get_modality(m)
+        arr = bench.read_source(m, sources[m]).array if m in sources else spec.dummy_input(rng)
+        inputs[m] = np.ascontiguousarray(arr, dtype=np.float32)
+        conv = Conversation(V1_PROMPT)
+        conv.add_question(spec.caption_prompt)
+        prompt[m] = tokenizer.encode(conv.render(), bos=True, eos=False)
     result = {"machine": bench.machine_info(), "load_average_start": list(os.getloadavg()),
               "mem_available_gib_start": free, "threads": torch.get_num_threads(), "rows": []}
     t0 = time.perf_counter()
