@@ -489,6 +489,11 @@ def _echo_random_notice(manifest) -> None:
                     err=True, fg="yellow")
 
 
+# `onellm export`'s decoder when --decoder-quant is not given: q4_0 with llama.cpp's CPU_REPACK
+# weights measured the fastest prefill and decode of the 4-bit types here (prefill_sweep).
+DEFAULT_EXPORT_QUANT = "q4_0"
+
+
 @main.command("export")
 @click.option("--checkpoint", type=click.Path(), help="consolidated.00-of-01.pth, one of its ten .s{0..9}.pth shards, or their directory.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="LLaMA SentencePiece tokenizer.model.")
@@ -503,7 +508,8 @@ def _echo_random_notice(manifest) -> None:
                    + ". The runtime picks per device.")
 @click.option("--decoder-quant", default=None,
               help="Comma-separated GGUF types: " + ", ".join(DECODER_QUANTS)
-                   + "; the first is the bundle's default [default: q8_0; f32 for --demo].")
+                   + "; the first is the bundle's default [default: q4_0, the fastest to first token and per "
+                   "token on AVX-512 CPUs (benchmarks/RESULTS.md); q8_0 for near-lossless; f32 for --demo].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
@@ -552,7 +558,7 @@ def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config
         cfg = resolve_config(preset, config_path)
         manifest = build_bundle(out_dir, cfg, checkpoint, tokenizer_path, clip_checkpoint=clip_checkpoint,
                                 modalities=modalities, encoder_precision=encoder_precision,
-                                decoder_quant=decoder_quant or "q8_0", trt=trt, force=force, progress=progress)
+                                decoder_quant=decoder_quant or DEFAULT_EXPORT_QUANT, trt=trt, force=force, progress=progress)
     return manifest
 
 
