@@ -52,7 +52,7 @@ class DecoderQuant:
     they made q8_0 1.41x slower (benchmarks/RESULTS.md). q4_0 follows q4_k_m: in the
     interleaved prefill sweep (benchmarks/prefill_sweep.py, bench preset, AMD EPYC Zen 4,
     AVX512-VNNI/BF16) its repacked weights prefilled the first question 1.3-1.7x faster and
-    decoded 1.05-1.55x faster in every paired cell; q8_0 gained nothing from them (off).
+    decoded 1.05-1.55x faster in every paired cell; this llama.cpp repacks no Q8_0 (off).
     n_ubatch stays n_batch: no smaller micro-batch (32..256) beat one graph for the
     ~136 positions of a first question.
     """
