@@ -446,6 +446,11 @@ def _echo_random_notice(manifest) -> None:
                     err=True, fg="yellow")
 
 
+# `onellm export`'s decoder when --decoder-quant is not given: q4_0 with llama.cpp's CPU_REPACK
+# weights measured the fastest prefill and decode of the 4-bit types here (prefill_sweep).
+DEFAULT_EXPORT_QUANT = "q4_0"
+
+
 @main.command("export")
 @click.option("--checkpoint", type=click.Path(), help="consolidated.00-of-01.pth, one of its ten .s{0..9}.pth shards, or their directory.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="LLaMA SentencePiece tokenizer.model.")
@@ -460,7 +465,8 @@ def _echo_random_notice(manifest) -> None:
                    + ". The runtime picks per device.")
 @click.option("--decoder-quant", default=None,
               help="Comma-separated GGUF types: " + ", ".join(DECODER_QUANTS)
-                   + "; the first is the bundle's default [default: q8_0; f32 for --demo].")
+                   + "; the first is the bundle's default [default: q4_0, the fastest to first token and per "
+                   "token on AVX-512 CPUs (benchmarks/RESULTS.md); q8_0 for near-lossless; f32 for --demo].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
@@ -509,7 +515,7 @@ def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config
         cfg = resolve_config(preset, config_path)
         manifest = build_bundle(out_dir, cfg, checkpoint, tokenizer_path, clip_checkpoint=clip_checkpoint,
                                 modalities=modalities, encoder_precision=encoder_precision,
-                                decoder_quant=decoder_quant or "q8_0", trt=trt, force=force, progress=progress)
+                                decoder_quant=decoder_quant or DEFAULT_EXPORT_QUANT, trt=trt, force=force, progress=progress)
     return manifest
 
 
@@ -1192,7 +1198,7 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 @click.option("--modalities", default=None, help="Comma list (default image,imu).")
 @click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
 @click.option("--decoder-quants", default=None,
-              help=f"Comma list of {','.join(DECODER_QUANTS)} (default: all but f32).")
+              help=f"Comma list of {','.join(DECODER_QUANTS)} (default f16,q8_0,q4_k_m; 7b: q8_0,q4_k_m,q4_0).")
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")
 @click.option("--warmup", type=int, default=None, help="Untimed runs before them (preset default).")
 @click.option("--new-tokens", type=int, default=None, help="Greedy tokens per decode measurement.")
@@ -1209,7 +1215,7 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch reference rows.")
 @click.option("--no-baselines", is_flag=True, help="Skip llama-cpp-python / plain onnxruntime overhead rows.")
 @click.option("--no-footprint", is_flag=True, help="Skip the fresh-process load time / peak RSS probes.")
-@click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~30 GB on disk).")
+@click.option("--synthesize", is_flag=True, help="Allow a random 7B checkpoint for --preset 7b (~15 GB fp16 on disk, written streamed).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores).")
 @click.option("--device", type=click.Choice(["auto", *EXECUTION_PROVIDERS]), default="auto", show_default=True,
               help="Also run GPU encoder rows when onnxruntime has CUDA (auto).")

@@ -118,6 +118,7 @@ def build_bundle(
     random_seed: int | None = None,
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
+    low_memory: bool | None = None,
 ) -> Manifest:
     """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it.
 
@@ -125,6 +126,12 @@ def build_bundle(
     relaxes them for random-weight models, whose flat logits inflate max|diff|/std).
     `random_seed`: the seed `save_random_checkpoint` made the checkpoint with, recorded so
     `onellm verify` can rebuild that checkpoint (the demo bundle) instead of asking for it.
+    `low_memory`: load the checkpoint as stored (memory-mapped, no fp32 copy: a 7B release
+    needs ~0.5 GB instead of 27 GB); the encoder graphs are traced from an encoder-only fp32
+    copy and each GGUF is checked against the same fp32 reference run one decoder layer at a
+    time (`onellm.ref.lowmem`), so the validation is the full one, only slower. Default
+    (None): on when the model in fp32 would take over half of this machine's RAM
+    (`fp32_exceeds_half_ram`), e.g. the 7B release on 24 GiB.
     """
     from onellm.ref.checkpoint import load_model
 
@@ -143,13 +150,18 @@ def build_bundle(
         if progress:
             progress(what, done, total)
 
+    if low_memory is None:
+        low_memory = fp32_exceeds_half_ram(cfg)
+        if low_memory:
+            log.info("%s in fp32 would take over half the RAM: exporting from the checkpoint as stored", cfg.name)
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     stage.chmod(0o755)  # mkdtemp's 0700 would make the finished bundle private
     try:
         step("load checkpoint", 0, 1)
-        model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint, dtype="fp32")
+        model, report = load_model(cfg, checkpoint, clip_checkpoint=clip_checkpoint,
+                                   dtype=_stored_dtype(checkpoint) if low_memory else "fp32")
         step("load checkpoint", 1, 1)
         src_digest = _checkpoint_digest(report.files)
 
@@ -158,7 +170,7 @@ def build_bundle(
 
         shutil.copyfile(tokenizer, stage / "tokenizer.model")
         decoders = export_decoders(model, cfg, checkpoint, stage, quants, probe=mods[0], tolerances=gguf_tolerances,
-                                   step=step)
+                                   step=step, release_files=report.files if low_memory else ())
         trt_entry = _maybe_build_trt(stage, enc, step) if trt else None
 
         tok = Tokenizer(stage / "tokenizer.model")
@@ -203,33 +215,60 @@ def build_bundle(
 
 
 def export_decoders(model, cfg, checkpoint, stage: Path, quants: Sequence[str], *, probe: str,
-                    tolerances: dict[str, dict[str, float]] | None = None, step=None) -> dict[str, DecoderVariant]:
+                    tolerances: dict[str, dict[str, float]] | None = None, step=None,
+                    release_files: Sequence[str] = ()) -> dict[str, DecoderVariant]:
     """One GGUF per quantization in `stage`, each validated right after writing against the
-    reference's logits on a real encoder block (the `probe` modality's seeded dummy input)."""
+    reference's logits on a real encoder block (the `probe` modality's seeded dummy input).
+
+    `release_files`: the checkpoint files whose resident pages are dropped once read (the
+    low-memory export; see build_bundle)."""
     from onellm.ref.checkpoint import open_checkpoint
+    from onellm.ref.lowmem import page_releaser
 
     from .gguf import export_gguf, validate_gguf
-    from .onnx_encoder import chain_input, reference_block
+    from .onnx_encoder import chain_input, fp32_reference, reference_block
 
     def report(what: str, done: int, total: int) -> None:
         if step:
             step(what, done, total)
 
-    block = reference_block(model, probe, chain_input(probe, 0))
+    block = reference_block(fp32_reference(model), probe, chain_input(probe, 0))
     tensors = open_checkpoint(checkpoint)
+    release = page_releaser(release_files) if release_files else None
     decoders: dict[str, DecoderVariant] = {}
     for quant in quants:
         name = f"decoder-{quant}.gguf"
         info = export_gguf(tensors, cfg, stage / "tokenizer.model", stage / name, quant=quant,
-                           progress=lambda d, t, w, q=quant: report(f"decoder {q}: {w}", d, t))
+                           progress=lambda d, t, w, q=quant: report(f"decoder {q}: {w}", d, t), release=release)
         report(f"decoder {quant}: validate", 0, 1)
         parity = _jsonable(validate_gguf(model, cfg, stage / name, quant, block=block,
-                                         tolerances=(tolerances or {}).get(quant)))
+                                         tolerances=(tolerances or {}).get(quant), release_files=release_files))
         report(f"decoder {quant}: validate", 1, 1)
         decoders[quant] = DecoderVariant(quant=quant, file=name, sha256=info["sha256"], bytes=info["bytes"],
                                          n_ctx=cfg.decoder.max_seq_len, tolerance=parity.pop("tolerance"),
                                          parity={"probe_modality": probe, **parity})
     return decoders
+
+
+def fp32_exceeds_half_ram(cfg) -> bool:
+    """Whether the model's parameters in fp32 would take over half of this machine's RAM."""
+    from onellm.ref.model import count_parameters
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume a 16 GiB machine
+        ram = 16 * 2**30
+    return count_parameters(cfg)["total"] * 4 > ram / 2
+
+
+def _stored_dtype(checkpoint) -> str:
+    """The floating dtype most of the checkpoint's tensors are stored in ("fp16" for the release)."""
+    from collections import Counter
+
+    from onellm.ref.checkpoint import dtype_name, open_checkpoint
+
+    counts = Counter(dtype_name(t.dtype) for t in open_checkpoint(checkpoint).values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else "fp32"
 
 
 def _install(stage: Path, out_dir: Path) -> None:

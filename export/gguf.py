@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +207,12 @@ def write_gguf(
     dtype: str = "f16",
     progress: Progress | None = None,
     total_steps: int | None = None,
+    release: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
-    """Write an f32 or f16 GGUF, streaming one tensor at a time. Returns what it wrote."""
+    """Write an f32 or f16 GGUF, streaming one tensor at a time. Returns what it wrote.
+
+    `release(tensor)` is called on each source tensor once written (the export drops the
+    checkpoint's file pages with it, so a 7B export's RSS does not grow by the whole file)."""
     gguf = _gguf()
     if dtype not in ("f32", "f16"):
         raise ValueError(f"write_gguf writes f32 or f16, not {dtype!r}")
@@ -265,10 +269,13 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for i, (key, np_dtype) in enumerate(plan):
-            arr = _as_numpy(tensors[key], np_dtype)
+            src = tensors[key]
+            arr = _as_numpy(src, np_dtype)
             n_params += arr.size
             writer.write_tensor_data(arr)
             del arr
+            if release is not None:
+                release(src)
             if progress is not None:
                 progress(i + 1, total, names[key])
         writer.close()
@@ -298,8 +305,9 @@ def export_gguf(
     quant: str = "f16",
     progress: Progress | None = None,
     n_threads: int | None = None,
+    release: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the decoder as `quant` (f32, f16, q8_0, q4_k_m) to out_path; returns an info dict.
+    """Write the decoder as `quant` (a name in runtime.registry.DECODER_QUANTS) to out_path; returns an info dict.
 
     `progress(done, total, what)` is called after each tensor (and once more after the
     quantizer for q8_0/q4_k_m). The info dict holds path, quant, file_type, bytes,
@@ -313,7 +321,7 @@ def export_gguf(
     n_steps = len(decoder_keys(cfg)) + (0 if spec.written_directly else 1)
     if spec.written_directly:
         info = write_gguf(checkpoint_tensors, cfg, tokenizer_path, out_path, dtype=quant,
-                          progress=progress, total_steps=n_steps)
+                          progress=progress, total_steps=n_steps, release=release)
         info["intermediate"] = None
     else:
         from onellm.runtime.decoder import quantize_model
@@ -322,7 +330,7 @@ def export_gguf(
         tmp = out_path.with_name(f".{out_path.name}.{inter}.gguf")
         try:
             info = write_gguf(checkpoint_tensors, cfg, tokenizer_path, tmp, dtype=inter,
-                              progress=progress, total_steps=n_steps)
+                              progress=progress, total_steps=n_steps, release=release)
             log.info("quantizing %s -> %s with llama.cpp", inter, quant)
             quantize_model(tmp, out_path, quant, n_threads=n_threads)
         finally:
@@ -373,13 +381,23 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
-def reference_logits(model, cfg, bos: int, block: np.ndarray | None, text_ids: list[int]) -> np.ndarray:
-    """Torch reference logits at every position of [BOS, block rows, text tokens]."""
+def reference_logits(model, cfg, bos: int, block: np.ndarray | None, text_ids: list[int],
+                     release_files: Sequence[str] = ()) -> np.ndarray:
+    """Torch reference logits at every position of [BOS, block rows, text tokens].
+
+    A model whose decoder is not fp32 (the export's low-memory mode loads the checkpoint
+    as stored, memory-mapped) runs layer by layer in fp32 (`onellm.ref.lowmem`), dropping
+    the pages of `release_files` it read: the same fp32 reference without a fp32 copy."""
     import torch
+
+    from onellm.ref.lowmem import decoder_is_fp32, decoder_logits_fp32, page_releaser
 
     with torch.no_grad():
         ids = torch.tensor([[bos, *text_ids]], dtype=torch.long)
         blk = None if block is None else torch.from_numpy(np.asarray(block, dtype=np.float32))[None]
+        if not decoder_is_fp32(model):
+            release = page_releaser(release_files) if release_files else None
+            return decoder_logits_fp32(model, ids, blk, release)[0].numpy()
         h = model.build_sequence(ids, blk)
         cache = model.new_cache(batch_size=1, max_seq_len=h.shape[1])
         return model.forward_decoder(h, 0, cache)[0].float().numpy()
@@ -396,6 +414,7 @@ def validate_gguf(
     seed: int = 0,
     tolerances: Mapping[str, float] | None = None,
     n_threads: int | None = None,
+    release_files: Sequence[str] = (),
 ) -> dict[str, float]:
     """Compare llama.cpp's logits with the reference on BOS + a 32-row block + text.
 
@@ -418,7 +437,7 @@ def validate_gguf(
         text = rng.integers(3, min(d.vocab_size, decoder.n_vocab), size=n_text).tolist()
         got = decoder.logits_for(block, text)
         bos = decoder.bos_id
-    ref = reference_logits(model, cfg, bos, block, text)
+    ref = reference_logits(model, cfg, bos, block, text, release_files)
     figures = compare_logits(ref, got)
     tol = dict(TOLERANCES[quant], **(tolerances or {}))
     figures["tolerance"] = tol

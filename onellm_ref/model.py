@@ -247,7 +247,15 @@ class OneLLM(nn.Module):
         return self.forward_decoder(self.build_sequence(ids, block), 0)
 
 
-def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+STD_INIT = 0.02  # std of the seeded random weights (init_random_weights, testing.stream_random_checkpoint)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Whether random weights set this module's weight to 1 and bias to 0 instead of drawing them."""
+    return isinstance(module, (RMSNorm, LayerNorm, nn.LayerNorm))
+
+
+def init_random_weights(model: nn.Module, seed: int = 0, std: float = STD_INIT) -> None:
     """Small seeded random weights: normal(0, std) everywhere, norms weight 1 / bias 0.
 
     Deterministic for a given (config, seed), whatever the device or dtype.
@@ -256,7 +264,7 @@ def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> N
     norm_params: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (RMSNorm, LayerNorm, nn.LayerNorm)):
+            if is_norm_module(module):
                 module.weight.fill_(1.0)
                 norm_params.add(id(module.weight))
                 if getattr(module, "bias", None) is not None:

@@ -5,6 +5,8 @@ For tests and `onellm export --demo`: everything the pipeline needs, without the
 - `save_random_checkpoint`: a random model written in the release's own key format
   (`llma.` prefix; optionally the ten-shard layout, CLIP text-tower leftovers, or the
   CLIP visual tower split out into an OpenAI- or open_clip-style file);
+- `stream_random_checkpoint`: the same single-file checkpoint written one tensor at a
+  time (peak memory: one tensor, not the model), for release-size configs such as `7b`;
 - `train_tiny_tokenizer`: a LLaMA-like SentencePiece BPE model (byte fallback, unk 0,
   bos 1, eos 2, no pad) trained on a small English corpus kept in this module.
 The weights are random: answers generated with them are meaningless text.
@@ -12,9 +14,12 @@ The weights are random: answers generated with them are meaningless text.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
+import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -172,6 +177,156 @@ def save_random_checkpoint(
         written.append(clip_path)
     log.info("wrote random %s checkpoint (seed %d): %s", cfg.name, seed, ", ".join(map(str, written)))
     return written
+
+
+# --------------------------------------------------------------------------- streamed synthesis
+
+
+_STORAGE_TYPES = {torch.float32: torch.FloatStorage, torch.float16: torch.HalfStorage,
+                  torch.bfloat16: torch.BFloat16Storage}
+
+
+class _StorageRef:
+    """Where one tensor's bytes will be in the archive (`data/<key>`), for the pickle."""
+
+    def __init__(self, key: str, numel: int, dtype: torch.dtype) -> None:
+        self.key, self.numel = key, numel
+        self.storage_type = _STORAGE_TYPES[dtype]
+
+
+class _TensorStub:
+    """Pickles as a contiguous CPU tensor over a `_StorageRef`, as `torch.save` writes one."""
+
+    def __init__(self, ref: _StorageRef, shape: tuple[int, ...]) -> None:
+        self.ref, self.shape = ref, shape
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for n in reversed(self.shape):
+            stride.append(acc)
+            acc *= n
+        return (torch._utils._rebuild_tensor_v2,
+                (self.ref, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj):  # the tuple torch.save's own pickler writes for a storage
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def stream_random_checkpoint(
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    seed: int = 0,
+    dtype: str | torch.dtype = torch.float16,
+    modalities: tuple[str, ...] | None = None,
+) -> Path:
+    """`save_random_checkpoint(cfg, path, seed, dtype, modalities=...)` (one file, CLIP inside),
+    written one tensor at a time; returns the path.
+
+    Same values: the model is built on the meta device, and every parameter is drawn in
+    `init_random_weights`' order from one generator (fp32 normal * 0.02, then cast), norms
+    1 / 0, so `torch.load` gives tensors equal to the in-RAM function's. Not the same bytes:
+    the archive's records are in drawing order. Peak memory is the largest tensor in fp32
+    plus its cast (about 0.8 GB at 7B), not the model (27 GB fp32 at 7B). The pickle is
+    written first from shapes alone (as `torch.save` would write it), then each tensor's
+    bytes as a stored zip record aligned to 64 bytes like torch's (`_ZipRecords`; torch's
+    own writer keeps every record it wrote in RAM until the end). Written to
+    `<path>.partial` and renamed when complete.
+    """
+    from .checkpoint import key_modality
+    from .model import OneLLM, is_norm_module
+
+    path = Path(path)
+    target = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = OneLLM(cfg)
+    fills: dict[str, float] = {}
+    for mname, module in model.named_modules():
+        if is_norm_module(module):
+            fills[f"{mname}.weight"] = 1.0
+            if getattr(module, "bias", None) is not None:
+                fills[f"{mname}.bias"] = 0.0
+    params = dict(model.named_parameters())
+    extra = [k for k in model.state_dict() if k not in params]
+    if extra:
+        raise CheckpointError(f"{cfg.name}: state dict entries that are not parameters cannot be streamed: {extra[:3]}")
+    keep = [k for k in model.state_dict()
+            if modalities is None or key_modality(k) in (None, *modalities)]
+    refs = {k: _StorageRef(str(i), params[k].numel(), target) for i, k in enumerate(keep)}
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=2).dump({PREFIX + k: _TensorStub(refs[k], tuple(params[k].shape)) for k in keep})
+    data = buf.getvalue()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with _ZipRecords(tmp, "archive") as writer:  # a fixed name: the same seed gives the same bytes
+            _write_records(writer, data, params, fills, refs, gen, target)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("streamed random %s checkpoint (seed %d, %s): %s", cfg.name, seed, target, path)
+    return path
+
+
+def _write_records(writer: _ZipRecords, data: bytes, params, fills, refs, gen, target) -> None:
+    from .model import STD_INIT
+
+    writer.add("data.pkl", data)
+    writer.add(".format_version", b"1")
+    writer.add(".storage_alignment", b"64")
+    writer.add("byteorder", sys.byteorder.encode())
+    with torch.no_grad():
+        for name, p in params.items():  # init_random_weights' order: norms skip the generator
+            if name in fills:
+                t = torch.full(p.shape, fills[name], dtype=target)
+            else:
+                t = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(STD_INIT).to(target)
+            if name in refs:
+                writer.add(f"data/{refs[name].key}", t.reshape(-1).view(torch.uint8).numpy())
+            del t
+    writer.add("version", b"3\n")  # torch's reader requires it (torch's writer adds it last)
+
+
+class _ZipRecords:
+    """A torch.save-style zip archive written record by record: stored (uncompressed), each
+    record's data starting on a 64-byte boundary (padding in an extra field, as torch's
+    writer does), so `torch.load(mmap=True)` maps the tensors in place."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path, archive: str) -> None:
+        import zipfile
+
+        self._zipfile = zipfile
+        self.zf = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self.archive = archive
+
+    def add(self, name: str, data) -> None:
+        import struct
+
+        zf = self._zipfile
+        arcname = f"{self.archive}/{name}"
+        info = zf.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zf.ZIP_STORED
+        view = memoryview(data).cast("B")
+        info.file_size = view.nbytes
+        start = self.zf.fp.tell() + 30 + len(arcname.encode()) + 4  # local header, name, extra-field header
+        pad = -start % self.ALIGN
+        info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        with self.zf.open(info, "w") as fh:
+            fh.write(view)
+
+    def __enter__(self) -> _ZipRecords:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.zf.close()
 
 
 # --------------------------------------------------------------------------- tokenizer

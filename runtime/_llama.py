@@ -584,8 +584,10 @@ class LlamaContext(_Owner):
         kv_type: str = "f16",
         n_seq_max: int = 1,
         kv_unified: bool | None = None,
+        n_ubatch: int | None = None,
     ) -> None:
         """`n_seq_max`: sequences (slots) sharing this context's KV cache of n_ctx cells.
+        `n_ubatch`: positions per compute graph inside one llama_decode (default n_batch).
         `kv_unified`: one cache buffer for all sequences (copying a shared prefix with
         `seq_cp` is then free: cells carry several sequence ids); None keeps llama.cpp's default.
         """
@@ -596,7 +598,7 @@ class LlamaContext(_Owner):
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         params.n_seq_max = n_seq_max
         if kv_unified is not None:
             params.kv_unified = bool(kv_unified)
@@ -621,6 +623,7 @@ class LlamaContext(_Owner):
         self.ptr = ptr
         self.n_ctx = int(C.llama_n_ctx(ptr))
         self.n_batch = int(C.llama_n_batch(ptr))
+        self.n_ubatch = int(C.llama_n_ubatch(ptr))
         self.n_vocab = model.n_vocab
         self.n_seq_max = int(C.llama_n_seq_max(ptr))
         self._mem = C.llama_get_memory(ptr)
@@ -746,10 +749,17 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n
     from .registry import decoder_quant
 
     spec = decoder_quant(quant)  # ConfigError names the known ones
+    quantize_ftype(src, dst, spec.llama_ftype, n_threads, what=quant)
+
+
+def quantize_ftype(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, n_threads: int | None = None,
+                   what: str = "") -> None:
+    """`quantize_model` by llama.cpp's raw `llama_ftype` value (benchmarks try types the registry lacks)."""
     ensure_backend()
     C = lib()
+    quant = what or f"ftype {ftype}"
     params = C.llama_model_quantize_default_params()
-    params.ftype = spec.llama_ftype
+    params.ftype = ftype
     params.nthread = n_threads or default_threads()
     rc = C.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), ctypes.byref(params))
     if rc != 0:

@@ -537,6 +537,7 @@ class Decoder(_llama._Owner):
         n_batch: int = 512,
         flash_attn: bool | None = None,
         kv_type: str = "f16",
+        n_ubatch: int | None = None,
     ) -> None:
         self.path = check_gguf_file(gguf_path)
         if use_extra_bufts is None:
@@ -559,7 +560,7 @@ class Decoder(_llama._Owner):
             self._n_ctx = n_ctx  # llama.cpp pads its cache (to 256 cells); we hold to what was asked
             self._ctx = _llama.LlamaContext(
                 self._model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, flash_attn=flash_attn,
-                kv_type=kv_type,
+                kv_type=kv_type, n_ubatch=n_ubatch,
             )
             self._batch = _llama.LlamaBatch(self._ctx.n_batch)
             self._model._build_tables()  # piece/EOG tables now, not inside the first generation

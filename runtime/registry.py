@@ -49,7 +49,12 @@ class DecoderQuant:
     default, because quantized GGUFs crash on their first decode with this llama.cpp's
     AMX buffer type (tests/test_llama_bufts.py). q4_k_m turns them on where the CPU
     offers no AMX type: CPU_REPACK's Q4_K kernels measured 1.29x faster decoding, while
-    they made q8_0 1.41x slower (benchmarks/RESULTS.md).
+    they made q8_0 1.41x slower (benchmarks/RESULTS.md). q4_0 follows q4_k_m: in the
+    interleaved prefill sweep (benchmarks/prefill_sweep.py, bench preset, AMD EPYC Zen 4,
+    AVX512-VNNI/BF16) its repacked weights prefilled the first question 1.3-1.7x faster and
+    decoded 1.05-1.55x faster in every paired cell; this llama.cpp repacks no Q8_0 (off).
+    n_ubatch stays n_batch: no smaller micro-batch (32..256) beat one graph for the
+    ~136 positions of a first question.
     """
 
     name: str  # the CLI and manifest name
@@ -102,6 +107,9 @@ DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
     DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
                  _repack_without_amx, None, "4-bit k-quants (smallest, fastest on CPU)",
                  random_weights_tolerance={"rel": 2.5, "cos": 0.8, "top1": 0.3}),
+    DecoderQuant("q4_0", "MOSTLY_Q4_0", 2, False, {"rel": 1.0, "cos": 0.9, "top1": 0.45},
+                 _repack_without_amx, None, "4-bit blocks, one scale per 32 weights (CPU_REPACK's fastest kernels)",
+                 random_weights_tolerance={"rel": 3.0, "cos": 0.75, "top1": 0.25}),
 )}
 
 

@@ -56,7 +56,7 @@ def wide_ggufs(tiny_config, tiny_tokenizer, tmp_path_factory):
     sd = {k: v for k, v in model.state_dict().items() if k in set(decoder_keys(cfg))}
     out = tmp_path_factory.mktemp("wide")
     return {q: export_gguf(sd, cfg, tiny_tokenizer, out / f"wide-{q}.gguf", quant=q)["path"]
-            for q in ("f16", "q8_0", "q4_k_m")}
+            for q in ("f16", "q8_0", "q4_k_m", "q4_0")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +75,7 @@ def _probe(path: str, mode: str, env: dict | None = None) -> tuple[int, dict | N
     return rc, out, stderr[-1500:]
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "f16"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q4_0", "f16"])
 def test_default_loader_does_not_crash(quant, wide_ggufs):
     rc, out, err = _probe(wide_ggufs[quant], "default")
     assert rc == 0, f"decoder crashed (rc {rc}, -11 = SIGSEGV) on {quant} with the default loader:\n{err}"
@@ -90,7 +90,7 @@ def test_env_var_opts_in_to_extra_buffer_types(wide_ggufs):
     assert out["extra_on"] is True
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q4_0"])
 def test_extra_buffer_types_configuration(quant, wide_ggufs):
     """Documents the crashing configuration; passes where this build has no AMX buffer type."""
     rc_off, off, err_off = _probe(wide_ggufs[quant], "default")
@@ -100,8 +100,8 @@ def test_extra_buffer_types_configuration(quant, wide_ggufs):
         if rc != 0:
             pytest.xfail(f"known llama.cpp crash: {quant} with the AMX extra buffer type (rc {rc})")
     assert rc == 0, f"{quant} with extra buffer types {off['extra_types']} crashed (rc {rc}):\n{err}"
-    if quant == "q4_k_m" and "CPU_REPACK" in off["extra_types"]:
-        assert "CPU_REPACK" in out["weight_buffers"]  # Q4_K really got repacked
+    if quant in ("q4_k_m", "q4_0") and "CPU_REPACK" in off["extra_types"]:
+        assert "CPU_REPACK" in out["weight_buffers"]  # Q4_K / Q4_0 really got repacked
     if quant == "q8_0" and "AMX" not in off["extra_types"]:
         assert out["weight_buffers"] == off["weight_buffers"]  # nothing on x86 repacks Q8_0
     # repacked or not, the numbers agree to the quantization's own noise

@@ -21,7 +21,7 @@ def test_each_quant_names_a_real_gguf_file_type(name):
 
 
 def test_quant_tolerances_loosen_with_fewer_bits():
-    order = [DECODER_QUANTS[q].tolerance for q in ("f32", "f16", "q8_0", "q4_k_m")]
+    order = [DECODER_QUANTS[q].tolerance for q in ("f32", "f16", "q8_0", "q4_k_m", "q4_0")]
     for finer, coarser in zip(order, order[1:]):
         assert coarser["cos"] <= finer["cos"] and coarser["rel"] >= finer["rel"]
 
@@ -32,7 +32,7 @@ def test_each_quant_buffer_policy_runs(name, monkeypatch):
 
     monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
-    assert DECODER_QUANTS[name].use_extra_bufts() is (name == "q4_k_m")
+    assert DECODER_QUANTS[name].use_extra_bufts() is (name in ("q4_k_m", "q4_0"))
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "0")
     assert DECODER_QUANTS[name].use_extra_bufts() is False  # the environment wins
 
