@@ -294,6 +294,9 @@ def test_eight_clients_get_the_answers_of_requests_run_alone(server, client, eng
     assert len(got) == 24  # nothing lost
     for q, tokens in got.values():  # nothing mixed up: each answer is its own question's
         _assert_same_or_near_tie(tiny_pipeline, q, tokens, alone[q], block)
+    identical = sum(tokens == alone[q] for q, tokens in got.values())
+    print(f"concurrency: {len(got)} answers from 8 clients, {identical} identical to the request alone, "
+          f"{len(got) - identical} parting at a near-tie")
     assert engine.stats()["slots_busy"] == 0
 
 
