@@ -941,6 +941,9 @@ def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: 
     with Pipeline.load(bundle, device="cpu", precision=precision, quant=quant, threads=threads,
                        n_ctx=n_ctx, verify=False) as pipe:
         def turn_pair():
+            # a first question from scratch: the engine would otherwise answer turn 1 from the
+            # previous pair's cached block and prefix
+            pipe.engine.clear_cache(blocks=True)
             chat = pipe.chat(**source)
             a1 = chat.ask(question, sampling=sampling)
             a2 = chat.ask(QUESTION_2, sampling=sampling)

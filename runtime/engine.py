@@ -488,13 +488,16 @@ class Engine:
             self._encode_q.put(job)
         return handle
 
-    def clear_cache(self) -> None:
+    def clear_cache(self, blocks: bool = False) -> None:
         """Forget what the idle slots cache (the next requests prefill from scratch); returns once
-        the scheduler has done it. Busy slots keep their requests' positions."""
+        the scheduler has done it. Busy slots keep their requests' positions. `blocks`: also forget
+        the encoded inputs (the next request about any media reads and encodes it again)."""
         done = threading.Event()
         with self._cond:
             if self._closed:
                 return
+            if blocks:
+                self._blocks.clear()
             self._clears.append(done)
             self._cond.notify_all()
         done.wait()

@@ -276,3 +276,15 @@ def test_queued_inputs_of_one_modality_are_encoded_in_one_batch(tiny_bundle, tmp
             assert got.tokens == want.tokens or got.tokens[:2] == want.tokens[:2]
         # a batch's requests do not share one block
         assert len({eng._blocks[k][1] for k in eng._blocks}) == 4
+
+
+def test_clear_cache_with_blocks_encodes_the_same_media_again(engine):
+    """clear_cache() keeps encoded inputs; clear_cache(blocks=True) forgets them too (a cold first question)."""
+    _ask(engine, "Warm the caches?", n=2).wait(60)
+    encodes = engine.counters["encodes"]
+    engine.clear_cache()
+    r = _ask(engine, "Warm the caches?", n=2).wait(60)
+    assert engine.counters["encodes"] == encodes and r.cached_tokens == 0
+    engine.clear_cache(blocks=True)
+    r = _ask(engine, "Warm the caches?", n=2).wait(60)
+    assert engine.counters["encodes"] == encodes + 1 and r.cached_tokens == 0
