@@ -172,6 +172,16 @@ class _Plan:
             hook(self.modality, stage.name, time.perf_counter() - t0)
 
 
+def _checked_input(plan: _Plan, array: Any, where: str) -> np.ndarray:
+    """The reader's array as the chain takes it: the modality's input shape, floating point."""
+    arr = np.asarray(array)
+    if arr.shape != plan.input_shape:
+        raise InputError(where, f"an array of shape {list(plan.input_shape)}", f"shape {list(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(where, "a floating-point array", f"dtype {arr.dtype}")
+    return arr
+
+
 class Encoder:
     """Runs exported encoder chains with onnxruntime; one reused output buffer.
 
@@ -300,13 +310,8 @@ class Encoder:
         """
         if self._closed:
             raise BackendError("encoder: used after close()")
-        arr = np.asarray(array)
         plan = self._plan(modality)
-        if arr.shape != plan.input_shape:
-            raise InputError(f"{modality} input", f"an array of shape {list(plan.input_shape)}",
-                             f"shape {list(arr.shape)}")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise InputError(f"{modality} input", "a floating-point array", f"dtype {arr.dtype}")
+        arr = _checked_input(plan, array, f"{modality} input")
         with self._lock:
             plan.feed(arr)
             try:
@@ -333,12 +338,7 @@ class Encoder:
         n0 = plan.feed_shape[0]
         staging = np.empty((len(arrays) * n0, *plan.feed_shape[1:]), dtype=plan.staging.dtype)
         for i, array in enumerate(arrays):
-            arr = np.asarray(array)
-            if arr.shape != plan.input_shape:
-                raise InputError(f"{modality} input {i}", f"an array of shape {list(plan.input_shape)}",
-                                 f"shape {list(arr.shape)}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise InputError(f"{modality} input {i}", "a floating-point array", f"dtype {arr.dtype}")
+            arr = _checked_input(plan, array, f"{modality} input {i}")
             view = staging[i * n0:(i + 1) * n0]
             if plan.grouping is not None:
                 g = plan.grouping
