@@ -32,6 +32,7 @@ Every timing is the median of `repeats` runs after `warmup` runs, with min and m
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -886,8 +887,9 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
     runners = {"ours": ours_runner(matched)}
     if not shipped_extra:
         runners["ours_shipped"] = ours_runner(dec)
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, flash_attn=ctx_flash, verbose=False, seed=0)
+    with _plain_llama_params(path) as (plain_buffers, _keep_overrides):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, flash_attn=ctx_flash, verbose=False, seed=0)
     runners["llama_cpp_python"] = plain_runner(llm)
     runs: dict[str, list] = {k: [] for k in runners}
     try:
@@ -903,13 +905,49 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         if matched is not dec:
             matched.close()
     # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
-    ours, plain = summary(runs["ours"]), summary(runs["llama_cpp_python"], extra_bufts=True)
+    ours, plain = summary(runs["ours"]), summary(runs["llama_cpp_python"], extra_bufts=True, buffers=plain_buffers)
     shipped = summary(runs["ours_shipped"]) if "ours_shipped" in runs else None
     return DecodeLoopRow(
         quant=quant, prompt_tokens=len(ids), new_tokens=new_tokens, flash_attn=ctx_flash,
         ours_extra_bufts=shipped_extra, ours=ours, ours_shipped=shipped, llama_cpp_python=plain,
         ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
         ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None)
+
+
+@contextlib.contextmanager
+def _plain_llama_params(path: Path) -> Iterator[tuple[str | None, Any]]:
+    """llama-cpp-python's `Llama` loads with llama.cpp's extra buffer types on. Where the CPU
+    offers AMX that crashes on the first decode (tests/test_llama_bufts.py), so there its
+    default model parameters are swapped, for the duration of the load, for the weight
+    placement our loader uses (CPU_REPACK by override, no AMX). Yields that placement's
+    description (None: llama-cpp-python's own defaults) and the override list, which the
+    caller keeps alive as long as the model.
+    """
+    import llama_cpp.llama_cpp as lc
+
+    from onellm.runtime import _llama
+
+    bufts = _llama.cpu_extra_buffer_types()
+    crashing = [b for b in _llama.CRASHING_EXTRA_BUFTS if b in bufts]
+    if not crashing:
+        yield None, None
+        return
+    overrides = _llama.repack_overrides(path)
+    original = lc.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        yield (f"{len(overrides) - 1 if overrides is not None else 0} tensors on CPU_REPACK by override; "
+               f"its defaults ({', '.join(crashing)} extra buffer type) crash on this CPU"), overrides
+    finally:
+        lc.llama_model_default_params = original
 
 
 def _flash_attn_from_log(lines: Sequence[str]) -> bool:

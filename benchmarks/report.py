@@ -145,13 +145,16 @@ def to_markdown(result: BenchResult) -> str:
               "+ prefill, from stage medians.", "", "## Runtime overhead", "",
               "| what | ours | plain | ours / plain |", "|---|---|---|---|"]
     for o in result.overhead.decode_loop:
+        placed = o.llama_cpp_python.buffers
+        both = f"both: {placed}" if placed else "both with extra CPU buffer types on"
         lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours.decode_tokens_per_s, 1)} | "
-                     f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python; both with extra "
-                     f"CPU buffer types on) | {_f(o.ratio, 3)} |")
+                     f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python; {both}) | "
+                     f"{_f(o.ratio, 3)} |")
         if o.ours_shipped is not None:
             lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours_shipped.decode_tokens_per_s, 1)} "
                          f"(ours as shipped: extra CPU buffer types off) | "
-                         f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python defaults) | "
+                         f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} "
+                         f"({'llama-cpp-python, as above' if placed else 'llama-cpp-python defaults'}) | "
                          f"{_f(o.ratio_shipped, 3)} |")
     for c in result.overhead.encoder_chain:
         lines.append(f"| encoder chain, {c.modality} {c.precision}: ms | {_f(c.ours_s * 1e3, 1)} | "

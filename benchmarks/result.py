@@ -98,6 +98,8 @@ class LoopRun(_Row):
     decode_tokens_per_s: float
     tokens: int
     extra_bufts: bool | None = omitted()  # llama-cpp-python's weight buffer setting
+    # how llama-cpp-python's weights were placed when its defaults could not run (AMX CPUs)
+    buffers: str | None = omitted()
 
 
 @row

@@ -293,11 +293,8 @@ def capture_native_log() -> Iterator[list[str]]:
         _log_capture.remove(lines)
 
 
-def cpu_extra_buffer_types() -> list[str]:
-    """Names of the extra weight buffer types llama.cpp's CPU device offers (e.g. AMX, CPU_REPACK).
-
-    These are what `use_extra_bufts=True` lets the loader pick, in this order.
-    """
+def _cpu_extra_bufts() -> dict[str, int]:
+    """Name -> `ggml_backend_buffer_type_t` of the extra weight buffer types of llama.cpp's CPU device."""
     ensure_backend()
     from llama_cpp._ggml import libggml as g
 
@@ -308,7 +305,7 @@ def cpu_extra_buffer_types() -> list[str]:
     g.ggml_backend_dev_backend_reg.argtypes, g.ggml_backend_dev_backend_reg.restype = [vp], vp
     g.ggml_backend_reg_get_proc_address.argtypes, g.ggml_backend_reg_get_proc_address.restype = [vp, ctypes.c_char_p], vp
     g.ggml_backend_buft_name.argtypes, g.ggml_backend_buft_name.restype = [vp], ctypes.c_char_p
-    names: list[str] = []
+    found: dict[str, int] = {}
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)
         if g.ggml_backend_dev_type(dev) != 0:  # GGML_BACKEND_DEVICE_TYPE_CPU
@@ -319,9 +316,107 @@ def cpu_extra_buffer_types() -> list[str]:
         arr = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(fn)(dev)
         j = 0
         while arr and arr[j]:
-            names.append(g.ggml_backend_buft_name(arr[j]).decode())
+            found[g.ggml_backend_buft_name(arr[j]).decode()] = int(arr[j])
             j += 1
+    return found
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of the extra weight buffer types llama.cpp's CPU device offers (e.g. AMX, CPU_REPACK).
+
+    These are what llama.cpp's own `use_extra_bufts` lets its loader pick, in this order.
+    """
+    return list(_cpu_extra_bufts())
+
+
+# Extra buffer types we never let llama.cpp use: with AMX, quantized models segfault on their
+# first decode (this llama.cpp build, seen on two AMX Intel machines; tests/test_llama_bufts.py).
+CRASHING_EXTRA_BUFTS = ("AMX",)
+REPACK_BUFT = "CPU_REPACK"
+# ggml_type ids that CPU_REPACK repacks on x86 (llama.cpp's ggml-cpu repack): Q4_0, Q4_K, IQ4_NL,
+# each for matrices with a multiple of 8 rows
+_REPACK_TYPES = {2: "q4_0", 12: "q4_K", 20: "iq4_nl"}
+
+
+class _TensorPrefix(ctypes.Structure):
+    """The leading fields of ggml's `struct ggml_tensor` (type, buffer, ne[4])."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama.cpp's `llama_model_tensor_buft_override` (a regex over tensor names -> buffer type)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def gguf_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Tensor name -> (ggml type id, ne) of a GGUF file, from its header (ggml's own gguf reader)."""
+    import llama_cpp
+    import llama_cpp._ctypes_extensions as ext
+
+    base = ext.load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    vp = ctypes.c_void_p
+    base.gguf_init_from_file.argtypes, base.gguf_init_from_file.restype = [ctypes.c_char_p, _GgufInitParams], vp
+    base.gguf_get_n_tensors.argtypes, base.gguf_get_n_tensors.restype = [vp], ctypes.c_int64
+    base.gguf_get_tensor_name.argtypes, base.gguf_get_tensor_name.restype = [vp, ctypes.c_int64], ctypes.c_char_p
+    base.ggml_get_tensor.argtypes, base.ggml_get_tensor.restype = [vp, ctypes.c_char_p], vp
+    base.gguf_free.argtypes, base.gguf_free.restype = [vp], None
+    base.ggml_free.argtypes, base.ggml_free.restype = [vp], None
+    meta = ctypes.c_void_p()
+    gctx = base.gguf_init_from_file(str(path).encode("utf-8"), _GgufInitParams(True, ctypes.pointer(meta)))
+    if not gctx:
+        raise BackendError(f"{path}: not a readable GGUF file (gguf_init_from_file failed)")
+    out: dict[str, tuple[int, tuple[int, ...]]] = {}
+    try:
+        for i in range(base.gguf_get_n_tensors(gctx)):
+            name = base.gguf_get_tensor_name(gctx, i)
+            t = base.ggml_get_tensor(meta, name)
+            if t:
+                head = _TensorPrefix.from_address(t)
+                out[name.decode()] = (int(head.type), tuple(int(x) for x in head.ne))
+    finally:
+        base.gguf_free(gctx)
+        if meta:
+            base.ggml_free(meta)
+    return out
+
+
+def repackable_tensors(path: str | os.PathLike) -> list[str]:
+    """The weight matrices of a GGUF that CPU_REPACK takes (type and row count), in file order.
+
+    Only matrices that feed matrix multiplications (`blk.*` and `output.weight`) qualify:
+    `token_embd.weight` is read by row lookups, which a repacked layout cannot serve.
+    """
+    names = []
+    for name, (ggml_type, ne) in gguf_tensor_shapes(path).items():
+        if not (name.startswith("blk.") or name == "output.weight") or not name.endswith(".weight"):
+            continue
+        if ggml_type in _REPACK_TYPES and ne[2] == ne[3] == 1 and ne[1] % 8 == 0:
+            names.append(name)
     return names
+
+
+def repack_overrides(path: str | os.PathLike) -> ctypes.Array | None:
+    """`llama_model_params.tensor_buft_overrides` for `path` that put on CPU_REPACK exactly the
+    tensors it takes (and nothing on AMX), or None when there are none; keep it alive while loading."""
+    return _repack_overrides(Path(path), _cpu_extra_bufts())
+
+
+def _repack_overrides(path: Path, bufts: dict[str, int]) -> ctypes.Array | None:
+    """A NULL-terminated override list sending each repackable tensor to CPU_REPACK, or None."""
+    names = repackable_tensors(path) if REPACK_BUFT in bufts else []
+    if not names or len(names) >= int(lib().llama_max_tensor_buft_overrides()):
+        return None
+    arr = (_BuftOverride * (len(names) + 1))()
+    for i, name in enumerate(names):
+        arr[i].pattern = ("^" + name.replace(".", "\\.") + "$").encode()
+        arr[i].buft = bufts[REPACK_BUFT]
+    return arr
 
 
 def _affinity_cores() -> int:
@@ -378,11 +473,28 @@ class LlamaModel(_Owner):
         if n_gpu_layers is None:
             n_gpu_layers = -1 if C.llama_supports_gpu_offload() else 0
         params.n_gpu_layers = n_gpu_layers
-        params.use_extra_bufts = bool(use_extra_bufts)
+        # Extra buffer types (weight repacking at load). Where the CPU offers one that crashes
+        # (AMX), llama.cpp's own switch stays off and each tensor CPU_REPACK takes is sent to it
+        # by a buffer-type override instead: the same repacking, without AMX.
+        self._overrides = None
+        self.repacked = None  # tensors sent to CPU_REPACK by override (None: llama.cpp chose, or no repacking)
+        read_file = False
+        params.use_extra_bufts = False
+        if use_extra_bufts:
+            bufts = _cpu_extra_bufts()
+            if any(b in bufts for b in CRASHING_EXTRA_BUFTS):
+                self._overrides = _repack_overrides(self.path, bufts)
+                if self._overrides is not None:
+                    params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+                    self.repacked = len(self._overrides) - 1
+                    read_file = True
+            else:
+                params.use_extra_bufts = True
+                read_file = True
         # Repacked weights are copies made at load: a mapping of the file would keep its pages
         # resident beside them (twice the GGUF in RSS, measured at 7B q4_0: 3.6 GB file + 4.0 GB
         # anonymous). Read the file instead when repacking; map it otherwise (shared, no copy).
-        if use_extra_bufts and hasattr(params, "load_mode"):
+        if read_file and hasattr(params, "load_mode"):
             params.load_mode = C.LLAMA_LOAD_MODE_NONE  # read the file into llama.cpp's buffers, no mapping
         params.vocab_only = bool(vocab_only)
         self.n_gpu_layers = n_gpu_layers

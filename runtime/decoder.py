@@ -520,8 +520,9 @@ class Decoder(_llama._Owner):
     `n_ctx`: context length (default: the GGUF's context_length, i.e. max_seq_len).
     `n_gpu_layers`: default all layers when llama.cpp was built with GPU offload, else 0.
     `use_extra_bufts`: llama.cpp's extra CPU weight buffer types (repacking); off by
-    default because quantized models crash on their first decode with the AMX buffer type
-    (tests/test_llama_bufts.py); the quant registry's policy or ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on.
+    default; the quant registry's policy or ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on. The AMX
+    type is never used (quantized models crash on their first decode with it,
+    tests/test_llama_bufts.py): on AMX CPUs the weights CPU_REPACK takes go to it by override.
     `kv_type` ("f16" or "f32") and `flash_attn` (None: llama.cpp's auto): the KV cache and
     attention kernel; `context_settings_for(quant)` gives the ones a GGUF type runs with.
     """

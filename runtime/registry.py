@@ -30,12 +30,12 @@ def _no_extra_bufts() -> bool:
     return False
 
 
-def _repack_without_amx() -> bool:
-    """llama.cpp's CPU_REPACK weights unless the CPU offers an AMX buffer type (see DecoderQuant)."""
+def _repack() -> bool:
+    """llama.cpp's CPU_REPACK weights where the CPU offers them (see DecoderQuant)."""
     from . import _llama
 
     try:
-        return "AMX" not in _llama.cpu_extra_buffer_types()
+        return _llama.REPACK_BUFT in _llama.cpu_extra_buffer_types()
     except (OSError, AttributeError) as exc:  # an older llama.cpp without the device API
         log.debug("cannot list llama.cpp's extra buffer types (%s); leaving them off", exc)
         return False
@@ -46,10 +46,11 @@ class DecoderQuant:
     """A GGUF file type the export writes and the runtime runs.
 
     Buffer-type policy: llama.cpp's extra CPU buffer types (weight repacking) are off by
-    default, because quantized GGUFs crash on their first decode with this llama.cpp's
-    AMX buffer type (tests/test_llama_bufts.py). q4_k_m turns them on where the CPU
-    offers no AMX type: CPU_REPACK's Q4_K kernels measured 1.29x faster decoding, while
-    they made q8_0 1.41x slower (benchmarks/RESULTS.md). q4_0 follows q4_k_m: in the
+    default. Its AMX buffer type is never used: quantized GGUFs crash on their first decode
+    with it (tests/test_llama_bufts.py); where a CPU offers AMX, `_llama.LlamaModel` sends
+    the tensors CPU_REPACK takes to CPU_REPACK by buffer-type overrides instead. q4_k_m
+    repacks where CPU_REPACK exists: its Q4_K kernels measured 1.29x faster decoding, while
+    the extra types made q8_0 1.41x slower (benchmarks/RESULTS.md). q4_0 follows q4_k_m: in the
     interleaved prefill sweep (benchmarks/prefill_sweep.py, bench preset, AMD EPYC Zen 4,
     AVX512-VNNI/BF16) its repacked weights prefilled the first question 1.3-1.7x faster and
     decoded 1.05-1.55x faster in every paired cell; this llama.cpp repacks no Q8_0 (off).
@@ -105,10 +106,10 @@ DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
                  _no_extra_bufts, None, "8-bit blocks (near-lossless, half of f16)",
                  random_weights_tolerance={"rel": 0.5}),
     DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
-                 _repack_without_amx, None, "4-bit k-quants (smallest, fastest on CPU)",
+                 _repack, None, "4-bit k-quants (smallest, fastest on CPU)",
                  random_weights_tolerance={"rel": 2.5, "cos": 0.8, "top1": 0.3}),
     DecoderQuant("q4_0", "MOSTLY_Q4_0", 2, False, {"rel": 1.0, "cos": 0.9, "top1": 0.45},
-                 _repack_without_amx, None, "4-bit blocks, one scale per 32 weights (CPU_REPACK's fastest kernels)",
+                 _repack, None, "4-bit blocks, one scale per 32 weights (CPU_REPACK's fastest kernels)",
                  random_weights_tolerance={"rel": 3.0, "cos": 0.75, "top1": 0.25}),
 )}
 

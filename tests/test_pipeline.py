@@ -451,7 +451,7 @@ def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch, tmp_path
     assert a.token_ids == plain.token_ids
 
 
-def test_extra_buffer_types_only_for_q4_k_m_without_amx(monkeypatch):
+def test_extra_buffer_types_only_for_the_4bit_types(monkeypatch):
     from onellm.runtime import _llama
     from onellm.runtime.registry import decoder_quant
 
@@ -463,7 +463,10 @@ def test_extra_buffer_types_only_for_q4_k_m_without_amx(monkeypatch):
     assert extra_bufts_for("q4_k_m") is True
     assert extra_bufts_for("q8_0") is False and extra_bufts_for("f16") is False
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
-    assert extra_bufts_for("q4_k_m") is False  # the crashing configuration stays off
+    # AMX CPUs repack too: the loader sends CPU_REPACK's tensors there by override, never to AMX
+    assert extra_bufts_for("q4_k_m") is True and extra_bufts_for("q8_0") is False
+    monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX"])
+    assert extra_bufts_for("q4_k_m") is False  # nothing safe to repack into
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "1")
     assert extra_bufts_for("q8_0") is True  # the user's explicit choice wins
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "off")

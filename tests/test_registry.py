@@ -26,13 +26,16 @@ def test_quant_tolerances_loosen_with_fewer_bits():
         assert coarser["cos"] <= finer["cos"] and coarser["rel"] >= finer["rel"]
 
 
+@pytest.mark.parametrize("offered", [["CPU_REPACK"], ["AMX", "CPU_REPACK"], ["AMX"], []])
 @pytest.mark.parametrize("name", list(DECODER_QUANTS))
-def test_each_quant_buffer_policy_runs(name, monkeypatch):
+def test_each_quant_buffer_policy_runs(name, offered, monkeypatch):
     from onellm.runtime import _llama
 
     monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
-    monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
-    assert DECODER_QUANTS[name].use_extra_bufts() is (name in ("q4_k_m", "q4_0"))
+    monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: list(offered))
+    # the 4-bit types repack wherever CPU_REPACK exists; AMX neither enables nor blocks it
+    # (the loader routes around AMX, tests/test_llama_bufts.py)
+    assert DECODER_QUANTS[name].use_extra_bufts() is (name in ("q4_k_m", "q4_0") and "CPU_REPACK" in offered)
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "0")
     assert DECODER_QUANTS[name].use_extra_bufts() is False  # the environment wins
 
