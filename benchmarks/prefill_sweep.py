@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--f16", type=Path, default=None, help="f16 GGUF to quantise missing types from (default the bundle's).")
     ap.add_argument("--batches", default="512")
     ap.add_argument("--ubatches", default="32,64,128,256,512")
-    ap.add_argument("--bufts", default="off,on", help="Extra buffer types: off, on or both.")
+    ap.add_argument("--bufts", default="off,on", choices=("off", "on", "off,on", "on,off", "both"),
+                    help="Extra buffer types (weight repacking): off, on, or both (= off,on).")
     ap.add_argument("--threads", type=int, default=None, help="Default: physical cores.")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_sweep(
         bundle=args.bundle, quants=[q.strip() for q in args.quants.split(",") if q.strip()],
         pairs=parse_pairs(args.batches, args.ubatches),
-        bufts=[{"off": False, "on": True}[b.strip()] for b in args.bufts.split(",") if b.strip()],
+        bufts=[{"off": False, "on": True}[b] for b in ("off,on" if args.bufts == "both" else args.bufts).split(",")],
         threads=args.threads or physical_cores(), repeats=args.repeats, new_tokens=args.new_tokens,
         work=args.work or args.bundle.parent / "sweep-ggufs", f16=args.f16)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,21 @@ def test_committed_results_load_and_render():
     assert "| image | onnxruntime | int8 | cpu |" in md and "## Targets" in md
 
 
+def test_committed_amx_results_record_the_plain_placement():
+    """results/bench-preset-xeon-amx.json (a run on an AMX CPU, where llama-cpp-python's
+    defaults crash) says per decode-loop row how the plain baseline's weights were placed."""
+    from onellm.benchmarks.report import to_markdown
+    from onellm.benchmarks.result import load_result
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench-preset-xeon-amx.json"
+    result = load_result(path)
+    assert result.to_dict() == json.loads(path.read_text())
+    placed = {o.quant: o.llama_cpp_python.buffers for o in result.overhead.decode_loop}
+    assert set(placed) == {"f16", "q8_0", "q4_k_m", "q4_0"}
+    assert placed["q4_0"].startswith("112 tensors on CPU_REPACK") and placed["q8_0"].startswith("0 tensors")
+    assert "crash on this CPU" in to_markdown(result)
+
+
 def test_report_rerenders_a_bench_json(bench_run, tmp_path):
     from onellm.benchmarks.report import main
 
