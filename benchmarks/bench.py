@@ -919,33 +919,32 @@ def _plain_llama_params(path: Path) -> Iterator[tuple[str | None, Any]]:
     """llama-cpp-python's `Llama` loads with llama.cpp's extra buffer types on. Where the CPU
     offers AMX that crashes on the first decode (tests/test_llama_bufts.py), so there its
     default model parameters are swapped, for the duration of the load, for the weight
-    placement our loader uses (CPU_REPACK by override, no AMX). Yields that placement's
-    description (None: llama-cpp-python's own defaults) and the override list, which the
-    caller keeps alive as long as the model.
+    placement our loader uses (`_llama.set_extra_bufts`: CPU_REPACK by override, no AMX).
+    Yields that placement's description (None: llama-cpp-python's own defaults) and the
+    override lists made, which the caller keeps alive as long as the model.
     """
     import llama_cpp.llama_cpp as lc
 
     from onellm.runtime import _llama
 
-    bufts = _llama.cpu_extra_buffer_types()
-    crashing = [b for b in _llama.CRASHING_EXTRA_BUFTS if b in bufts]
+    offered = _llama.cpu_extra_buffer_types()
+    crashing = [b for b in _llama.CRASHING_EXTRA_BUFTS if b in offered]
     if not crashing:
         yield None, None
         return
-    overrides = _llama.repack_overrides(path)
     original = lc.llama_model_default_params
+    kept: list = []
 
     def params():
         p = original()
-        p.use_extra_bufts = False
-        if overrides is not None:
-            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        kept.append(_llama.set_extra_bufts(p, path)[1])
         return p
 
     lc.llama_model_default_params = params
     try:
-        yield (f"{len(overrides) - 1 if overrides is not None else 0} tensors on CPU_REPACK by override; "
-               f"its defaults ({', '.join(crashing)} extra buffer type) crash on this CPU"), overrides
+        repacked = len(_llama.repackable_tensors(path)) if _llama.REPACK_BUFT in offered else 0
+        yield (f"{repacked} tensors on CPU_REPACK by override; "
+               f"its defaults ({', '.join(crashing)} extra buffer type) crash on this CPU"), kept
     finally:
         lc.llama_model_default_params = original
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -401,10 +402,25 @@ def repackable_tensors(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def repack_overrides(path: str | os.PathLike) -> ctypes.Array | None:
-    """`llama_model_params.tensor_buft_overrides` for `path` that put on CPU_REPACK exactly the
-    tensors it takes (and nothing on AMX), or None when there are none; keep it alive while loading."""
-    return _repack_overrides(Path(path), _cpu_extra_bufts())
+def set_extra_bufts(params: Any, path: str | os.PathLike) -> tuple[bool, ctypes.Array | None]:
+    """Let llama.cpp repack `path`'s weights at load through `params` (`llama_model_params`),
+    never onto a crashing extra buffer type.
+
+    Where the CPU offers one (AMX), llama.cpp's own switch stays off and each tensor
+    CPU_REPACK takes is sent to it by a buffer-type override: the same repacking, without
+    AMX. Returns whether anything may be repacked, and the override list (None when not
+    used), which the caller keeps alive as long as the model.
+    """
+    bufts = _cpu_extra_bufts()
+    params.use_extra_bufts = False
+    if not any(b in bufts for b in CRASHING_EXTRA_BUFTS):
+        params.use_extra_bufts = True
+        return True, None
+    overrides = _repack_overrides(Path(path), bufts)
+    if overrides is None:
+        return False, None
+    params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    return True, overrides
 
 
 def _repack_overrides(path: Path, bufts: dict[str, int]) -> ctypes.Array | None:
@@ -473,24 +489,11 @@ class LlamaModel(_Owner):
         if n_gpu_layers is None:
             n_gpu_layers = -1 if C.llama_supports_gpu_offload() else 0
         params.n_gpu_layers = n_gpu_layers
-        # Extra buffer types (weight repacking at load). Where the CPU offers one that crashes
-        # (AMX), llama.cpp's own switch stays off and each tensor CPU_REPACK takes is sent to it
-        # by a buffer-type override instead: the same repacking, without AMX.
-        self._overrides = None
-        self.repacked = None  # tensors sent to CPU_REPACK by override (None: llama.cpp chose, or no repacking)
-        read_file = False
+        # Extra buffer types: weight repacking at load, never onto AMX (see set_extra_bufts)
         params.use_extra_bufts = False
-        if use_extra_bufts:
-            bufts = _cpu_extra_bufts()
-            if any(b in bufts for b in CRASHING_EXTRA_BUFTS):
-                self._overrides = _repack_overrides(self.path, bufts)
-                if self._overrides is not None:
-                    params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
-                    self.repacked = len(self._overrides) - 1
-                    read_file = True
-            else:
-                params.use_extra_bufts = True
-                read_file = True
+        read_file, self._overrides = set_extra_bufts(params, self.path) if use_extra_bufts else (False, None)
+        # tensors sent to CPU_REPACK by override (None: llama.cpp chose, or no repacking)
+        self.repacked = len(self._overrides) - 1 if self._overrides is not None else None
         # Repacked weights are copies made at load: a mapping of the file would keep its pages
         # resident beside them (twice the GGUF in RSS, measured at 7B q4_0: 3.6 GB file + 4.0 GB
         # anonymous). Read the file instead when repacking; map it otherwise (shared, no copy).

@@ -9,7 +9,7 @@ un-repacked, so AMX is the one at fault (llama.cpp's ggml-cpu repack and AMX sou
 crash reproduced on a second AMX machine (Intel Xeon, AMX-INT8/BF16) with this build. Our loader
 therefore keeps extra buffer types off by default and never lets llama.cpp pick AMX: where the
 CPU offers it, repacking means each tensor CPU_REPACK takes is sent there by a buffer-type
-override (`_llama.repack_overrides`), with llama.cpp's own switch off.
+override (`_llama.set_extra_bufts`), with llama.cpp's own switch off.
 
 Every load runs in a subprocess so a segfault fails a test instead of killing pytest.
 The model is a width-256 decoder, so Q4_K/Q6_K are really used and rows are multiples
