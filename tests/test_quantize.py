@@ -232,3 +232,21 @@ def test_load_warning(load, warned):
     assert bool(msg) is warned
     if warned:
         assert f"load average {load[0]:.2f}" in msg and str(LOAD_WARN) in msg
+
+
+def test_int8_profile_runs_end_to_end_on_tiny():
+    """The whole profiler (export, recipes, cosines, timing rounds, ceilings, profiles) on the tiny preset."""
+    from onellm.benchmarks.int8_profile import run
+    from onellm.ref.config import resolve_config
+
+    out = run(resolve_config("tiny"), "image", ["fp32", "dynamic"], repeats=1, threads=1, n_calib=2, gemm_n=64)
+    assert set(out["ms"]) == {"trunk", "upm", "trunk+upm"}
+    assert out["ms"]["trunk+upm"]["dynamic"] == out["ms"]["trunk"]["dynamic"] + out["ms"]["upm"]["dynamic"]
+    for g in ("trunk", "upm"):
+        assert out["cosine_vs_fp32"][g]["fp32"] > 0.99999
+        assert 0.9 < out["cosine_vs_fp32"][g]["dynamic"] < 1.0
+        prof = out["profile"][g]["dynamic"]
+        assert prof["per_class_us"].get("int8_gemm", 0) > 0
+        assert 0 < prof["int8_gemm_fraction_of_ceiling"]
+    assert "onnxruntime_int8_before_profiles" in out["ceilings_gflop_s"]
+    assert out["int8_ceiling_used_gop_s"] >= out["ceilings_gflop_s"]["onnxruntime_int8"]["max"]
