@@ -1035,7 +1035,19 @@ def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, s
     if proc.returncode != 0:
         return FootprintRow(precision=precision, quant=quant, error=tuple(proc.stderr.strip().splitlines()[-1:]))
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return FootprintRow(precision=precision, quant=quant, modality=modality, **data)
+    gguf_mib, encoder_mib = loaded_files_mib(bundle, precision, quant, modality)
+    return FootprintRow(precision=precision, quant=quant, modality=modality, gguf_mib=gguf_mib,
+                        encoder_mib=encoder_mib, **data)
+
+
+def loaded_files_mib(bundle: Path, precision: str, quant: str, modality: str) -> tuple[float, float]:
+    """MiB of the GGUF of `quant` and of the `precision` encoder graphs `modality`'s chain runs."""
+    from onellm.runtime.bundle import load_manifest
+
+    man = load_manifest(bundle, verify=False).manifest
+    variant = man.encoder.precisions[precision]
+    graphs = dict.fromkeys(variant.modalities[modality].chain)
+    return man.decoder.quants[quant].bytes / 2**20, sum(variant.graphs[g].bytes for g in graphs) / 2**20
 
 
 # ----------------------------------------------------------------------------- the run
@@ -1085,7 +1097,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         notice=RANDOM_NOTICE if manifest.random_weights else "", artifacts=art.record(), ceilings=ceilings,
         inputs={m: InputInfo(source=sources.get(m, "dummy_input"), prompt_tokens=len(prompt[m])) for m in inputs},
         encoder=tuple(enc_rows), decoder=tuple(dec_rows), overhead=overhead, chat=chat, footprint=tuple(footprint),
-        targets=tuple(evaluate_targets(st.modalities, enc_rows, dec_rows, overhead.decode_loop, chat)),
+        targets=tuple(evaluate_targets(st.modalities, enc_rows, dec_rows, overhead.decode_loop, chat,
+                                       overhead.encoder_chain, footprint)),
         wall_s=time.perf_counter() - started)
 
 

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .result import BenchResult, ChatRow, DecodeLoopRow, DecoderRow, EncoderRow, Stat, Target, load_result
+from .result import (
+    BenchResult, ChatRow, DecodeLoopRow, DecoderRow, EncoderChainRow, EncoderRow, FootprintRow, Stat, Target,
+    load_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,79 @@ def _rows(rows, **match):
     return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
 
 
+# issue 13's targets (7B and bench preset): runtime vs torch bf16, our own share of the time to
+# first token, our decode loop vs plain llama-cpp-python, and peak RSS over the files it maps
+ENCODER_VS_BF16 = 2.5
+TTFT_VS_BF16 = 2.0
+DECODE_VS_BF16 = 2.5
+DECODE_LOOP_VS_PLAIN = 0.97
+OUR_SHARE_OF_TTFT = 0.02
+RSS_OVER_FILES_MIB = 600.0
+
+
 def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
-                     decode_loop: Sequence[DecodeLoopRow], chat: ChatRow | None) -> list[Target]:
+                     decode_loop: Sequence[DecodeLoopRow], chat: ChatRow | None,
+                     encoder_chain: Sequence[EncoderChainRow] = (),
+                     footprint: Sequence[FootprintRow] = ()) -> list[Target]:
     """The issue's targets as measured ratios (absent where a row needed for it was not run)."""
+    out = _targets_v1(modalities, encoder, decoder, decode_loop, chat)
+    for m in modalities:
+        out += _bf16_targets(m, encoder, decoder, encoder_chain)
+    for loop in decode_loop:
+        shipped = loop.ratio_shipped if loop.ratio_shipped is not None else loop.ratio
+        out.append(_target(f"decode_loop_shipped_vs_plain/{loop.quant}",
+                           f"decode tokens/s, our Session as shipped / llama-cpp-python ({loop.quant}, same GGUF)",
+                           shipped, DECODE_LOOP_VS_PLAIN, ">="))
+    for f in footprint:
+        if f.peak_rss_mib is not None and f.gguf_mib is not None and f.encoder_mib is not None:
+            out.append(_target(
+                f"peak_rss_over_files/{f.precision}+{f.quant}",
+                f"peak RSS - (GGUF {f.gguf_mib:.0f} MiB + {f.precision} encoder graphs {f.encoder_mib:.0f} MiB), "
+                f"MiB ({f.quant}, fresh process answering once)",
+                f.peak_rss_mib - f.gguf_mib - f.encoder_mib, RSS_OVER_FILES_MIB, "<="))
+    return out
+
+
+def _bf16_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
+                  encoder_chain: Sequence[EncoderChainRow]) -> list[Target]:
+    """Runtime best vs torch bf16 on one modality: encoder, time to first token, decode; and how much
+    of the runtime's best time to first token is our own code (reader + chain overhead)."""
+    out = []
+    ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
+                if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
+    tb = _rows(encoder, modality=m, backend="torch", precision="bf16", device="cpu")
+    if tb and ort_rows:
+        ob = min(ort_rows, key=lambda r: r.encode_s.median)
+        out.append(_target(f"encoder_vs_torch_bf16/{m}",
+                           f"{m}: torch bf16 encoder time / runtime best CPU encoder ({ob.precision}, "
+                           f"cosine {ob.cosine_vs_torch_fp32:.4f}) time", tb[0].encode_s.median / ob.encode_s.median,
+                           ENCODER_VS_BF16, ">="))
+    runtime = [r for r in _rows(decoder, modality=m, backend="llama.cpp") if r.ttft_s]
+    best = min(runtime, key=lambda r: r.ttft_s) if runtime else None
+    td = _rows(decoder, modality=m, backend="torch", precision="bf16")
+    if best and td and td[0].ttft_s:
+        out.append(_target(f"ttft_vs_torch_bf16/{m}",
+                           f"{m}: torch bf16 time to first token / runtime best ({best.precision}, "
+                           f"{best.encoder_used} encoder)", td[0].ttft_s / best.ttft_s, TTFT_VS_BF16, ">="))
+        out.append(_target(f"decode_vs_torch_bf16/{m}",
+                           f"{m}: decode tokens/s of that runtime row ({best.precision}) / torch bf16's",
+                           best.decode_tokens_per_s / td[0].decode_tokens_per_s, DECODE_VS_BF16, ">="))
+    if best and ort_rows:
+        ob = min(ort_rows, key=lambda r: r.encode_s.median)
+        pre = ob.stages_s["preprocess"].median if "preprocess" in ob.stages_s else None
+        chain = next((c for c in encoder_chain if c.modality == m and c.precision == ob.precision
+                      and c.device == "cpu"), None)
+        if pre is not None and chain is not None:
+            ours = pre + max(0.0, chain.ours_s - chain.plain_sessions_s)
+            out.append(_target(f"our_share_of_ttft/{m}",
+                               f"{m}: (reader + our encoder chain's time over plain session.run) / runtime best time "
+                               f"to first token", ours / best.ttft_s, OUR_SHARE_OF_TTFT, "<="))
+    return out
+
+
+def _targets_v1(modalities: Sequence[str], encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
+                decode_loop: Sequence[DecodeLoopRow], chat: ChatRow | None) -> list[Target]:
+    """The version-1 bench targets."""
     out = []
     for m in modalities:
         torch_rows = _rows(encoder, modality=m, backend="torch", device="cpu")

@@ -168,6 +168,8 @@ class FootprintRow(_Row):
     peak_rss_mib: float | None = omitted()  # after one answer
     first_chunk_s: float | None = omitted()
     error: tuple[str, ...] | None = omitted()  # the last stderr line, when the probe failed
+    gguf_mib: float | None = omitted()  # the GGUF file it loaded
+    encoder_mib: float | None = omitted()  # the encoder graph files of the modality's chain
 
 
 @row
