@@ -43,11 +43,13 @@ def _rows(rows, **match):
     return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
 
 
-# issue 13's targets (7B and bench preset): runtime vs torch bf16, our own share of the time to
-# first token, our decode loop vs plain llama-cpp-python, and peak RSS over the files it maps
-ENCODER_VS_BF16 = 2.5
-TTFT_VS_BF16 = 2.0
-DECODE_VS_BF16 = 2.5
+# issue 13's targets (7B and bench preset): runtime vs torch's fastest precision on this CPU (bf16
+# where the CPU has bf16 arithmetic, which the issue names; else fp32: the bench runs no emulated
+# bf16), our own share of the time to first token, our decode loop vs plain llama-cpp-python, and
+# peak RSS over the files it loads
+ENCODER_VS_TORCH = 2.5
+TTFT_VS_TORCH = 2.0
+DECODE_VS_TORCH = 2.5
 DECODE_LOOP_VS_PLAIN = 0.97
 OUR_SHARE_OF_TTFT = 0.02
 RSS_OVER_FILES_MIB = 600.0
@@ -60,7 +62,7 @@ def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], d
     """The issue's targets as measured ratios (absent where a row needed for it was not run)."""
     out = _targets_v1(modalities, encoder, decoder, decode_loop, chat)
     for m in modalities:
-        out += _bf16_targets(m, encoder, decoder, encoder_chain)
+        out += _vs_torch_targets(m, encoder, decoder, encoder_chain)
     for loop in decode_loop:
         shipped = loop.ratio_shipped if loop.ratio_shipped is not None else loop.ratio
         out.append(_target(f"decode_loop_shipped_vs_plain/{loop.quant}",
@@ -76,30 +78,34 @@ def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], d
     return out
 
 
-def _bf16_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
-                  encoder_chain: Sequence[EncoderChainRow]) -> list[Target]:
-    """Runtime best vs torch bf16 on one modality: encoder, time to first token, decode; and how much
-    of the runtime's best time to first token is our own code (reader + chain overhead)."""
+def _vs_torch_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
+                      encoder_chain: Sequence[EncoderChainRow]) -> list[Target]:
+    """Runtime best vs torch's fastest precision on one modality: encoder, time to first token,
+    decode; and how much of the runtime's best time to first token is our own code (reader +
+    chain overhead)."""
     out = []
     ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
                 if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
-    tb = _rows(encoder, modality=m, backend="torch", precision="bf16", device="cpu")
-    if tb and ort_rows:
+    te = _rows(encoder, modality=m, backend="torch", device="cpu")
+    if te and ort_rows:
+        tb = min(te, key=lambda r: r.encode_s.median)
         ob = min(ort_rows, key=lambda r: r.encode_s.median)
-        out.append(_target(f"encoder_vs_torch_bf16/{m}",
-                           f"{m}: torch bf16 encoder time / runtime best CPU encoder ({ob.precision}, "
-                           f"cosine {ob.cosine_vs_torch_fp32:.4f}) time", tb[0].encode_s.median / ob.encode_s.median,
-                           ENCODER_VS_BF16, ">="))
+        out.append(_target(f"encoder_vs_torch_best_x2.5/{m}",
+                           f"{m}: torch {tb.precision} encoder time / runtime best CPU encoder ({ob.precision}, "
+                           f"cosine {ob.cosine_vs_torch_fp32:.4f}) time", tb.encode_s.median / ob.encode_s.median,
+                           ENCODER_VS_TORCH, ">="))
     runtime = [r for r in _rows(decoder, modality=m, backend="llama.cpp") if r.ttft_s]
     best = min(runtime, key=lambda r: r.ttft_s) if runtime else None
-    td = _rows(decoder, modality=m, backend="torch", precision="bf16")
-    if best and td and td[0].ttft_s:
-        out.append(_target(f"ttft_vs_torch_bf16/{m}",
-                           f"{m}: torch bf16 time to first token / runtime best ({best.precision}, "
-                           f"{best.encoder_used} encoder)", td[0].ttft_s / best.ttft_s, TTFT_VS_BF16, ">="))
-        out.append(_target(f"decode_vs_torch_bf16/{m}",
-                           f"{m}: decode tokens/s of that runtime row ({best.precision}) / torch bf16's",
-                           best.decode_tokens_per_s / td[0].decode_tokens_per_s, DECODE_VS_BF16, ">="))
+    td = [r for r in _rows(decoder, modality=m, backend="torch") if r.ttft_s]
+    if best and td:
+        tt = min(td, key=lambda r: r.ttft_s)
+        out.append(_target(f"ttft_vs_torch_best/{m}",
+                           f"{m}: torch {tt.precision} time to first token / runtime best ({best.precision}, "
+                           f"{best.encoder_used} encoder)", tt.ttft_s / best.ttft_s, TTFT_VS_TORCH, ">="))
+        tk = max(td, key=lambda r: r.decode_tokens_per_s)
+        out.append(_target(f"decode_vs_torch_best/{m}",
+                           f"{m}: decode tokens/s of that runtime row ({best.precision}) / torch {tk.precision}'s",
+                           best.decode_tokens_per_s / tk.decode_tokens_per_s, DECODE_VS_TORCH, ">="))
     if best and ort_rows:
         ob = min(ort_rows, key=lambda r: r.encode_s.median)
         pre = ob.stages_s["preprocess"].median if "preprocess" in ob.stages_s else None

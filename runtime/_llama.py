@@ -686,7 +686,7 @@ _DECODE_CODES = {
 }
 
 
-_KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache (llama.cpp's default: f16)
+_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type of the KV cache (llama.cpp's default: f16)
 
 
 class LlamaContext(_Owner):
