@@ -736,6 +736,8 @@ class LlamaContext(_Owner):
             )
         if kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {kv_type!r}")
+        if kv_type == "q8_0" and flash_attn is False:  # llama.cpp quantizes the V cache only with it
+            raise ValueError("a q8_0 KV cache needs flash attention (flash_attn True or None)")
         params.type_k = params.type_v = _KV_TYPES[kv_type]
         ptr = C.llama_init_from_model(model.ptr, params)
         if not ptr:

@@ -523,8 +523,9 @@ class Decoder(_llama._Owner):
     default; the quant registry's policy or ONELLM_LLAMA_EXTRA_BUFTS=1 turns them on. The AMX
     type is never used (quantized models crash on their first decode with it,
     tests/test_llama_bufts.py): on AMX CPUs the weights CPU_REPACK takes go to it by override.
-    `kv_type` ("f16" or "f32") and `flash_attn` (None: llama.cpp's auto): the KV cache and
-    attention kernel; `context_settings_for(quant)` gives the ones a GGUF type runs with.
+    `kv_type` ("f16", "f32" or "q8_0", which needs flash attention) and `flash_attn` (None:
+    llama.cpp's auto): the KV cache and attention kernel; `context_settings_for(quant)`
+    gives the ones a GGUF type runs with.
     """
 
     def __init__(
@@ -547,7 +548,7 @@ class Decoder(_llama._Owner):
         self._ctx = None
         self._batch = None
         self._owner: Session | None = None
-        self.kv_type = kv_type  # KV cache element type ("f16" or "f32")
+        self.kv_type = kv_type  # KV cache element type ("f16", "f32" or "q8_0")
         self.flash_attn = flash_attn  # None: llama.cpp decides (auto)
         self._model = _llama.LlamaModel(self.path, n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
         try:

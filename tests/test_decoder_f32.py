@@ -1,8 +1,9 @@
 """The f32 decoder setting: a bundle's f32 GGUF runs with an f32 KV cache and exact attention.
 
 `Pipeline.load` takes the llama.cpp context settings from the quant registry
-(`DecoderQuant.context_settings`, also `decoder.context_settings_for`), keyed by the bundle's quant name: f32 -> kv_type f32, flash attention off; every
-other type -> llama.cpp's defaults (f16 cache, flash attention auto).
+(`DecoderQuant.context_settings`, also `decoder.context_settings_for`), keyed by the bundle's
+quant name: f32 -> kv_type f32, flash attention off; q8_0 and the 4-bit types -> a Q8_0 cache
+with flash attention; f16 -> llama.cpp's defaults (f16 cache, flash attention auto).
 
 Measured on the tiny f32 bundle (BOS + the bundle's own 32 imu rows + 40 text tokens,
 logit std ~0.22), max|logit diff| / logit std against the torch reference:
@@ -41,8 +42,10 @@ def parity(tiny_pipeline, tiny_model, tiny_config):
 
 def test_settings_table_is_keyed_by_quant():
     assert context_settings_for("f32") == {"kv_type": "f32", "flash_attn": False}
-    for quant in ("f16", "q8_0", "q4_k_m", "a-future-type"):
+    for quant in ("f16", "a-future-type"):
         assert context_settings_for(quant) == {}
+    for quant in ("q8_0", "q4_k_m", "q4_0"):  # a Q8_0 cache (half the memory) needs flash attention
+        assert context_settings_for(quant) == {"kv_type": "q8_0", "flash_attn": True}
     context_settings_for("f32")["kv_type"] = "f16"  # callers get a copy
     assert decoder_quant("f32").context_settings()["kv_type"] == "f32"
 
@@ -74,9 +77,10 @@ def test_llama_cpp_defaults_miss_that_tolerance(tiny_pipeline, parity):
     assert 10 * EXACT_REL < fig["rel"] <= DEFAULTS_REL
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m"])
-def test_other_quants_keep_the_defaults(quant, tiny_bundle, monkeypatch):
-    """The choice follows the bundle's quant name: the f32 file listed as another type runs with the defaults."""
+@pytest.mark.parametrize("quant,settings", [("f16", ("f16", None)), ("q8_0", ("q8_0", True)),
+                                            ("q4_k_m", ("q8_0", True))])
+def test_other_quants_keep_their_settings(quant, settings, tiny_bundle, monkeypatch):
+    """The choice follows the bundle's quant name: the f32 file listed as another type runs with that type's."""
     from onellm.runtime import pipeline
 
     real = pipeline.load_manifest
@@ -90,4 +94,23 @@ def test_other_quants_keep_the_defaults(quant, tiny_bundle, monkeypatch):
     monkeypatch.setattr(pipeline, "load_manifest", with_alias)
     with pipeline.Pipeline.load(tiny_bundle, device="cpu", quant=quant, n_ctx=64) as pipe:
         assert pipe.quant == quant
-        assert (pipe.decoder.kv_type, pipe.decoder.flash_attn) == ("f16", None)
+        assert (pipe.decoder.kv_type, pipe.decoder.flash_attn) == settings
+
+
+def test_q8_0_cache_reaches_llama_cpp_and_needs_flash_attention(tiny_gguf):
+    """The quantized types' cache setting is what llama.cpp allocates (its own log line), at half
+    the bytes of an f16 cache; a Q8_0 cache without flash attention is refused up front."""
+    from onellm.runtime.decoder import capture_native_log
+
+    sizes = {}
+    for kv in ("f16", "q8_0"):
+        with capture_native_log() as lines, Decoder(tiny_gguf("q8_0"), n_ctx=256, **{
+                **context_settings_for("q8_0"), "kv_type": kv}) as dec:
+            assert dec.kv_type == kv
+        line = next(s for s in lines if "llama_kv_cache: size =" in s)
+        assert f"K ({kv})" in line and f"V ({kv})" in line, line
+        sizes[kv] = float(line.split("size =")[1].split("MiB")[0])
+    # Q8_0: 34 bytes per 32 values (the log prints two decimals of MiB)
+    assert sizes["q8_0"] == pytest.approx(sizes["f16"] * 34 / 64, rel=0.05)
+    with pytest.raises(ValueError, match="needs flash attention"):
+        Decoder(tiny_gguf("q8_0"), n_ctx=256, kv_type="q8_0", flash_attn=False)
