@@ -839,11 +839,11 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
                      quant: str, n_ctx: int, ctx_flash: bool) -> DecodeLoopRow:
     """Our Session vs llama-cpp-python's `Llama.generate`: same GGUF, text-only prompt, greedy.
 
-    `Llama` loads with llama.cpp's default weight buffers (extra CPU buffer types on), so
-    the loop-overhead comparison (`ours`, `ratio`) runs our Decoder with the same setting
-    and flash attention, batch and threads as `Llama`. When our shipped setting differs
-    (extra buffer types off), `dec` as shipped is timed too (`ours_shipped`): what a user
-    gets from us versus from a plain llama-cpp-python.
+    `Llama` loads with llama.cpp's default weight buffers (extra CPU buffer types on) and
+    KV cache (f16), so the loop-overhead comparison (`ours`, `ratio`) runs our Decoder with
+    the same settings and flash attention, batch and threads as `Llama`. When our shipped
+    settings differ (extra buffer types off, or a Q8_0 cache), `dec` as shipped is timed
+    too (`ours_shipped`): what a user gets from us versus from a plain llama-cpp-python.
     """
     import llama_cpp
 
@@ -882,10 +882,11 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         return LoopRun(prefill_s=summarize([r[0] for r in runs]), decode_s=summarize([r[1] for r in runs]),
                        decode_tokens_per_s=rate, tokens=runs[0][2], **extra)
 
-    matched = dec if shipped_extra else Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=True,
-                                                 flash_attn=ctx_flash)
+    as_plain = shipped_extra and dec.kv_type == "f16"
+    matched = dec if as_plain else Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=True,
+                                           flash_attn=ctx_flash, kv_type="f16")
     runners = {"ours": ours_runner(matched)}
-    if not shipped_extra:
+    if not as_plain:
         runners["ours_shipped"] = ours_runner(dec)
     with _plain_llama_params(path) as (plain_buffers, _keep_overrides):
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -909,7 +910,8 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
     shipped = summary(runs["ours_shipped"]) if "ours_shipped" in runs else None
     return DecodeLoopRow(
         quant=quant, prompt_tokens=len(ids), new_tokens=new_tokens, flash_attn=ctx_flash,
-        ours_extra_bufts=shipped_extra, ours=ours, ours_shipped=shipped, llama_cpp_python=plain,
+        ours_extra_bufts=shipped_extra, ours_kv_type=dec.kv_type, ours=ours, ours_shipped=shipped,
+        llama_cpp_python=plain,
         ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
         ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None)
 

@@ -230,8 +230,11 @@ def to_markdown(result: BenchResult) -> str:
                      f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python; {both}) | "
                      f"{_f(o.ratio, 3)} |")
         if o.ours_shipped is not None:
+            shipped = ", ".join(x for x in ("" if o.ours_extra_bufts else "extra CPU buffer types off",
+                                            f"{o.ours_kv_type} KV cache" if o.ours_kv_type not in (None, "f16") else "")
+                                if x)
             lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours_shipped.decode_tokens_per_s, 1)} "
-                         f"(ours as shipped: extra CPU buffer types off) | "
+                         f"(ours as shipped: {shipped}) | "
                          f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} "
                          f"({'llama-cpp-python, as above' if placed else 'llama-cpp-python defaults'}) | "
                          f"{_f(o.ratio_shipped, 3)} |")

@@ -111,6 +111,7 @@ class DecodeLoopRow(_Row):
     new_tokens: int
     flash_attn: bool  # as llama.cpp resolved it for our context; the plain run matches it
     ours_extra_bufts: bool  # our shipped buffer-type setting
+    ours_kv_type: str | None = omitted()  # our shipped KV cache type (runs before it: f16 throughout)
     ours: LoopRun  # ours with llama-cpp-python's buffer setting
     ours_shipped: LoopRun | None = omitted()  # ours as shipped, when that setting differs
     llama_cpp_python: LoopRun

@@ -74,6 +74,9 @@ def test_tiny_bench_json_validates_and_has_every_row(bench_run):
     assert data["footprint"] and all("peak_rss_mib" in f for f in data["footprint"])
     names = {t["name"] for t in data["targets"]}
     assert {"ort_fp32_vs_torch_fp32/image", "chat_followup_ttft_ratio", "decode_loop_vs_llama_cpp_python"} <= names
+    # issue 13's: the footprint rows carry the file sizes their budget is measured against
+    assert any(n.startswith("peak_rss_over_files/") for n in names) and "ttft_vs_torch_best/image" in names
+    assert all(f["gguf_mib"] > 0 and f["encoder_mib"] > 0 for f in data["footprint"])
 
 
 def test_tiny_bench_writes_markdown_and_chart(bench_run):
