@@ -785,7 +785,7 @@ class RuntimeDecoderRows:
 def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, greedy, new_tokens: int,
                           repeats: int, warmup: int, threads: int, plain: bool) -> RuntimeDecoderRows:
     """Rows of one GGUF quantization (llama.cpp through our Session), per modality."""
-    from onellm.runtime.decoder import Decoder, Sampling, capture_native_log
+    from onellm.runtime.decoder import Decoder, Sampling, capture_native_log, context_settings_for
     from onellm.runtime.registry import decoder_quant
 
     entry = manifest.decoder.quants[quant]
@@ -796,7 +796,8 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
     rss0 = rss_mib()
     t0 = time.perf_counter()
     with capture_native_log() as native:
-        dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra)
+        # as the runtime runs this type: its buffer-type policy and context settings (KV cache, flash attention)
+        dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra, **context_settings_for(quant))
         dec.session().prefill([dec.bos_id])  # flash attention is resolved on the first graph
     flash = _flash_attn_from_log(native)
     load_s = time.perf_counter() - t0
