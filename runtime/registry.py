@@ -63,8 +63,8 @@ class DecoderQuant:
     question peaked 707 MiB over its GGUF + encoder files with an f16 cache, 588 with a Q8_0
     K and f16 V cache, 468 with both Q8_0 (issue 13's budget: 600). The price, bench preset,
     side by side, best of 3 rounds in two runs: the first question's prefill about 10 % slower
-    (q4_0 +9 and +12 %, q8_0 +9 and +7 %; the flash-attention kernel dequantizes V rows, a
-    Q8_0 K alone cost +5 / -4 %), decode unchanged. On random weights the
+    (q4_0 +9 and +12 %, q8_0 +9 and +7 %; a Q8_0 V alone cost +23 / +6 %, a Q8_0 K alone
+    +5 / -4 %), decode unchanged. On random weights the
     cache moved the logits by min cosine 0.998 against an f16 cache, less than the weights'
     own rounding (q8_0 weights vs fp32: 0.996 at 7B). `Pipeline.load(context={"kv_type":
     "f16"})` takes the faster prefill back.
