@@ -86,10 +86,10 @@ def _vs_torch_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[D
     out = []
     ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
                 if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
+    ob = min(ort_rows, key=lambda r: r.encode_s.median) if ort_rows else None
     te = _rows(encoder, modality=m, backend="torch", device="cpu")
-    if te and ort_rows:
+    if te and ob:
         tb = min(te, key=lambda r: r.encode_s.median)
-        ob = min(ort_rows, key=lambda r: r.encode_s.median)
         out.append(_target(f"encoder_vs_torch_best_x2.5/{m}",
                            f"{m}: torch {tb.precision} encoder time / runtime best CPU encoder ({ob.precision}, "
                            f"cosine {ob.cosine_vs_torch_fp32:.4f}) time", tb.encode_s.median / ob.encode_s.median,
@@ -106,8 +106,7 @@ def _vs_torch_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[D
         out.append(_target(f"decode_vs_torch_best/{m}",
                            f"{m}: decode tokens/s of that runtime row ({best.precision}) / torch {tk.precision}'s",
                            best.decode_tokens_per_s / tk.decode_tokens_per_s, DECODE_VS_TORCH, ">="))
-    if best and ort_rows:
-        ob = min(ort_rows, key=lambda r: r.encode_s.median)
+    if best and ob:
         pre = ob.stages_s["preprocess"].median if "preprocess" in ob.stages_s else None
         chain = next((c for c in encoder_chain if c.modality == m and c.precision == ob.precision
                       and c.device == "cpu"), None)

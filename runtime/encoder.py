@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -123,8 +124,9 @@ def _freed_blocks_go_back():
         mallopt(_M_MMAP_THRESHOLD, _RUN_MMAP_THRESHOLD)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc_mallopt():
-    """glibc's mallopt, or None (another C library, or not Linux)."""
+    """glibc's mallopt, or None (another C library, or not Linux); looked up once."""
     if not sys.platform.startswith("linux"):
         return None
     try:
