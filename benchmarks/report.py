@@ -177,6 +177,15 @@ def _f(v, digits=2, pct=False) -> str:
     return f"{100 * v:.0f} %" if pct else f"{v:.{digits}f}"
 
 
+def block_source(result: BenchResult) -> str:
+    """Whose encoder block every decoder row got: torch fp32's when the torch rows ran, else the
+    runtime's encoder in fp32 (or its first precision), as `bench._reference_rows` picks it."""
+    if any(r.backend == "torch" and r.precision == "fp32" for r in result.encoder):
+        return "torch fp32's"
+    precs = result.settings.encoder_precisions
+    return f"the runtime's {'fp32' if 'fp32' in precs else precs[0]} encoder's"
+
+
 def to_markdown(result: BenchResult) -> str:
     """The report as Markdown tables (times in ms: median (min-max) over the repeats)."""
     mach, st, ceil = result.machine, result.settings, result.ceilings
@@ -209,7 +218,7 @@ def to_markdown(result: BenchResult) -> str:
             f"{_ms(s.get('tokenizer'))} | {_ms(s.get('clip_trunk'))} | {_ms(s.get('upm_projection'))} | "
             f"**{_ms(r.encode_s)}** | {_f(r.gflop_s, 0)} | {_f(r.fraction_of_peak, pct=True)} | "
             f"{_f(r.cosine_vs_torch_fp32, 5)} | {_ms(r.plain_sessions_encode_s)} |")
-    lines += ["", "## Decoder (same encoder block for every row: torch fp32's)", "",
+    lines += ["", f"## Decoder (same encoder block for every row: {block_source(result)})", "",
               "| modality | backend | precision | load s | prefill ms | prefill tok/s | TTFT ms | decode tok/s | "
               "bytes/token | % of BW ceiling | greedy prefix match | top-1 agreement |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

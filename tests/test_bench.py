@@ -163,6 +163,22 @@ def test_committed_amx_results_record_the_plain_placement():
     assert "crash on this CPU" in to_markdown(result)
 
 
+def test_decoder_heading_names_whose_encoder_block_the_rows_got():
+    """With the torch rows the decoders get torch fp32's block; a --no-torch run (the committed
+    7B one) gives them the runtime's fp32 encoder's, and the heading must say so."""
+    from onellm.benchmarks.report import to_markdown
+    from onellm.benchmarks.result import load_result
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    with_torch, no_torch = load_result(results / "bench-preset-zen3.json"), load_result(results / "bench-7b-zen3.json")
+    assert not any(r.backend == "torch" for r in no_torch.encoder)
+    assert "## Decoder (same encoder block for every row: torch fp32's)" in to_markdown(with_torch)
+    md = to_markdown(no_torch)
+    assert "torch fp32's" not in md
+    precision = "fp32" if "fp32" in no_torch.settings.encoder_precisions else no_torch.settings.encoder_precisions[0]
+    assert f"## Decoder (same encoder block for every row: the runtime's {precision} encoder's)" in md
+
+
 def test_report_rerenders_a_bench_json(bench_run, tmp_path):
     from onellm.benchmarks.report import main
 
