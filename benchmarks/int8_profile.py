@@ -175,7 +175,10 @@ def _session(path: Path, threads: int, profile_prefix: str | None = None):
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from onellm.runtime.encoder import session_kwargs
+
+    # the runtime's CPU session settings, so the profile is of what `ask` runs
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], **session_kwargs("cpu"))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

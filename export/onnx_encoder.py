@@ -646,7 +646,9 @@ def _session(path: Path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't starve torch
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from onellm.runtime.encoder import session_kwargs
+
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], **session_kwargs("cpu"))
 
 
 def _validate_graph(job: GraphJob, path: Path, precision: str, seed: int) -> dict[str, Any]:

@@ -68,6 +68,17 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+# onnxruntime graph optimizers CPU sessions run without. SkipLayerNormFusion would fuse the
+# exported Add + LayerNormalization pairs back into SkipLayerNormalization, whose CPU kernel is
+# 3.7x slower (export/quantize.py: unfuse_skip_layer_norm). GPU providers keep it.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def session_kwargs(device_type: str) -> dict[str, Any]:
+    """Extra InferenceSession keyword arguments for sessions on `device_type` ("cpu", "cuda")."""
+    return {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)} if device_type == "cpu" else {}
+
+
 def select_providers(device: str, trt_options: dict[str, Any] | None = None) -> tuple[list[Any], str, int]:
     """(providers for InferenceSession, OrtValue device type, device id) for a device name.
 
@@ -319,7 +330,7 @@ class Encoder:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             with _freed_blocks_go_back():
-                sess = ort.InferenceSession(str(path), so, providers=self.providers)
+                sess = ort.InferenceSession(str(path), so, providers=self.providers, **session_kwargs(self.device_type))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{path}: onnxruntime could not load encoder graph {name!r} ({exc})") from None
         self._sessions[name] = sess
