@@ -64,10 +64,14 @@ class DecoderQuant:
     K and f16 V cache, 468 with both Q8_0 (issue 13's budget: 600). The price, bench preset,
     side by side, best of 3 rounds in two runs: the first question's prefill about 10 % slower
     (q4_0 +9 and +12 %, q8_0 +9 and +7 %; a Q8_0 V alone cost +23 / +6 %, a Q8_0 K alone
-    +5 / -4 %), decode unchanged. On random weights the
+    +5 / -4 %); decode unchanged on that Zen 3 (7B q8_0, 2.02 vs 2.11 tok/s), but on an AMD
+    EPYC Zen 4 (AVX-512) the bench preset's q4_0 decoded at 0.913 of plain llama-cpp-python with
+    the Q8_0 cache, 1.009 with an f16 one and 0.971 with Q8_0 K + f16 V (12 paired rounds,
+    n_ctx 2048). Those footprints are at 1024 positions; `onellm ask` defaults to the model's
+    context (2048 at 7B), which doubles the cache. On random weights the
     cache moved the logits by min cosine 0.998 against an f16 cache, less than the weights'
     own rounding (q8_0 weights vs fp32: 0.996 at 7B). `Pipeline.load(context={"kv_type":
-    "f16"})` takes the faster prefill back.
+    "f16"})` takes the faster prefill (and, on such CPUs, decode) back.
     """
 
     name: str  # the CLI and manifest name
