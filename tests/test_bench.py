@@ -165,7 +165,7 @@ def test_committed_amx_results_record_the_plain_placement():
 
 def test_decoder_heading_names_whose_encoder_block_the_rows_got():
     """With the torch rows the decoders get torch fp32's block; a --no-torch run (the committed
-    7B one) gives them the runtime's fp32 encoder's, and the heading must say so."""
+    7B one, int8 encoder only) gives them the runtime encoder's, and the heading must say so."""
     from onellm.benchmarks.report import to_markdown
     from onellm.benchmarks.result import load_result
 
