@@ -149,7 +149,7 @@ def export_fp32(cfg, tmp: Path, modality: str) -> dict:
 
 
 def make_recipes(names, src: Path, tmp: Path, graph: str, calib: list[dict]) -> dict[str, Path]:
-    from onellm.export.quantize import INT8_RECIPES, quantize_int8
+    from onellm.export.quantize import INT8_RECIPES, quantize_int8, unfuse_skip_layer_norm_file
 
     paths = {"fp32": src}
     for name in names:
@@ -160,6 +160,7 @@ def make_recipes(names, src: Path, tmp: Path, graph: str, calib: list[dict]) -> 
         dst = tmp / f"{graph}.{name}.onnx"
         t = time.perf_counter()
         quantize_int8(src, dst, recipe=name, calibration=calib)
+        unfuse_skip_layer_norm_file(dst, {})  # as the export does for its int8 graphs
         log.info("%s %s: %.1fs", graph, name, time.perf_counter() - t)
         paths[name] = dst
     return paths

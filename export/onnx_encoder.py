@@ -67,7 +67,7 @@ from onellm.runtime.manifest import Chain, EncoderVariant, Graph, PointGrouping,
 from onellm.runtime.modalities import get_modality
 from onellm.runtime.registry import ENCODER_PRECISIONS
 
-from .quantize import DEFAULT_INT8_RECIPE, convert_fp16, optimize_graph, quantize_int8
+from .quantize import DEFAULT_INT8_RECIPE, convert_fp16, optimize_graph, quantize_int8, unfuse_skip_layer_norm_file
 
 log = logging.getLogger(__name__)
 
@@ -525,10 +525,12 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
                 convert_fp16(src, dst)
             else:
                 quantization = quantize_int8(src, dst, recipe=int8_recipe)
+        # int8 runs on CPUs only, where onnxruntime's fused SkipLayerNormalization kernel is slow
+        graph_fused = unfuse_skip_layer_norm_file(dst, fused) if effective == "int8" else fused
         parity = _validate_graph(job, dst, effective, seed)
         entry = graph_entry(dst, root,
                             used_by=tuple(job.used_by),
-                            fused_ops=fused,
+                            fused_ops=graph_fused,
                             precision=effective,
                             quantization=quantization if effective == "int8" else None,
                             parity=parity,

@@ -8,13 +8,13 @@ In: an fp32 `.onnx` file written by `export/onnx_encoder.py`. Out: a new `.onnx`
   it fuses LayerNorm + residual into SkipLayerNormalization, x*sigmoid(1.702x) into
   QuickGelu and the attention into one `Attention` node; on the LLaMA-block experts
   (`model_type="bert"`) it fuses RMSNorm (+ residual) into (Skip)SimplifiedLayerNormalization.
-  Then each SkipLayerNormalization is split back into Add (+ bias Add) and LayerNormalization
-  (`unfuse_skip_layer_norm`): the optimizer needs it as an anchor to find the attention, but
-  onnxruntime's CPU kernel for it is slow. Measured (AMD EPYC Zen 4, 2 threads, 48 norms of
-  257 x 1024): 0.78 ms per fused norm against 0.21 ms for Add + LayerNormalization; the bench
-  preset's int8 trunk ran 293 -> 274 ms (median of 11 interleaved rounds). CPU sessions keep
-  onnxruntime from fusing them again (`runtime.encoder.CPU_DISABLED_OPTIMIZERS`); other
-  execution providers fuse them at load as before.
+* `unfuse_skip_layer_norm`: on the int8 graphs (a CPU precision), each SkipLayerNormalization
+  is split back into Add (+ bias Add) and LayerNormalization. The optimizer needs the fused
+  node as an anchor to find the attention, but onnxruntime's CPU kernel for it is slow.
+  Measured (AMD EPYC Zen 4, 2 threads, a chain of 48 norms of 257 x 1024): 0.78 ms per fused
+  norm against 0.21 ms for Add + LayerNormalization; the bench preset's int8 trunk ran
+  293 -> 274 ms (median of 11 interleaved rounds). The fp32 and fp16 graphs, which GPU
+  providers run too, keep the fused node (the split was not measured on a GPU).
 * `convert_fp16`: `onnxruntime.transformers.float16.convert_float_to_float16` with fp32
   inputs/outputs kept (`keep_io_types`), so stages of mixed precision chain without casts
   in the runtime; ops on the converter's default block list stay fp32.
@@ -61,11 +61,6 @@ def optimize_graph(src: Path, dst: Path, model_type: str, num_heads: int, hidden
             opt_level=0, use_gpu=False,
         )
         counts = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-        unfused = unfuse_skip_layer_norm(opt.model)
-        if unfused:
-            counts["SkipLayerNormalization"] = counts.get("SkipLayerNormalization", 0) - unfused
-            counts = {k: v for k, v in counts.items() if v}
-            counts["SkipLayerNormalization_unfused"] = unfused
         opt.save_model_to_file(str(dst))
     finally:
         quiet.setLevel(level)
@@ -109,6 +104,21 @@ def unfuse_skip_layer_norm(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return n_split
+
+
+def unfuse_skip_layer_norm_file(path: Path, fused_ops: dict[str, int]) -> dict[str, int]:
+    """`unfuse_skip_layer_norm` on the graph file at `path`, rewritten in place when anything was
+    split; returns `fused_ops` (the optimizer's fusion counts) as they now hold for that file."""
+    model = onnx.load(str(path))
+    split = unfuse_skip_layer_norm(model)
+    if not split:
+        return dict(fused_ops)
+    onnx.save(model, str(path))
+    counts = dict(fused_ops)
+    counts["SkipLayerNormalization"] = counts.get("SkipLayerNormalization", 0) - split
+    counts = {k: v for k, v in counts.items() if v}
+    counts["SkipLayerNormalization_unfused"] = split
+    return counts
 
 
 def _fresh(name: str, taken: set[str]) -> str:

@@ -68,9 +68,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-# onnxruntime graph optimizers CPU sessions run without. SkipLayerNormFusion would fuse the
-# exported Add + LayerNormalization pairs back into SkipLayerNormalization, whose CPU kernel is
-# 3.7x slower (export/quantize.py: unfuse_skip_layer_norm). GPU providers keep it.
+# onnxruntime graph optimizers CPU sessions run without. The int8 export splits
+# SkipLayerNormalization into Add + LayerNormalization, because the fused CPU kernel is 3.7x
+# slower (export/quantize.py: unfuse_skip_layer_norm); onnxruntime's SkipLayerNormFusion fuses
+# such a pair again where the norm is the sum's only reader (tests/test_skip_layer_norm.py;
+# in the exported trunk every sum also feeds the residual stream, and it fused none).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
