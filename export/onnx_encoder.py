@@ -526,7 +526,8 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
             else:
                 quantization = quantize_int8(src, dst, recipe=int8_recipe)
         # int8 runs on CPUs only, where onnxruntime's fused SkipLayerNormalization kernel is slow
-        graph_fused = unfuse_skip_layer_norm_file(dst, fused) if effective == "int8" else fused
+        split = effective == "int8" and fused.get("SkipLayerNormalization")  # no reload of graphs without any
+        graph_fused = unfuse_skip_layer_norm_file(dst, fused) if split else fused
         parity = _validate_graph(job, dst, effective, seed)
         entry = graph_entry(dst, root,
                             used_by=tuple(job.used_by),
