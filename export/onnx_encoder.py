@@ -62,6 +62,7 @@ from onellm.ref.config import ModelConfig
 from onellm.ref import stages
 from onellm.ref.model import OneLLM
 from onellm.runtime.bundle import sha256_file
+from onellm.runtime.encoder import session_kwargs
 from onellm.runtime.errors import ConfigError, ParityError
 from onellm.runtime.manifest import Chain, EncoderVariant, Graph, PointGrouping, TensorSpec, chain_stages
 from onellm.runtime.modalities import get_modality
@@ -649,8 +650,6 @@ def _session(path: Path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't starve torch
-    from onellm.runtime.encoder import session_kwargs
-
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], **session_kwargs("cpu"))
 
 
