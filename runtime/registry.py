@@ -57,21 +57,22 @@ class DecoderQuant:
     n_ubatch stays n_batch: no smaller micro-batch (32..256) beat one graph for the
     ~136 positions of a first question.
 
-    KV cache: the quantized types keep it in Q8_0 (flash attention on, which a quantized V
-    cache needs): half of f16's memory. At 7B with 1024 positions the f16 cache is 512 MiB;
-    measured on the 7B q4_0 bundle (AMD EPYC Zen 3), a fresh process answering one image
-    question peaked 707 MiB over its GGUF + encoder files with an f16 cache, 588 with a Q8_0
-    K and f16 V cache, 468 with both Q8_0 (issue 13's budget: 600). The price, bench preset,
-    side by side, best of 3 rounds in two runs: the first question's prefill about 10 % slower
-    (q4_0 +9 and +12 %, q8_0 +9 and +7 %; a Q8_0 V alone cost +23 / +6 %, a Q8_0 K alone
-    +5 / -4 %); decode unchanged on that Zen 3 (7B q8_0, 2.02 vs 2.11 tok/s), but on an AMD
-    EPYC Zen 4 (AVX-512) the bench preset's q4_0 decoded at 0.913 of plain llama-cpp-python with
-    the Q8_0 cache, 1.009 with an f16 one and 0.971 with Q8_0 K + f16 V (12 paired rounds,
-    n_ctx 2048). Those footprints are at 1024 positions; `onellm ask` defaults to the model's
-    context (2048 at 7B), which doubles the cache. On random weights the
-    cache moved the logits by min cosine 0.998 against an f16 cache, less than the weights'
-    own rounding (q8_0 weights vs fp32: 0.996 at 7B). `Pipeline.load(context={"kv_type":
-    "f16"})` takes the faster prefill (and, on such CPUs, decode) back.
+    KV cache: f16 for every type but f32 (llama.cpp's default), flash attention on for the
+    quantized types. A Q8_0 cache (`Pipeline.load(context={"kv_type": "q8_0"})`, flash
+    attention on) halves the cache's memory but costs speed: on an AMD EPYC Zen 4
+    (AVX-512 VNNI/BF16) the bench preset's q4_0 decoded at 0.913 of plain llama-cpp-python with
+    a Q8_0 cache, 1.009 with an f16 one and 0.971 with Q8_0 K + f16 V (12 paired rounds, n_ctx
+    2048); on an AMD EPYC Zen 3 the first question's prefill was about 10 % slower with it (q4_0
+    +9 and +12 %, q8_0 +9 and +7 %, best of 3 rounds in two runs) and 7B decode unchanged. The
+    memory is held down instead by the context: `onellm ask` sizes it to the question
+    (`pipeline.context_for_question`: prompt, input rows and --max-tokens, rounded up to 256,
+    i.e. 512 positions for a first question with 256 answer tokens), where the f16 cache of
+    LLaMA-2-7B takes 256 MiB; a chat or server keeps the model's 2048 (1 GiB in f16 at 7B,
+    half that in Q8_0). Measured on the 7B q4_0 bundle at 1024 positions (Zen 3), a fresh
+    process answering one image question peaked 707 MiB over its GGUF + encoder files with an
+    f16 cache, 588 with Q8_0 K and f16 V, 468 with both Q8_0 (issue 13's budget: 600). On
+    random weights the Q8_0 cache moved the logits by min cosine 0.998 against an f16 cache,
+    less than the weights' own rounding (q8_0 weights vs fp32: 0.996 at 7B).
     """
 
     name: str  # the CLI and manifest name
@@ -97,9 +98,8 @@ class DecoderQuant:
         An f32 GGUF is the parity setting: an f32 KV cache and exact attention (CPU flash
         attention rounds Q to f16 as well) keep its logits within float32 noise of the torch
         reference (tests/test_decoder_f32.py: 2.4e-6 of the logit std on the tiny model,
-        against 5.5e-3 with the defaults). f16 keeps the defaults; the quantized types hold
-        the cache in Q8_0 with flash attention (see the class docstring): their weights
-        round far more than the cache does.
+        against 5.5e-3 with the defaults). f16 keeps the defaults; the quantized types keep the
+        f16 cache with flash attention on (see the class docstring for the Q8_0 cache).
         """
         out: dict[str, Any] = {}
         if self.kv_type != "f16":
@@ -121,14 +121,32 @@ DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
                  _no_extra_bufts, None, "16-bit floats"),
     DecoderQuant("q8_0", "MOSTLY_Q8_0", 7, False, {"rel": 0.15, "cos": 0.995, "top1": 0.85},
                  _no_extra_bufts, True, "8-bit blocks (near-lossless, half of f16)",
-                 kv_type="q8_0", random_weights_tolerance={"rel": 0.5}),
+                 random_weights_tolerance={"rel": 0.5}),
     DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
                  _repack, True, "4-bit k-quants (smallest, fastest on CPU)",
-                 kv_type="q8_0", random_weights_tolerance={"rel": 2.5, "cos": 0.8, "top1": 0.3}),
+                 random_weights_tolerance={"rel": 2.5, "cos": 0.8, "top1": 0.3}),
     DecoderQuant("q4_0", "MOSTLY_Q4_0", 2, False, {"rel": 1.0, "cos": 0.9, "top1": 0.45},
                  _repack, True, "4-bit blocks, one scale per 32 weights (CPU_REPACK's fastest kernels)",
-                 kv_type="q8_0", random_weights_tolerance={"rel": 3.0, "cos": 0.75, "top1": 0.25}),
+                 random_weights_tolerance={"rel": 3.0, "cos": 0.75, "top1": 0.25}),
 )}
+
+
+# KV cache element types a user may pick (`--kv-cache`, `context={"kv_type": ...}`) over the
+# GGUF type's default; f32 stays the f32 GGUF's parity setting. Memory per position at
+# LLaMA-2-7B: f16 0.5 MiB, q8_0 0.27 MiB (DecoderQuant's docstring has the speed figures).
+KV_CACHE_TYPES = {
+    "f16": "16-bit floats (llama.cpp's default; the fastest decode and prefill measured)",
+    "q8_0": "8-bit blocks: half the memory, flash attention on; decode up to 9 % and prefill ~10 % slower",
+}
+
+
+def kv_cache_context(kv_type: str | None) -> dict[str, Any]:
+    """llama.cpp context settings for a KV cache type a user picked (None: the GGUF type's)."""
+    if kv_type is None:
+        return {}
+    if kv_type not in KV_CACHE_TYPES:
+        raise ConfigError(f"unknown KV cache type {kv_type!r}; choose from {', '.join(KV_CACHE_TYPES)}")
+    return {"kv_type": kv_type, "flash_attn": True} if kv_type == "q8_0" else {"kv_type": kv_type}
 
 
 def decoder_quant(name: str) -> DecoderQuant:
