@@ -16,7 +16,7 @@ import click
 
 from onellm.runtime import __version__
 from onellm.runtime.errors import OneLLMError
-from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS, EXECUTION_PROVIDERS
+from onellm.runtime.registry import DECODER_QUANTS, ENCODER_PRECISIONS, EXECUTION_PROVIDERS, KV_CACHE_TYPES
 
 
 # Optional modules -> the extra that installs them (a missing one names its `pip install`).
@@ -708,11 +708,18 @@ def _bundle_path(bundle) -> Path:
     return default_bundle_dir()
 
 
-def _open_pipeline(bundle, device, precision, quant, threads, n_ctx=None):
-    from onellm.runtime.pipeline import Pipeline
+def _open_pipeline(bundle, device, precision, quant, threads, n_ctx=None, fit=None, kv_cache=None):
+    """The pipeline of a command; `fit` (question, max new tokens, with an input): without
+    `n_ctx`, size the context to that one question (`context_for_question`)."""
+    from onellm.runtime.pipeline import Pipeline, context_for_question
+    from onellm.runtime.registry import kv_cache_context
 
-    pipe = Pipeline.load(_bundle_path(bundle), device=device, precision=precision, quant=quant, threads=threads,
-                         n_ctx=n_ctx)
+    path = _bundle_path(bundle)
+    if n_ctx is None and fit is not None:
+        question, max_new_tokens, with_input = fit
+        n_ctx = context_for_question(path, question, max_new_tokens=max_new_tokens, with_input=with_input)
+    pipe = Pipeline.load(path, device=device, precision=precision, quant=quant, threads=threads, n_ctx=n_ctx,
+                         context=kv_cache_context(kv_cache) or None)
     _echo_random_notice(pipe.manifest)
     return pipe
 
@@ -756,9 +763,20 @@ def _write_chunk(chunk: str, tty: bool) -> None:
     sys.stdout.flush()
 
 
-def _ctx_option(func):
+def _ctx_option(func, default_help="the model's context"):
     return click.option("--ctx", "ctx", type=int, default=None,
-                        help="Context length in tokens (default: the model's context).")(func)
+                        help=f"Context length in tokens (default: {default_help}).")(func)
+
+
+def _kv_cache_option(func):
+    return click.option("--kv-cache", "kv_cache", type=click.Choice(list(KV_CACHE_TYPES)), default=None,
+                        help="KV cache element type (default: f16 for every GGUF but f32). "
+                             + "; ".join(f"{k}: {v}" for k, v in KV_CACHE_TYPES.items()) + ".")(func)
+
+
+def _ask_ctx_option(func):
+    return _ctx_option(func, "the question, the input's rows and --max-tokens, rounded up to 256, at most "
+                             "the model's context; the KV cache's memory grows with it")
 
 
 @main.command("ask", cls=_RuntimeInputCommand)
@@ -766,13 +784,15 @@ def _ctx_option(func):
 @click.option("--embeddings", type=click.Path(),
               help="A block file from `onellm encode` (.npz, or .npy with its .json) instead of an input file.")
 @click.option("--modality", default=None, help="Modality of a bare .npy --embeddings block (the file's own metadata otherwise).")
-@_ctx_option
+@_ask_ctx_option
+@_kv_cache_option
 @_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, token ids, timings, input facts.")
 @click.option("--logprobs", type=int, default=0, help="With --json: the top-K log-probabilities of each step.")
 @click.argument("question", required=False)
 @handle_errors
-def ask_cmd(question, bundle, device, precision, quant, threads, reader_options, embeddings, modality, ctx, max_tokens,
+def ask_cmd(question, bundle, device, precision, quant, threads, reader_options, embeddings, modality, ctx, kv_cache,
+            max_tokens,
             temperature, top_p, top_k, repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
     """Ask a question about one input and stream the answer.
 
@@ -814,7 +834,10 @@ def ask_cmd(question, bundle, device, precision, quant, threads, reader_options,
             raise InputError("QUESTION", "a question (or an input file, to use its caption prompt)", "neither")
         question = get_modality(chosen).caption_prompt
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
-    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)
+    # one question: without --ctx, a cache for it and its answer, not the model's whole context
+    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx,
+                          fit=(question, sampling.max_new_tokens, block is not None or sel.modality is not None),
+                          kv_cache=kv_cache)
     with pipe:
         if block is not None:
             block, modality = check_embeddings(block, pipe.manifest, modality=modality, meta=meta, source=embeddings)
@@ -837,6 +860,7 @@ def ask_cmd(question, bundle, device, precision, quant, threads, reader_options,
             out["bundle"] = str(pipe.bundle_dir)
             out["random_weights"] = pipe.random_weights
             out["encoder_precision"], out["decoder_quant"] = pipe.precision, pipe.quant
+            out["context"] = {"n_ctx": pipe.n_ctx, "kv_type": pipe.kv_type}
             click.echo(_json.dumps(out, indent=2))
         else:
             click.echo("")
@@ -875,9 +899,11 @@ def encode_cmd(bundle, device, precision, quant, threads, reader_options, out_pa
 @main.command("chat", cls=_RuntimeInputCommand)
 @_runtime_options
 @_ctx_option
+@_kv_cache_option
 @_sampling_options
 @handle_errors
-def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, max_tokens, temperature, top_p, top_k,
+def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, kv_cache, max_tokens, temperature, top_p,
+             top_k,
              repeat_penalty, seed, greedy, **kwargs) -> None:
     """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
 
@@ -892,7 +918,7 @@ def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, max
     sel = select_checked(files, stdin_ok=False)
     options = _reader_kwargs(sel.modality, kwargs, reader_options)
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
-    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx)
+    pipe = _open_pipeline(bundle, device, precision, quant, threads, n_ctx=ctx, kv_cache=kv_cache)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover
@@ -1020,6 +1046,7 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port.")
 @click.option("--parallel", type=int, default=None, help="Requests served at once (default: sized to the machine, 2-8).")
 @click.option("--ctx-per-request", type=int, default=None, help="KV positions per request (default: the model's context).")
+@_kv_cache_option
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (also ONELLM_SERVE_API_KEY).")
 @click.option("--media-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="Allow file:// image/video URLs under this directory (off by default).")
@@ -1041,8 +1068,9 @@ def preview_cmd(out_path, force, as_json, **kwargs) -> None:
 @click.option("--decoder-cpus", type=float, default=1.0, show_default=True, help="With --ray: CPUs per decoder replica.")
 @click.option("--decoder-gpus", type=float, default=0.0, show_default=True, help="With --ray: GPUs per decoder replica.")
 @handle_errors
-def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir, max_tokens, max_queue, threads,
-              device, precision, quant, ray_address, encoder_replicas, decoder_replicas, encoder_cpus, decoder_cpus, decoder_gpus) -> None:
+def serve_cmd(bundle, host, port, parallel, ctx_per_request, kv_cache, api_key, media_dir, max_tokens, max_queue,
+              threads, device, precision, quant, ray_address, encoder_replicas, decoder_replicas, encoder_cpus,
+              decoder_cpus, decoder_gpus) -> None:
     """Serve the bundle over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
 
     Media go in as content parts (image_url, input_audio, input_video, file, input_imu, ...);
@@ -1050,10 +1078,13 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
     """
     from onellm.runtime.bundle import load_manifest
     from onellm.runtime.engine import Engine, Limits
+    from onellm.runtime.registry import kv_cache_context
     from onellm.runtime.server import RANDOM_NOTICE, run_server
 
     path = _bundle_path(bundle)
     limits = Limits(max_tokens=max_tokens, max_queue=max_queue)
+    if ray_address and kv_cache:
+        raise click.UsageError("--kv-cache is not passed to Ray deployments; leave it out with --ray")
     if ray_address:
         from onellm.runtime import ray_serve
 
@@ -1064,7 +1095,8 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, api_key, media_dir,
                                   limits=limits)
     else:
         engine = Engine.load(path, parallel=parallel, n_ctx_slot=ctx_per_request, threads=threads, limits=limits,
-                             device=device, precision=precision, quant=quant)
+                             device=device, precision=precision, quant=quant,
+                             context=kv_cache_context(kv_cache) or None)
     model_id = load_manifest(path, verify=False).dir.name
     url = f"http://{host}:{port}"
     click.echo(f"onellm serve: {model_id} ({', '.join(engine.modalities)}), {engine.parallel} requests at once, "

@@ -62,6 +62,31 @@ def default_bundle_dir() -> Path:
     return cache_dir() / DEMO_BUNDLE_NAME
 
 
+CONTEXT_STEP = 256  # llama.cpp allocates its KV cache in steps of 256 cells
+
+
+def context_for_question(path: str | os.PathLike | None, question: str, *, max_new_tokens: int,
+                         with_input: bool = True) -> int:
+    """Positions one `ask` needs: BOS, the input's rows (`with_input`), the prompt around
+    `question` and `max_new_tokens` of answer, rounded up to 256 cells (llama.cpp's cache
+    step), at most the model's context length.
+
+    The KV cache grows with the context (LLaMA-2-7B: 0.5 MiB per position in f16), so a
+    one-question process sized to its question holds a quarter of the cache the model's 2048
+    positions would take; a chat keeps the model's context (its history grows).
+    """
+    from .tokenizer import Tokenizer
+
+    bundle = load_manifest(Path(path) if path is not None else default_bundle_dir(), verify=False)
+    manifest = bundle.manifest
+    conv = Conversation(manifest.prompt)
+    conv.add_question(question)
+    ids = Tokenizer(bundle.path(manifest.tokenizer.file)).encode(conv.render(), bos=True, eos=False)
+    need = len(ids) + (manifest.n_inserted if with_input else 0) + max(0, max_new_tokens)
+    n_train = max(v.n_ctx for v in manifest.decoder.quants.values())
+    return min(n_train, -(-need // CONTEXT_STEP) * CONTEXT_STEP)
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, MiB: VmHWM on Linux (it starts afresh at
     exec, unlike ru_maxrss, which a child inherits from its parent), else ru_maxrss."""
@@ -240,6 +265,11 @@ class Pipeline:
     def n_ctx(self) -> int:
         """Positions one conversation may use (BOS, the rows, prompt and answer)."""
         return self.engine.n_ctx_slot
+
+    @property
+    def kv_type(self) -> str:
+        """The KV cache's element type ("f16" unless the GGUF type or `context` chose another)."""
+        return self.engine.context.get("kv_type", "f16")
 
     @property
     def parallel(self) -> int:

@@ -340,6 +340,7 @@ def test_ask_escapes_on_a_terminal_and_json_stays_raw(monkeypatch):
     class Pipe:
         tokenizer = bundle_dir = precision = quant = None
         random_weights = False
+        n_ctx, kv_type = 512, "f16"
         manifest = {}
 
         def __enter__(self):
@@ -478,3 +479,42 @@ def test_reader_flags_come_from_the_modality_specs():
         assert res.exit_code == 0, res.output
         for _, flag in flags:
             assert flag.option in res.output, (command, flag.option)
+
+
+def test_ask_sizes_its_context_to_the_question(tiny_bundle):
+    """`ask` without --ctx holds a cache for BOS, the input's 32 rows, the prompt and --max-tokens,
+    in steps of 256 cells, at most the model's 512; --ctx wins; the answer does not depend on it."""
+    from onellm.runtime.bundle import load_manifest
+    from onellm.runtime.prompt import Conversation
+    from onellm.runtime.tokenizer import Tokenizer
+
+    man = load_manifest(tiny_bundle, verify=False)
+    conv = Conversation(man.manifest.prompt)
+    conv.add_question("What is the person doing?")
+    n_prompt = len(Tokenizer(man.path(man.manifest.tokenizer.file)).encode(conv.render(), bos=True, eos=False))
+    assert n_prompt + 32 + 8 <= 256 < n_prompt + 32 + 250  # so the three cases below differ
+
+    def ask(*extra):
+        res = _run("ask", "--bundle", str(tiny_bundle), "--imu", IMU, "--greedy", "--json", *extra,
+                   "What is the person doing?")
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    small, large, given = ask("--max-tokens", "8"), ask("--max-tokens", "250"), ask("--max-tokens", "8", "--ctx", "512")
+    assert small["context"]["n_ctx"] == 256
+    assert large["context"]["n_ctx"] == 512  # 256 < need <= 512, the model's context
+    assert given["context"]["n_ctx"] == 512
+    assert small["token_ids"] == given["token_ids"] == large["token_ids"][:len(small["token_ids"])]
+    from onellm.runtime.registry import decoder_quant
+
+    default_kv = decoder_quant(small["decoder_quant"]).context_settings().get("kv_type", "f16")
+    assert small["context"]["kv_type"] == given["context"]["kv_type"] == default_kv
+    halved = ask("--max-tokens", "8", "--kv-cache", "q8_0")  # the memory knob, for long chats and servers
+    assert halved["context"] == {"n_ctx": 256, "kv_type": "q8_0"} and halved["token_ids"]
+    from onellm.runtime.pipeline import context_for_question
+
+    q = "What is the person doing?"
+    for with_input, rows in ((True, 32), (False, 0)):  # the boundary: exactly 256 positions fit in 256 cells
+        assert context_for_question(tiny_bundle, q, max_new_tokens=256 - n_prompt - rows, with_input=with_input) == 256
+        assert context_for_question(tiny_bundle, q, max_new_tokens=257 - n_prompt - rows, with_input=with_input) == 512
+    assert context_for_question(tiny_bundle, q, max_new_tokens=10_000) == 512

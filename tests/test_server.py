@@ -392,3 +392,16 @@ def test_media_part_tables_come_from_the_modality_specs():
         assert [m for m, s in specs.items() if ext in s.file_types and not s.requires_image] == [modality]
     assert ".npy" not in server._EXT_MODALITY and ".txt" not in server._EXT_MODALITY
     assert server._EXT_MODALITY[".ply"] == "point" and server._EXT_MODALITY[".csv"] == "imu"
+
+
+def test_serve_kv_cache_is_refused_with_ray_before_anything_starts(tiny_bundle):
+    """--kv-cache reaches Engine.load only; with --ray it is a usage error, not silently dropped."""
+    from click.testing import CliRunner
+
+    from onellm.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--bundle", str(tiny_bundle), "--ray", "--kv-cache", "q8_0",
+                                       "--port", "1"])
+    assert result.exit_code == 2 and "--kv-cache" in result.output and "Traceback" not in result.output
+    bad = CliRunner().invoke(main, ["serve", "--bundle", str(tiny_bundle), "--kv-cache", "q4_0", "--port", "1"])
+    assert bad.exit_code == 2 and "q8_0" in bad.output  # the choices are named
