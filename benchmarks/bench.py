@@ -912,12 +912,23 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
     # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
     ours, plain = summary(runs["ours"]), summary(runs["llama_cpp_python"], extra_bufts=True, buffers=plain_buffers)
     shipped = summary(runs["ours_shipped"]) if "ours_shipped" in runs else None
+    paired = _paired_ratios(runs["ours"], runs["llama_cpp_python"])
+    paired_shipped = _paired_ratios(runs["ours_shipped"], runs["llama_cpp_python"]) if shipped else None
     return DecodeLoopRow(
         quant=quant, prompt_tokens=len(ids), new_tokens=new_tokens, flash_attn=ctx_flash,
         ours_extra_bufts=shipped_extra, ours_kv_type=dec.kv_type, ours=ours, ours_shipped=shipped,
         llama_cpp_python=plain,
         ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
-        ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None)
+        ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None,
+        ratio_paired=paired, ratio_shipped_paired=paired_shipped)
+
+
+def _paired_ratios(ours: Sequence[tuple[float, float, int]], plain: Sequence[tuple[float, float, int]]) -> Stat:
+    """Round-by-round decode-rate ratios ours / plain of (prefill s, decode s, tokens) runs:
+    each round's runs were taken back to back, so a load change between rounds cancels."""
+    def rate(r):
+        return (r[2] - 1) / r[1]
+    return summarize([rate(a) / rate(b) for a, b in zip(ours, plain, strict=True)])
 
 
 @contextlib.contextmanager
@@ -1016,27 +1027,33 @@ def bench_chat(bundle: Path, precision: str, quant: str, modality: str, source: 
 FOOTPRINT_PROBE = r"""
 import json, sys, time
 from onellm.runtime.decoder import Sampling
-from onellm.runtime.pipeline import Pipeline, peak_rss_mib
+from onellm.runtime.pipeline import Pipeline, context_for_question, peak_rss_mib
+from onellm.runtime.prompt import DEFAULT_MAX_NEW_TOKENS
 
-bundle, precision, quant, modality, source, threads, n_ctx = sys.argv[1:8]
+bundle, precision, quant, modality, source, threads = sys.argv[1:7]
 source = json.loads(source)
+question = "What is this?"
 base = peak_rss_mib()
 t0 = time.perf_counter()
+n_ctx = context_for_question(bundle, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # as `onellm ask` sizes it
 pipe = Pipeline.load(bundle, device="cpu", precision=precision, quant=quant, threads=int(threads),
-                     n_ctx=int(n_ctx), verify=False)
+                     n_ctx=n_ctx, verify=False)
 load_s = time.perf_counter() - t0
 after_load = peak_rss_mib()
-ans = pipe.ask("What is this?", sampling=Sampling.greedy(4), **source)
+ans = pipe.ask(question, sampling=Sampling.greedy(4), **source)
 print(json.dumps({"load_s": load_s, "baseline_rss_mib": base, "after_load_peak_rss_mib": after_load,
-                  "peak_rss_mib": peak_rss_mib(), "first_chunk_s": ans.timings["first_token_s"]}))
+                  "peak_rss_mib": peak_rss_mib(), "first_chunk_s": ans.timings["first_token_s"],
+                  "n_ctx": pipe.n_ctx, "kv_type": pipe.kv_type}))
 """
 
 
 def measure_footprint(bundle: Path, precision: str, quant: str, modality: str, source: dict[str, Any],
-                      threads: int, n_ctx: int) -> FootprintRow:
-    """Bundle load time and peak RSS of a fresh process that loads the bundle and answers once."""
+                      threads: int) -> FootprintRow:
+    """Bundle load time and peak RSS of a fresh process that loads the bundle and answers once,
+    with the context `onellm ask` gives a question by default (`context_for_question`: the
+    prompt, the input's rows and the default 256 answer tokens, rounded up to 256 cells)."""
     cmd = [sys.executable, "-c", FOOTPRINT_PROBE, str(bundle), precision, quant, modality, json.dumps(source),
-           str(threads), str(n_ctx)]
+           str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return FootprintRow(precision=precision, quant=quant, error=tuple(proc.stderr.strip().splitlines()[-1:]))
@@ -1248,7 +1265,7 @@ def _chat_and_footprint(bundle, cfg, sources, best_p: str, st: Settings, n_ctx: 
                                     + [(best_p, q) for q in quants]))
         for p, q in combos:
             say(f"footprint: fresh process loading the bundle with {p} encoder, {q} decoder")
-            rows.append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], st.threads, n_ctx))
+            rows.append(measure_footprint(bundle, p, q, chat_m, sources[chat_m], st.threads))
     return chat, rows
 
 

@@ -64,10 +64,14 @@ def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], d
     for m in modalities:
         out += _vs_torch_targets(m, encoder, decoder, encoder_chain)
     for loop in decode_loop:
-        shipped = loop.ratio_shipped if loop.ratio_shipped is not None else loop.ratio
+        paired = loop.ratio_shipped_paired if loop.ours_shipped is not None else loop.ratio_paired
+        if paired is not None:  # the median of round-by-round ratios (runs before: of the medians)
+            shipped, how = paired.median, "median of per-round ratios"
+        else:
+            shipped, how = loop.ratio_shipped if loop.ratio_shipped is not None else loop.ratio, "ratio of medians"
         out.append(_target(f"decode_loop_shipped_vs_plain/{loop.quant}",
-                           f"decode tokens/s, our Session as shipped / llama-cpp-python ({loop.quant}, same GGUF)",
-                           shipped, DECODE_LOOP_VS_PLAIN, ">="))
+                           f"decode tokens/s, our Session as shipped / llama-cpp-python ({loop.quant}, same GGUF; "
+                           f"{how})", shipped, DECODE_LOOP_VS_PLAIN, ">="))
     for f in footprint:
         if f.peak_rss_mib is not None and f.gguf_mib is not None and f.encoder_mib is not None:
             out.append(_target(
@@ -76,6 +80,13 @@ def evaluate_targets(modalities: Sequence[str], encoder: Sequence[EncoderRow], d
                 f"MiB ({f.quant}, fresh process answering once)",
                 f.peak_rss_mib - f.gguf_mib - f.encoder_mib, RSS_OVER_FILES_MIB, "<="))
     return out
+
+
+def _paired(stat: Stat | None) -> str:
+    """`; per round m (lo-hi)` for a round-by-round ratio, empty for runs without it."""
+    if stat is None:
+        return ""
+    return f"; per round {stat.median:.3f} ({stat.min:.3f}-{stat.max:.3f})"
 
 
 def _vs_torch_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[DecoderRow],
@@ -236,7 +247,7 @@ def to_markdown(result: BenchResult) -> str:
         both = f"both: {placed}" if placed else "both with extra CPU buffer types on"
         lines.append(f"| decode loop, {o.quant}: tok/s | {_f(o.ours.decode_tokens_per_s, 1)} | "
                      f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} (llama-cpp-python; {both}) | "
-                     f"{_f(o.ratio, 3)} |")
+                     f"{_f(o.ratio, 3)}{_paired(o.ratio_paired)} |")
         if o.ours_shipped is not None:
             shipped = ", ".join(x for x in ("" if o.ours_extra_bufts else "extra CPU buffer types off",
                                             f"{o.ours_kv_type} KV cache" if o.ours_kv_type not in (None, "f16") else "")
@@ -245,7 +256,7 @@ def to_markdown(result: BenchResult) -> str:
                          f"(ours as shipped: {shipped}) | "
                          f"{_f(o.llama_cpp_python.decode_tokens_per_s, 1)} "
                          f"({'llama-cpp-python, as above' if placed else 'llama-cpp-python defaults'}) | "
-                         f"{_f(o.ratio_shipped, 3)} |")
+                         f"{_f(o.ratio_shipped, 3)}{_paired(o.ratio_shipped_paired)} |")
     for c in result.overhead.encoder_chain:
         lines.append(f"| encoder chain, {c.modality} {c.precision}: ms | {_f(c.ours_s * 1e3, 1)} | "
                      f"{_f(c.plain_sessions_s * 1e3, 1)} (one session.run per graph) | "
@@ -259,12 +270,16 @@ def to_markdown(result: BenchResult) -> str:
                   f"re-encoding): ratio {_f(chat.ratio, 3)}. ({chat.definition}.)"]
     if result.footprint:
         lines += ["", "## Footprint (fresh process: load the bundle, answer once)", "",
-                  "| encoder | decoder | bundle load s | peak RSS MiB |", "|---|---|---|---|"]
+                  "| encoder | decoder | context | KV cache | bundle load s | peak RSS MiB | over the files MiB |",
+                  "|---|---|---|---|---|---|---|"]
         for f in result.footprint:
             if f.error is not None:
-                lines.append(f"| {f.precision} | {f.quant} | error: {list(f.error)} | |")
+                lines.append(f"| {f.precision} | {f.quant} | | | error: {list(f.error)} | | |")
             else:
-                lines.append(f"| {f.precision} | {f.quant} | {_f(f.load_s)} | {f.peak_rss_mib:.0f} |")
+                over = (f"{f.peak_rss_mib - f.gguf_mib - f.encoder_mib:.0f}"
+                        if f.gguf_mib is not None and f.encoder_mib is not None else "-")
+                lines.append(f"| {f.precision} | {f.quant} | {f.n_ctx or '-'} | {f.kv_type or '-'} | {_f(f.load_s)} "
+                             f"| {f.peak_rss_mib:.0f} | {over} |")
     lines += ["", "## Targets", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for t in result.targets:
         met = "-" if t.met is None else ("yes" if t.met else "**no**")

@@ -119,6 +119,10 @@ class DecodeLoopRow(_Row):
     ratio: float  # ours / llama_cpp_python decode tokens/s
     ratio_shipped: float | None = omitted()  # ours_shipped / llama_cpp_python
     ratio_vs_defaults: float | None = omitted()  # older version-1 runs
+    # the same ratios round by round (the runners take turns within a round, so machine-load
+    # drift hits both sides of one ratio alike): median, min and max over the timed rounds
+    ratio_paired: Stat | None = omitted()
+    ratio_shipped_paired: Stat | None = omitted()
 
 
 @row
@@ -171,6 +175,8 @@ class FootprintRow(_Row):
     error: tuple[str, ...] | None = omitted()  # the last stderr line, when the probe failed
     gguf_mib: float | None = omitted()  # the GGUF file it loaded
     encoder_mib: float | None = omitted()  # the encoder graph files of the modality's chain
+    n_ctx: int | None = omitted()  # the context it loaded (`ask`'s for its question; runs before: the bench's 1024)
+    kv_type: str | None = omitted()  # its KV cache element type
 
 
 @row

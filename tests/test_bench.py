@@ -77,6 +77,13 @@ def test_tiny_bench_json_validates_and_has_every_row(bench_run):
     # issue 13's: the footprint rows carry the file sizes their budget is measured against
     assert any(n.startswith("peak_rss_over_files/") for n in names) and "ttft_vs_torch_best/image" in names
     assert all(f["gguf_mib"] > 0 and f["encoder_mib"] > 0 for f in data["footprint"])
+    # the footprint probe sizes its context as `onellm ask` does: prompt + 32 rows + 256 answer tokens
+    # need more than 256 cells, and the tiny model has 512
+    assert all(f["n_ctx"] == 512 and f["kv_type"] for f in data["footprint"])
+    # the round-by-round decode ratio: one ratio per timed round, between its extremes
+    for o in loop:
+        p = o["ratio_paired"]
+        assert p["n"] == data["settings"]["repeats"] and p["min"] <= p["median"] <= p["max"] and p["median"] > 0
 
 
 def test_tiny_bench_writes_markdown_and_chart(bench_run):
@@ -314,6 +321,14 @@ def test_issue_13_targets_are_ratios_of_the_rows():
     assert t["decode_loop_shipped_vs_plain/q8_0"].measured == pytest.approx(0.99)
     assert t["decode_loop_shipped_vs_plain/q4_0"].measured == pytest.approx(0.9)  # shipped, not like-for-like
     assert t["decode_loop_shipped_vs_plain/q4_0"].met is False
+    # where the round-by-round ratios were recorded, their median decides (not the ratio of medians)
+    paired = [dataclasses.replace(loops[0], ratio_paired=Stat(median=0.975, min=0.9, max=1.1, n=5)),
+              dataclasses.replace(loops[1], ratio_paired=stat(1.0), ratio_shipped_paired=stat(0.98))]
+    tp = {x.name: x for x in evaluate_targets(["imu"], encoder, decoder, paired, None, chain, foot)}
+    assert tp["decode_loop_shipped_vs_plain/q8_0"].measured == pytest.approx(0.975)
+    assert tp["decode_loop_shipped_vs_plain/q4_0"].measured == pytest.approx(0.98)
+    q4 = tp["decode_loop_shipped_vs_plain/q4_0"]
+    assert q4.met and "per-round" in q4.description
     assert t["peak_rss_over_files/int8+q4_0"].measured == pytest.approx(800.0)
     assert t["peak_rss_over_files/int8+q4_0"].met is False
     assert not any(k.endswith("q8_0") and k.startswith("peak_rss") for k in t)
