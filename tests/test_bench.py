@@ -347,3 +347,21 @@ def test_mismatched_bundle_is_refused_before_any_work(tiny_bundle, tmp_path):
     assert res.exit_code != 0
     assert "cannot reuse this bundle" in res.output and "config differs" in res.output
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_targets_7b_judges_decode_on_the_per_round_median(tmp_path):
+    """The 7B target table reads the round-by-round ratio where the run recorded it and the
+    ratio of the medians for runs before it."""
+    from onellm.benchmarks.targets_7b import evaluate
+
+    def loop(quant, ours, plain, **paired):
+        return {"quant": quant, "ours": {"decode_tokens_per_s": ours}, "llama_cpp_python": {"decode_tokens_per_s": plain},
+                **paired}
+
+    bench = {"artifacts": {"bundle": str(tmp_path)}, "overhead": {"decode_loop": [
+        loop("q4_0", 9.0, 10.0, ratio_paired={"median": 0.98, "min": 0.9, "max": 1.0, "n": 3}),
+        loop("q8_0", 9.0, 10.0)]}}
+    rows = {r["target"].split(":")[0]: r for r in evaluate(bench, None)}
+    assert rows["decode q4_0"]["value"] == pytest.approx(0.98) and rows["decode q4_0"]["met"]
+    assert "per-round" in rows["decode q4_0"]["target"]
+    assert rows["decode q8_0"]["value"] == pytest.approx(0.9) and not rows["decode q8_0"]["met"]
