@@ -1141,11 +1141,12 @@ def serve_cmd(bundle, host, port, parallel, ctx_per_request, kv_cache, api_key, 
               help="With --ray: decoder actors (each an engine with --parallel slots).")
 @click.option("--ray-encoders", type=int, default=1, show_default=True,
               help="With --ray: encoder actors (CPU: reader + encoder sessions).")
+@_kv_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print a final JSON summary {done, failed, skipped, seconds, jobs_per_s}.")
 @handle_errors
 def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, device, precision, quant, threads,
               reader_options, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, ray_address,
-              parallel, ray_actors, ray_encoders, as_json) -> None:
+              parallel, ray_actors, ray_encoders, kv_cache, as_json) -> None:
     """Answer many jobs into a resumable JSONL results file.
 
     \b
@@ -1179,6 +1180,8 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
             import dataclasses
 
             jobs = [dataclasses.replace(j, options={**defaults, **j.options}) for j in jobs]
+    if ray_address and kv_cache:
+        raise click.UsageError("--kv-cache is not passed to Ray actors; leave it out with --ray")
     sampling = _make_sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy)
     tty = sys.stderr.isatty()
 
@@ -1202,8 +1205,10 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
         elif pending:
             from onellm.runtime.engine import Engine
 
+            from onellm.runtime.registry import kv_cache_context
+
             with Engine.load(_bundle_path(bundle), parallel=parallel, device=device, precision=precision, quant=quant,
-                             threads=threads) as engine:
+                             threads=threads, context=kv_cache_context(kv_cache) or None) as engine:
                 _echo_random_notice(engine.manifest)
                 state = run_batch(engine, jobs, results, sampling=sampling, progress=show)
         else:

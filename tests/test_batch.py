@@ -330,3 +330,32 @@ def test_identical_files_keep_their_own_paths(batch_engine, tmp_path):
     assert got["a"]["input"]["source"] == str(tmp_path.resolve() / "a.csv")
     assert got["b"]["input"]["source"] == str(tmp_path.resolve() / "b.csv")
     assert got["a"]["token_ids"] == got["b"]["token_ids"]
+
+
+def test_kv_cache_option_reaches_the_engine(tiny_bundle, tmp_path, monkeypatch):
+    """--kv-cache q8_0 (half the cache memory) is what the batch's engine loads with; with --ray
+    it is refused up front rather than dropped."""
+    from onellm.runtime.engine import Engine
+
+    seen = []
+    real = Engine.load.__func__
+
+    def spy(cls, *a, **kw):
+        engine = real(cls, *a, **kw)
+        seen.append(dict(engine.context))
+        return engine
+
+    monkeypatch.setattr(Engine, "load", classmethod(spy))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(IMU, clips / "a.csv")
+    out = tmp_path / "r.jsonl"
+    common = ["--inputs", str(clips), "--modality", "imu", "--question", "What?", "--bundle", str(tiny_bundle),
+              "--greedy", "--max-tokens", "4"]
+    res = _run("batch", *common, "--out", str(out), "--kv-cache", "q8_0", "--json")
+    assert res.exit_code == 0, res.output
+    assert seen and seen[-1]["kv_type"] == "q8_0" and seen[-1]["flash_attn"] is True
+    assert [r["id"] for r in read_results(out)] == ["a.csv"] and "answer" in read_results(out)[0]
+    refused = _run("batch", *common, "--out", str(tmp_path / "r2.jsonl"), "--ray", "--kv-cache", "q8_0")
+    assert refused.exit_code == 2 and "--kv-cache" in refused.output
+    assert not (tmp_path / "r2.jsonl").exists()
