@@ -17,11 +17,13 @@ Run: `python -m onellm.benchmarks.torch_7b [--work DIR] [--repeats 2] [--warmup 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,21 @@ log = logging.getLogger(__name__)
 def mem_available_gib() -> float:
     with open("/proc/meminfo") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")) / 2**20
+
+
+def torch_row(modality: str, encode_s: list[float], gen_runs: list[tuple], new_tokens: int, n_prefill: int,
+              source: Any) -> dict[str, Any]:
+    """One modality's row (what targets_7b reads) from the encode times and the
+    (prefill s, decode s, ...) runs of `bench._torch_generate`."""
+    from onellm.benchmarks import bench
+
+    enc = bench.summarize(encode_s)
+    prefill = bench.summarize([r[0] for r in gen_runs])
+    decode = bench.summarize([(new_tokens - 1) / r[1] for r in gen_runs])
+    return {"modality": modality, "backend": "torch", "dtype": "bf16", "encode_s": dataclasses.asdict(enc),
+            "prefill_s": dataclasses.asdict(prefill), "prefill_positions": n_prefill,
+            "prefill_tok_s": n_prefill / prefill.median, "decode_tok_s": dataclasses.asdict(decode),
+            "ttft_s": enc.median + prefill.median, "preprocess_source": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                 out = model.encode(m, x)
                 return time.perf_counter() - t, out
 
-            runs, (_, block) = bench.repeat(encode, args.repeats, args.warmup)
-            enc = bench.summarize([r[0] for r in runs])
+            enc_runs, (_, block) = bench.repeat(encode, args.repeats, args.warmup)
             block = block.float()
-            runs, (_, _, tokens) = bench.repeat(
+            gen_runs, _ = bench.repeat(
                 lambda: bench._torch_generate(model, prompt[m], block, args.new_tokens), args.repeats, args.warmup)
-            prefill = bench.summarize([r[0] for r in runs])
-            decode = bench.summarize([(args.new_tokens - 1) / r[1] for r in runs])
-            n_prefill = len(prompt[m]) + cfg.n_inserted
-            row = {"modality": m, "backend": "torch", "dtype": "bf16", "encode_s": enc, "prefill_s": prefill,
-                   "prefill_positions": n_prefill, "prefill_tok_s": n_prefill / prefill["median"],
-                   "decode_tok_s": decode, "ttft_s": enc["median"] + prefill["median"],
-                   "preprocess_source": sources.get(m, "dummy_input")}
-            log.info("%s: encode %.2fs, prefill %.2fs (%.1f pos/s), decode %.2f tok/s", m, enc["median"],
-                     prefill["median"], row["prefill_tok_s"], decode["median"])
+            row = torch_row(m, [r[0] for r in enc_runs], gen_runs, args.new_tokens,
+                            len(prompt[m]) + cfg.n_inserted, sources.get(m, "dummy_input"))
+            log.info("%s: encode %.2fs, prefill %.2fs (%.1f pos/s), decode %.2f tok/s", m, row["encode_s"]["median"],
+                     row["prefill_s"]["median"], row["prefill_tok_s"], row["decode_tok_s"]["median"])
             result["rows"].append(row)
     result["peak_rss_mib"] = bench.peak_rss_mib()
     result["load_average_end"] = list(os.getloadavg())

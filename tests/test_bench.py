@@ -365,3 +365,22 @@ def test_targets_7b_judges_decode_on_the_per_round_median(tmp_path):
     assert rows["decode q4_0"]["value"] == pytest.approx(0.98) and rows["decode q4_0"]["met"]
     assert "per-round" in rows["decode q4_0"]["target"]
     assert rows["decode q8_0"]["value"] == pytest.approx(0.9) and not rows["decode q8_0"]["met"]
+
+
+def test_torch_7b_rows_are_what_targets_7b_reads(tmp_path):
+    """The torch bf16 7B row is plain JSON with the medians the 7B targets divide by."""
+    import json
+
+    from onellm.benchmarks.targets_7b import evaluate
+    from onellm.benchmarks.torch_7b import torch_row
+
+    row = torch_row("image", [1.0, 3.0, 2.0], [(4.0, 31.0), (6.0, 15.5)], 32, 136, "examples/image")
+    row = json.loads(json.dumps(row))
+    assert row["encode_s"]["median"] == 2.0 and row["prefill_s"]["median"] == 5.0
+    assert row["ttft_s"] == 7.0 and row["prefill_tok_s"] == pytest.approx(136 / 5.0)
+    assert row["decode_tok_s"] == {"median": 1.5, "min": 1.0, "max": 2.0, "n": 2}
+    mine = {"modality": "image", "backend": "llama.cpp", "precision": "q4_0", "ttft_s": 3.5, "decode_tokens_per_s": 6.0}
+    rows = {r["target"].split(":")[0]: r for r in evaluate({"artifacts": {"bundle": str(tmp_path)}, "decoder": [mine]},
+                                                           {"rows": [row]})}
+    assert rows["TTFT image"]["value"] == pytest.approx(2.0) and rows["TTFT image"]["met"]
+    assert rows["decode image"]["value"] == pytest.approx(4.0)
