@@ -696,10 +696,12 @@ def _encoder_row(modality, backend, precision, device, cfg, runs, cos, **extra) 
 
 def _decoder_row(modality, backend, precision, runs, n_prefill, n_tokens, ref_tokens, tokens, top1,
                  **extra) -> DecoderRow:
-    """runs: per repetition (prefill_s, decode_s, tokens)."""
+    """runs: per repetition (prefill_s, decode_s, tokens[, llama_decode calls in decode_s])."""
     prefill = summarize([r[0] for r in runs])
     decode = summarize([r[1] for r in runs])
-    steps = max(1, n_tokens - 1)  # decode_s covers the tokens after the first
+    # torch's decode_s covers the tokens after the first; our Session's also decodes the last
+    # token into the cache before it returns (a follow-up turn starts from it), so it says how many
+    steps = max(1, runs[0][3] if len(runs[0]) > 3 else n_tokens - 1)
     return DecoderRow(
         modality=modality, backend=backend, precision=precision, device="cpu",
         prefill_positions=n_prefill, new_tokens=n_tokens,
@@ -818,10 +820,11 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
                 t0 = time.perf_counter()
                 s.prefill(ids, block)
                 t1 = time.perf_counter()
+                n0 = s.decode_calls
                 gen = s.generate_text(sampling, stop=())
-                return t1 - t0, gen.seconds, list(gen.tokens)
+                return t1 - t0, gen.seconds, list(gen.tokens), s.decode_calls - n0
 
-            runs, (_, _, tokens) = repeat(run, repeats, warmup)
+            runs, (_, _, tokens, _) = repeat(run, repeats, warmup)
             top1 = None
             ref = greedy.get(m)
             if ref:
@@ -861,8 +864,9 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
             t0 = time.perf_counter()
             s.prefill(ids)
             t1 = time.perf_counter()
+            n0 = s.decode_calls
             gen = s.generate_text(sampling, stop=())
-            return t1 - t0, gen.seconds, len(gen.tokens)
+            return t1 - t0, gen.seconds, len(gen.tokens), s.decode_calls - n0
         return ours
 
     def plain_runner(llm):
@@ -878,11 +882,11 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
                 if n >= new_tokens:
                     break
             t2 = time.perf_counter()
-            return t_first - t0, t2 - t_first, n
+            return t_first - t0, t2 - t_first, n, n - 1
         return plain
 
     def summary(runs, **extra) -> LoopRun:
-        rate = (runs[0][2] - 1) / statistics.median(r[1] for r in runs)
+        rate = runs[0][3] / statistics.median(r[1] for r in runs)
         return LoopRun(prefill_s=summarize([r[0] for r in runs]), decode_s=summarize([r[1] for r in runs]),
                        decode_tokens_per_s=rate, tokens=runs[0][2], **extra)
 
@@ -909,7 +913,9 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         del llm
         if matched is not dec:
             matched.close()
-    # ours' decode time holds n samples and n-1 decodes; plain's (from its first token) n-1 of each
+    # rates are llama_decode calls per second of decode time: ours' holds n samples and n decodes
+    # (the last token goes into the cache before generate returns), plain's (from its first token)
+    # n-1 of each
     ours, plain = summary(runs["ours"]), summary(runs["llama_cpp_python"], extra_bufts=True, buffers=plain_buffers)
     shipped = summary(runs["ours_shipped"]) if "ours_shipped" in runs else None
     paired = _paired_ratios(runs["ours"], runs["llama_cpp_python"])
@@ -923,11 +929,12 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         ratio_paired=paired, ratio_shipped_paired=paired_shipped)
 
 
-def _paired_ratios(ours: Sequence[tuple[float, float, int]], plain: Sequence[tuple[float, float, int]]) -> Stat:
-    """Round-by-round decode-rate ratios ours / plain of (prefill s, decode s, tokens) runs:
-    each round's runs were taken back to back, so a load change between rounds cancels."""
+def _paired_ratios(ours: Sequence[tuple[float, float, int, int]],
+                   plain: Sequence[tuple[float, float, int, int]]) -> Stat:
+    """Round-by-round decode-rate ratios ours / plain of (prefill s, decode s, tokens, decodes)
+    runs: each round's runs were taken back to back, so a load change between rounds cancels."""
     def rate(r):
-        return (r[2] - 1) / r[1]
+        return r[3] / r[1]
     return summarize([rate(a) / rate(b) for a, b in zip(ours, plain, strict=True)])
 
 

@@ -125,6 +125,17 @@ def test_greedy_tokens_match_torch(dec, tiny_model, tiny_config, tok, block):
     assert n >= 32 and r.token_ids[:n] == g.tokens[:n]
 
 
+def test_generation_decodes_its_last_token_into_the_cache(dec, tok, block):
+    """n tokens cost n llama_decode calls, not n-1: the last sampled token is decoded before
+    generate returns, so a follow-up turn starts from it (the bench counts decode rates so)."""
+    s = dec.session()
+    s.prefill(tok.encode(render_prompt("Describe the scene.")), block)
+    n0, past = s.decode_calls, s.n_past
+    g = s.generate_text(Sampling.greedy(12), stop=())
+    assert g.stop_reason == "max_new_tokens" and len(g.tokens) == 12
+    assert s.decode_calls - n0 == 12 and s.n_past == past + 12
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(dec, tok, block):
     ids = tok.encode(render_prompt("What is this?"))
 
