@@ -187,10 +187,11 @@ class Pipeline:
         else CPU; llama.cpp offloads every layer when it was built with GPU support).
         precision: encoder precision to run (default: fp16 on CUDA when exported, else the
         bundle's CPU default). quant: which exported GGUF to run (default: the bundle's).
-        n_ctx: positions per conversation (default: the model's context length).
-        parallel: requests answered at once (engine slots); each slot holds an n_ctx KV cache,
-        so memory grows with it. context: llama.cpp settings (kv_type, flash_attn) replacing
-        the GGUF type's.
+        n_ctx: positions per conversation (default: the model's context length; for one
+        question, `context_for_question` sizes it as `onellm ask` does, a quarter of the cache
+        at 7B). parallel: requests answered at once (engine slots); each slot holds an n_ctx
+        KV cache, so memory grows with it. context: llama.cpp settings (kv_type, flash_attn)
+        replacing the GGUF type's (`{"kv_type": "q8_0"}`: half the cache, slower).
         """
         from .engine import Engine, Limits
         from .tokenizer import Tokenizer

@@ -53,7 +53,14 @@ class DecoderQuant:
     the extra types made q8_0 1.41x slower (benchmarks/RESULTS.md). q4_0 follows q4_k_m: in the
     interleaved prefill sweep (benchmarks/prefill_sweep.py, bench preset, AMD EPYC Zen 4,
     AVX512-VNNI/BF16) its repacked weights prefilled the first question 1.3-1.7x faster and
-    decoded 1.05-1.55x faster in every paired cell; this llama.cpp repacks no Q8_0 (off).
+    decoded 1.05-1.55x faster in every paired cell. q8_0 takes the same switch since
+    2026-12-02: this llama.cpp repacks no Q8_0 on x86, but with the extra types on it reads the
+    weights into its own buffers instead of mapping the file, and on the 7B q8_0 GGUF (Zen 4)
+    our mapped setting prefilled the first question at 0.923 and 0.899 of plain
+    llama-cpp-python's speed in two ABBA runs (4 and 8 rounds) at equal decode (0.971, per-round
+    median); the bench preset's sweep showed the opposite in decode (mapped 33.8 vs 30.1 tok/s,
+    best of 5) at equal prefill, so the release size decides. On AMX CPUs the loader finds no
+    Q8_0 tensor to route to CPU_REPACK and leaves the file mapped, as before.
     n_ubatch stays n_batch: no smaller micro-batch (32..256) beat one graph for the
     ~136 positions of a first question.
 
@@ -120,7 +127,7 @@ DECODER_QUANTS: dict[str, DecoderQuant] = {q.name: q for q in (
     DecoderQuant("f16", "MOSTLY_F16", 1, True, {"rel": 0.05, "cos": 0.9995, "top1": 0.95},
                  _no_extra_bufts, None, "16-bit floats"),
     DecoderQuant("q8_0", "MOSTLY_Q8_0", 7, False, {"rel": 0.15, "cos": 0.995, "top1": 0.85},
-                 _no_extra_bufts, True, "8-bit blocks (near-lossless, half of f16)",
+                 _repack, True, "8-bit blocks (near-lossless, half of f16)",
                  random_weights_tolerance={"rel": 0.5}),
     DecoderQuant("q4_k_m", "MOSTLY_Q4_K_M", 15, False, {"rel": 0.8, "cos": 0.93, "top1": 0.5},
                  _repack, True, "4-bit k-quants (smallest, fastest on CPU)",

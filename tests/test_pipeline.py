@@ -451,7 +451,7 @@ def test_chat_prepare_encodes_once_up_front(tiny_pipeline, monkeypatch, tmp_path
     assert a.token_ids == plain.token_ids
 
 
-def test_extra_buffer_types_only_for_the_4bit_types(monkeypatch):
+def test_extra_buffer_types_only_for_the_quantized_types(monkeypatch):
     from onellm.runtime import _llama
     from onellm.runtime.registry import decoder_quant
 
@@ -460,14 +460,14 @@ def test_extra_buffer_types_only_for_the_4bit_types(monkeypatch):
 
     monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["CPU_REPACK"])
-    assert extra_bufts_for("q4_k_m") is True
-    assert extra_bufts_for("q8_0") is False and extra_bufts_for("f16") is False
+    assert extra_bufts_for("q4_k_m") is True and extra_bufts_for("q8_0") is True
+    assert extra_bufts_for("f16") is False and extra_bufts_for("f32") is False
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
     # AMX CPUs repack too: the loader sends CPU_REPACK's tensors there by override, never to AMX
-    assert extra_bufts_for("q4_k_m") is True and extra_bufts_for("q8_0") is False
+    assert extra_bufts_for("q4_k_m") is True and extra_bufts_for("q8_0") is True
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: ["AMX"])
-    assert extra_bufts_for("q4_k_m") is False  # nothing safe to repack into
+    assert extra_bufts_for("q4_k_m") is False and extra_bufts_for("q8_0") is False  # nothing safe
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "1")
-    assert extra_bufts_for("q8_0") is True  # the user's explicit choice wins
+    assert extra_bufts_for("f16") is True  # the user's explicit choice wins
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "off")
     assert extra_bufts_for("q4_k_m") is False

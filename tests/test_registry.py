@@ -33,9 +33,9 @@ def test_each_quant_buffer_policy_runs(name, offered, monkeypatch):
 
     monkeypatch.delenv("ONELLM_LLAMA_EXTRA_BUFTS", raising=False)
     monkeypatch.setattr(_llama, "cpu_extra_buffer_types", lambda: list(offered))
-    # the 4-bit types repack wherever CPU_REPACK exists; AMX neither enables nor blocks it
-    # (the loader routes around AMX, tests/test_llama_bufts.py)
-    assert DECODER_QUANTS[name].use_extra_bufts() is (name in ("q4_k_m", "q4_0") and "CPU_REPACK" in offered)
+    # the quantized types take the extra types wherever CPU_REPACK exists; AMX neither enables
+    # nor blocks it (the loader routes around AMX, tests/test_llama_bufts.py)
+    assert DECODER_QUANTS[name].use_extra_bufts() is (name in ("q8_0", "q4_k_m", "q4_0") and "CPU_REPACK" in offered)
     monkeypatch.setenv("ONELLM_LLAMA_EXTRA_BUFTS", "0")
     assert DECODER_QUANTS[name].use_extra_bufts() is False  # the environment wins
 
