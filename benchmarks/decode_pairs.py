@@ -1,0 +1,191 @@
+"""Our decoder as shipped vs plain llama-cpp-python on one GGUF, in ABBA-ordered paired rounds.
+
+The bench's decode loop takes 2-3 rounds in a fixed order; on a noisy VM that cannot
+decide a 3 % target. This runs more rounds, alternating the order within each round
+(ours then plain, then plain then ours) so neither side always runs first, and reports
+the median and quartiles of the per-round ratios:
+
+- ours: `Decoder` with the registry's settings for the type (buffer-type policy, KV cache,
+  flash attention), or each setting named in --variants (`shipped`, `on`, `off`: extra CPU
+  buffer types), driven like the runtime (`Session.prefill`, greedy `generate_text`);
+- plain: `llama_cpp.Llama(path, n_batch=512, n_ubatch=512)` with llama.cpp's defaults
+  (extra buffer types on, f16 cache) and flash attention on, greedy `generate`.
+
+Both prefill the bench's first image question as text (no rows) and decode --new-tokens.
+Decode rates are llama_decode calls per second of decode time: ours decodes every token it
+returns (the last one goes into the cache), plain's span from its first token holds n-1.
+Prefill ratio: plain's prefill seconds / ours (above 1: ours faster).
+
+Run: `python -m onellm.benchmarks.decode_pairs --bundle DIR --quant q4_0 [--variants shipped]
+[--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--out decode-pairs.json]`.
+At 7B a round of one variant takes about 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "onellm-decode-pairs"
+VERSION = 1
+Run = tuple[float, float, int]  # (prefill s, decode s, llama_decode calls in the decode span)
+
+
+def _ours(path: Path, ids: list[int], extra: bool, quant: str, n_ctx: int, threads: int,
+          new_tokens: int) -> tuple[Callable[[], Run], Any]:
+    from onellm.runtime.decoder import Decoder, Sampling, context_settings_for
+
+    dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra, **context_settings_for(quant))
+    sampling = Sampling.greedy(new_tokens)
+
+    def run() -> Run:
+        s = dec.session()
+        t0 = time.perf_counter()
+        s.prefill(ids)
+        t1 = time.perf_counter()
+        n0 = s.decode_calls
+        gen = s.generate_text(sampling, stop=())
+        return t1 - t0, gen.seconds, s.decode_calls - n0
+
+    return run, dec
+
+
+def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int) -> tuple[Callable[[], Run], Any]:
+    import llama_cpp
+
+    from .bench import _plain_llama_params
+
+    with _plain_llama_params(path) as (_placed, kept):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, flash_attn=True, verbose=False, seed=0)
+    llm._onellm_keep = kept  # the override list must outlive the model
+
+    def run() -> Run:
+        llm.reset()
+        t0 = time.perf_counter()
+        t_first, n = None, 0
+        for _tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            if n >= new_tokens:
+                break
+        t2 = time.perf_counter()
+        return t_first - t0, t2 - t_first, n - 1
+
+    return run, llm
+
+
+def _stat(xs: Sequence[float]) -> dict[str, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0], xs[0], xs[0]]
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
+              n_ctx: int) -> dict[str, Any]:
+    from onellm.runtime.registry import decoder_quant
+
+    from .bench import machine_info
+    from .prefill_sweep import first_question
+
+    if rounds < 1 or new_tokens < 2:
+        raise ValueError(f"need --rounds >= 1 and --new-tokens >= 2 (got {rounds}, {new_tokens})")
+    path = bundle / f"decoder-{quant}.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the bundle has no {quant} GGUF")
+    ids, _rows, _embd = first_question(bundle)
+    shipped = decoder_quant(quant).use_extra_bufts()
+    runners: dict[str, Callable[[], Run]] = {}
+    owned = []
+    try:
+        for v in variants:
+            extra = {"shipped": shipped, "on": True, "off": False}[v]
+            runners[f"ours_{v}"], obj = _ours(path, ids, extra, quant, n_ctx, threads, new_tokens)
+            owned.append(obj)
+        runners["plain"], obj = _plain(path, ids, n_ctx, threads, new_tokens)
+        owned.append(obj)
+        load_start = list(os.getloadavg())
+        names = list(runners)
+        for name in names:  # warm-up: page in the weights, build the graphs
+            runners[name]()
+        runs: dict[str, list[Run]] = {n: [] for n in names}
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                runs[name].append(runners[name]())
+    finally:
+        for obj in owned:
+            if hasattr(obj, "close"):
+                obj.close()
+    out: dict[str, Any] = {
+        "schema": SCHEMA, "version": VERSION, "machine": machine_info(), "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()), "gguf": str(path), "quant": quant, "shipped_extra_bufts": shipped,
+        "rounds": rounds, "new_tokens": new_tokens, "prompt_tokens": len(ids), "threads": threads, "n_ctx": n_ctx,
+        "runs": {k: [list(r) for r in v] for k, v in runs.items()}, "vs_plain": {}}
+    plain = runs["plain"]
+    for name in names[:-1]:
+        mine = runs[name]
+        out["vs_plain"][name] = {
+            "decode_ratio": _stat([(a[2] / a[1]) / (b[2] / b[1]) for a, b in zip(mine, plain, strict=True)]),
+            "prefill_speed_ratio": _stat([b[0] / a[0] for a, b in zip(mine, plain, strict=True)]),
+            "decode_tokens_per_s": statistics.median(a[2] / a[1] for a in mine),
+            "prefill_s": statistics.median(a[0] for a in mine)}
+    out["plain"] = {"decode_tokens_per_s": statistics.median(b[2] / b[1] for b in plain),
+                    "prefill_s": statistics.median(b[0] for b in plain)}
+    return out
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    la = result["load_average_start"][0]
+    lines = [f"Decode pairs, {result['quant']} ({Path(result['gguf']).name}): {result['rounds']} ABBA rounds of "
+             f"{result['prompt_tokens']} prompt tokens + {result['new_tokens']} greedy tokens, {result['threads']} "
+             f"threads, n_ctx {result['n_ctx']}, load average {la:.2f} -> {result['load_average_end'][0]:.2f}", "",
+             "| ours | decode tok/s | plain tok/s | decode ours/plain, median (quartiles) | prefill s | plain s "
+             "| prefill speed ours/plain |", "|---|---|---|---|---|---|---|"]
+    p = result["plain"]
+    for name, v in result["vs_plain"].items():
+        d, f = v["decode_ratio"], v["prefill_speed_ratio"]
+        lines.append(f"| {name} | {v['decode_tokens_per_s']:.2f} | {p['decode_tokens_per_s']:.2f} | "
+                     f"{d['median']:.3f} ({d['q1']:.3f}-{d['q3']:.3f}) | {v['prefill_s']:.2f} | {p['prefill_s']:.2f} | "
+                     f"{f['median']:.3f} ({f['q1']:.3f}-{f['q3']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m onellm.benchmarks.decode_pairs", description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="An exported bundle with the GGUF to measure.")
+    ap.add_argument("--quant", required=True, help="Which of its GGUFs (decoder-QUANT.gguf).")
+    ap.add_argument("--variants", default="shipped",
+                    help="Our settings, comma-separated: shipped (the registry's), on, off (extra buffer types).")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="Default: physical cores.")
+    ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=Path("decode-pairs.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from onellm.runtime.encoder import physical_cores
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ("shipped", "on", "off")]
+    if bad or not variants:
+        ap.error(f"--variants takes shipped, on, off (got {args.variants!r})")
+    result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
+                       args.threads or physical_cores(), args.n_ctx)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    md = to_markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    print(md, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

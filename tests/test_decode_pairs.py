@@ -1,0 +1,52 @@
+"""benchmarks/decode_pairs.py: the ABBA-paired decode comparison (the real runs are manual benchmarks).
+
+Checks the bookkeeping that decides a 3 % target: the order alternates within rounds, ratios
+pair runs of the same round, decode rates count llama_decode calls (ours: every returned
+token; plain: n-1 from its first token), and a real run on the tiny bundle reports both sides.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onellm.benchmarks import decode_pairs as dp
+
+
+def test_rounds_alternate_and_ratios_pair_the_same_round(tiny_bundle, monkeypatch):
+    calls = []
+    ours_runs = iter([(0.0, 0.0, 0)] + [(1.0, 2.0, 10), (1.0, 1.0, 10), (2.0, 4.0, 10), (1.0, 2.0, 10)])
+    plain_runs = iter([(0.0, 0.0, 0)] + [(2.0, 2.0, 9), (2.0, 2.0, 9), (2.0, 4.0, 9), (2.0, 2.0, 9)])
+
+    def fake(name, it):
+        def run():
+            calls.append(name)
+            return next(it)
+        return run
+
+    monkeypatch.setattr(dp, "_ours", lambda *a, **k: (fake("ours", ours_runs), None))
+    monkeypatch.setattr(dp, "_plain", lambda *a, **k: (fake("plain", plain_runs), None))
+    out = dp.run_pairs(tiny_bundle, "f32", ["shipped"], rounds=4, new_tokens=10, threads=1, n_ctx=256)
+    assert calls == ["ours", "plain", "ours", "plain", "plain", "ours", "ours", "plain", "plain", "ours"]
+    # per round: (10/2)/(9/2), (10/1)/(9/2), (10/4)/(9/4), (10/2)/(9/2)
+    want = sorted([10 / 9, 20 / 9, 10 / 9, 10 / 9])
+    d = out["vs_plain"]["ours_shipped"]["decode_ratio"]
+    assert d["median"] == pytest.approx(10 / 9) and d["max"] == pytest.approx(want[-1]) and d["n"] == 4
+    assert out["vs_plain"]["ours_shipped"]["prefill_speed_ratio"]["median"] == pytest.approx(2.0)
+    assert "ours_shipped" in dp.to_markdown(out)
+
+
+def test_a_real_run_on_the_tiny_bundle(tiny_bundle, tmp_path):
+    out_file = tmp_path / "pairs.json"
+    assert dp.main(["--bundle", str(tiny_bundle), "--quant", "f32", "--variants", "shipped,off", "--rounds", "2",
+                    "--new-tokens", "4", "--threads", "1", "--n-ctx", "256", "--out", str(out_file)]) == 0
+    out = json.loads(out_file.read_text())
+    assert set(out["runs"]) == {"ours_shipped", "ours_off", "plain"}
+    assert all(r[2] == 4 for r in out["runs"]["ours_off"])  # ours: 4 tokens, 4 decodes
+    assert all(r[2] == 3 for r in out["runs"]["plain"])  # plain: 3 decodes after its first token
+    for v in out["vs_plain"].values():
+        assert v["decode_ratio"]["median"] > 0 and v["prefill_s"] > 0
+    assert out_file.with_suffix(".md").read_text().startswith("Decode pairs, f32")
+    with pytest.raises(SystemExit):
+        dp.main(["--bundle", str(tiny_bundle), "--quant", "f32", "--variants", "fast", "--out", str(out_file)])
