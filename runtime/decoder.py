@@ -361,15 +361,17 @@ class Session:
         pieces = []
         # segments of target[keep:]: tokens before the block, the block, tokens after
         segments: list[tuple[str, object]] = []
-        if keep == 0:
-            segments.append(("tok", [tokens[0]]))
-        if n_rows:
+        if not n_rows:  # text only: BOS goes with the rest (a graph of its own costs a full pass over the weights)
+            segments.append(("tok", tokens[keep:]))
+        else:
+            if keep == 0:
+                segments.append(("tok", [tokens[0]]))
             r0 = max(0, keep - 1)
             if r0 < n_rows:
                 segments.append(("blk", r0))
-        t0 = max(1, keep - n_rows)
-        if t0 < len(tokens):
-            segments.append(("tok", tokens[t0:]))
+            t0 = max(1, keep - n_rows)
+            if t0 < len(tokens):
+                segments.append(("tok", tokens[t0:]))
         try:
             for i, (kind, what) in enumerate(segments):
                 if cancel is not None and cancel.is_set():

@@ -136,6 +136,20 @@ def test_generation_decodes_its_last_token_into_the_cache(dec, tok, block):
     assert s.decode_calls - n0 == 12 and s.n_past == past + 12
 
 
+def test_text_only_prefill_is_one_decode_with_the_same_logits(dec, tok):
+    """BOS and the text go in one llama_decode (one pass over the weights, not two); the
+    logits equal those of BOS first and the text after it (the reuse path)."""
+    ids = tok.encode(render_prompt("What is in the picture?"))
+    s = dec.session()
+    got = s.prefill(ids)
+    assert s.decode_calls == 1 and s.n_past == len(ids)
+    two = dec.session()
+    two.prefill(ids[:1])
+    want = two.prefill(ids)  # BOS reused, the rest decoded on its own
+    assert two.decode_calls == 2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(dec, tok, block):
     ids = tok.encode(render_prompt("What is this?"))
 
