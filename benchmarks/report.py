@@ -304,8 +304,9 @@ def write_chart(result: BenchResult, path: Path) -> bool:
     enc = [r for r in result.encoder if r.device == "cpu"]
     dec = {(r.modality, r.backend, r.precision): r for r in result.decoder}
     runtime_dec = [r for r in result.decoder if r.backend == "llama.cpp"]
-    q_pref = next((r.precision for r in runtime_dec if r.precision == "q8_0"),
-                  runtime_dec[0].precision if runtime_dec else None)
+    # the runtime's bars carry the prefill of its fastest-prefilling type: the best time to first token
+    q_pref = (min(runtime_dec, key=lambda r: r.prefill_s.median or float("inf")).precision
+              if runtime_dec else None)
     labels, segments = [], []
     stages = ("preprocess", "tokenizer", "clip_trunk", "upm_projection")
     for r in enc:
@@ -319,8 +320,9 @@ def write_chart(result: BenchResult, path: Path) -> bool:
         seg.append(d.prefill_s.median if d else 0.0)
         labels.append(label)
         segments.append(seg)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, max(3.5, 0.45 * len(labels) + 1.5)),
-                                   gridspec_kw={"width_ratios": [3, 2]})
+    height = max(3.5, 0.45 * len(labels) + 1.5)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, height), gridspec_kw={"width_ratios": [3, 2]})
+    below = -0.6 / max(1.0, height - 1.3)  # legends 0.6 inch under each axis, below its label
     names = ["preprocess", "tokenizer", "CLIP trunk", "UPM + projection", "prefill"]
     colors = ["#9e9e9e", "#8ecae6", "#219ebc", "#023047", "#fb8500"]
     left = [0.0] * len(labels)
@@ -338,7 +340,8 @@ def write_chart(result: BenchResult, path: Path) -> bool:
         ax1.text(total, i, f" {total:,.0f} ms", va="center", fontsize=8)
     ax1.invert_yaxis()
     ax1.set_xlabel("ms (median, log scale) - time to first token, by stage")
-    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(names), fontsize=8, frameon=False)
+    # legends below the axis labels; savefig's tight box takes them in
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=len(names), fontsize=8, frameon=False)
     ax1.set_title("Encoder stages + prefill per backend")
     m0 = result.settings.modalities[0]
     drows = [r for r in result.decoder if r.modality == m0]
@@ -349,19 +352,19 @@ def write_chart(result: BenchResult, path: Path) -> bool:
     for i, r in enumerate(drows):
         ceiling = r.bandwidth_ceiling_tokens_per_s
         note = f" {r.decode_tokens_per_s:.1f}" + (f" ({r.decode_tokens_per_s / ceiling:.0%} of ceiling)" if ceiling else "")
-        ax2.text(r.decode_tokens_per_s, i, note, va="center", fontsize=8)
+        ax2.text(max(r.decode_tokens_per_s, ceiling or 0.0), i, note, va="center", fontsize=8)  # clear of the tick
     top = max([r.decode_tokens_per_s for r in drows] + [r.bandwidth_ceiling_tokens_per_s or 0.0 for r in drows] + [1.0])
     ax2.set_xlim(0, top * 1.45)
     ax2.invert_yaxis()
     ax2.set_xlabel("decode tokens/s")
-    ax2.legend(loc="upper right", fontsize=8)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=2, fontsize=8, frameon=False)
     ax2.set_title("Decode speed vs the bandwidth ceiling")
     title = f"onellm bench, preset {result.preset} - {result.machine.get('cpu_model')}"
     if result.random_weights:
         title += " (random weights)"
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
