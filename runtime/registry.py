@@ -75,9 +75,10 @@ class DecoderQuant:
     (`pipeline.context_for_question`: prompt, input rows and --max-tokens, rounded up to 256,
     i.e. 512 positions for a first question with 256 answer tokens), where the f16 cache of
     LLaMA-2-7B takes 256 MiB; a chat or server keeps the model's 2048 (1 GiB in f16 at 7B,
-    half that in Q8_0). Measured on the 7B q4_0 bundle at 1024 positions (Zen 3), a fresh
-    process answering one image question peaked 707 MiB over its GGUF + encoder files with an
-    f16 cache, 588 with Q8_0 K and f16 V, 468 with both Q8_0 (issue 13's budget: 600). On
+    half that in Q8_0). A fresh process answering one image question at `ask`'s 512 positions
+    with the f16 cache peaked 451 / 470 / 470 MiB over its GGUF + encoder files at 7B q8_0 /
+    q4_k_m / q4_0 (Zen 4; issue 13's budget: 600); at 1024 positions (Zen 3, 7B q4_0) it was
+    707 with an f16 cache, 588 with Q8_0 K and f16 V, 468 with both Q8_0. On
     random weights the Q8_0 cache moved the logits by min cosine 0.998 against an f16 cache,
     less than the weights' own rounding (q8_0 weights vs fp32: 0.996 at 7B).
     """

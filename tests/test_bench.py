@@ -170,6 +170,27 @@ def test_committed_amx_results_record_the_plain_placement():
     assert "crash on this CPU" in to_markdown(result)
 
 
+def test_committed_7b_zen4_results_record_asks_context_and_paired_ratios():
+    """results/bench-7b-zen4.json (third session): the footprint rows were taken at the context
+    `ask` sizes for its question, with the cache type, and the decode loop carries its
+    round-by-round ratios, which the decode target reads."""
+    from onellm.benchmarks.report import evaluate_targets
+    from onellm.benchmarks.result import load_result
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench-7b-zen4.json"
+    result = load_result(path)
+    assert result.to_dict() == json.loads(path.read_text())
+    assert {(f.quant, f.n_ctx, f.kv_type) for f in result.footprint} == {
+        ("q8_0", 512, "f16"), ("q4_k_m", 512, "f16"), ("q4_0", 512, "f16")}
+    assert all(f.peak_rss_mib - f.gguf_mib - f.encoder_mib <= 600 for f in result.footprint)
+    t = {x.name: x for x in evaluate_targets(result.settings.modalities, result.encoder, result.decoder,
+                                             result.overhead.decode_loop, result.chat, result.overhead.encoder_chain,
+                                             result.footprint)}
+    for o in result.overhead.decode_loop:
+        assert o.ratio_paired is not None and o.ratio_paired.n == result.settings.repeats
+        assert t[f"decode_loop_shipped_vs_plain/{o.quant}"].measured == pytest.approx(o.ratio_paired.median)
+
+
 def test_decoder_heading_names_whose_encoder_block_the_rows_got():
     """With the torch rows the decoders get torch fp32's block; a --no-torch run (the committed
     7B one, int8 encoder only) gives them the runtime encoder's, and the heading must say so."""
