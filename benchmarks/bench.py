@@ -870,20 +870,7 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         return ours
 
     def plain_runner(llm):
-        def plain():
-            llm.reset()  # no prompt reuse from the previous repetition: a full prefill, like ours
-            t0 = time.perf_counter()
-            t_first = None
-            n = 0
-            for _tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                n += 1
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if n >= new_tokens:
-                    break
-            t2 = time.perf_counter()
-            return t_first - t0, t2 - t_first, n, n - 1
-        return plain
+        return lambda: plain_greedy_run(llm, ids, new_tokens)
 
     def summary(runs, **extra) -> LoopRun:
         rate = runs[0][3] / statistics.median(r[1] for r in runs)
@@ -927,6 +914,23 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
         ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None,
         ratio_paired=paired, ratio_shipped_paired=paired_shipped)
+
+
+def plain_greedy_run(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int, int]:
+    """llama-cpp-python's `Llama.generate`, greedy, from an empty cache: (seconds to its first
+    token, seconds from it to the last, tokens, llama_decode calls in that span: tokens - 1)."""
+    llm.reset()  # no prompt reuse from the previous repetition: a full prefill, like ours
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+        if n >= new_tokens:
+            break
+    t2 = time.perf_counter()
+    return t_first - t0, t2 - t_first, n, n - 1
 
 
 def _paired_ratios(ours: Sequence[tuple[float, float, int, int]],

@@ -62,7 +62,7 @@ def _ours(path: Path, ids: list[int], extra: bool, quant: str, n_ctx: int, threa
 def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int) -> tuple[Callable[[], Run], Any]:
     import llama_cpp
 
-    from .bench import _plain_llama_params
+    from .bench import _plain_llama_params, plain_greedy_run
 
     with _plain_llama_params(path) as (_placed, kept):
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -70,17 +70,8 @@ def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int
     llm._onellm_keep = kept  # the override list must outlive the model
 
     def run() -> Run:
-        llm.reset()
-        t0 = time.perf_counter()
-        t_first, n = None, 0
-        for _tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            n += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-            if n >= new_tokens:
-                break
-        t2 = time.perf_counter()
-        return t_first - t0, t2 - t_first, n - 1
+        prefill_s, decode_s, _tokens, decodes = plain_greedy_run(llm, ids, new_tokens)
+        return prefill_s, decode_s, decodes
 
     return run, llm
 
