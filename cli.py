@@ -792,8 +792,7 @@ def _ask_ctx_option(func):
 @click.argument("question", required=False)
 @handle_errors
 def ask_cmd(question, bundle, device, precision, quant, threads, reader_options, embeddings, modality, ctx, kv_cache,
-            max_tokens,
-            temperature, top_p, top_k, repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
+            max_tokens, temperature, top_p, top_k, repeat_penalty, seed, greedy, as_json, logprobs, **kwargs) -> None:
     """Ask a question about one input and stream the answer.
 
     \b
@@ -903,8 +902,7 @@ def encode_cmd(bundle, device, precision, quant, threads, reader_options, out_pa
 @_sampling_options
 @handle_errors
 def chat_cmd(bundle, device, precision, quant, threads, reader_options, ctx, kv_cache, max_tokens, temperature, top_p,
-             top_k,
-             repeat_penalty, seed, greedy, **kwargs) -> None:
+             top_k, repeat_penalty, seed, greedy, **kwargs) -> None:
     """Talk about one input over several turns (Ctrl-C stops an answer, Ctrl-D quits).
 
     The input is encoded once; follow-up questions reuse the KV cache, so only the new
