@@ -816,13 +816,7 @@ def bench_runtime_decoder(manifest, bundle: Path, quant: str, blocks, prompt, gr
             block = np.ascontiguousarray(block, dtype=np.float32)
 
             def run(ids=ids, block=block):
-                s = dec.session()
-                t0 = time.perf_counter()
-                s.prefill(ids, block)
-                t1 = time.perf_counter()
-                n0 = s.decode_calls
-                gen = s.generate_text(sampling, stop=())
-                return t1 - t0, gen.seconds, list(gen.tokens), s.decode_calls - n0
+                return session_greedy_run(dec, ids, sampling, block)
 
             runs, (_, _, tokens, _) = repeat(run, repeats, warmup)
             top1 = None
@@ -860,13 +854,8 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
 
     def ours_runner(decoder):
         def ours():
-            s = decoder.session()
-            t0 = time.perf_counter()
-            s.prefill(ids)
-            t1 = time.perf_counter()
-            n0 = s.decode_calls
-            gen = s.generate_text(sampling, stop=())
-            return t1 - t0, gen.seconds, len(gen.tokens), s.decode_calls - n0
+            prefill_s, decode_s, tokens, decodes = session_greedy_run(decoder, ids, sampling)
+            return prefill_s, decode_s, len(tokens), decodes
         return ours
 
     def plain_runner(llm):
@@ -914,6 +903,18 @@ def _decode_overhead(dec, shipped_extra: bool, path: Path, ids: list[int], new_t
         ratio=ours.decode_tokens_per_s / plain.decode_tokens_per_s,
         ratio_shipped=shipped.decode_tokens_per_s / plain.decode_tokens_per_s if shipped else None,
         ratio_paired=paired, ratio_shipped_paired=paired_shipped)
+
+
+def session_greedy_run(decoder, ids: list[int], sampling, block=None) -> tuple[float, float, list[int], int]:
+    """Our `Session` from an empty cache, no stop strings: (prefill seconds, decode seconds,
+    tokens, llama_decode calls in the decode span: one per token, the last one included)."""
+    s = decoder.session()
+    t0 = time.perf_counter()
+    s.prefill(ids, block)
+    t1 = time.perf_counter()
+    n0 = s.decode_calls
+    gen = s.generate_text(sampling, stop=())
+    return t1 - t0, gen.seconds, list(gen.tokens), s.decode_calls - n0
 
 
 def plain_greedy_run(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int, int]:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,17 +43,14 @@ def _ours(path: Path, ids: list[int], extra: bool, quant: str, n_ctx: int, threa
           new_tokens: int) -> tuple[Callable[[], Run], Any]:
     from onellm.runtime.decoder import Decoder, Sampling, context_settings_for
 
+    from .bench import session_greedy_run
+
     dec = Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=extra, **context_settings_for(quant))
     sampling = Sampling.greedy(new_tokens)
 
     def run() -> Run:
-        s = dec.session()
-        t0 = time.perf_counter()
-        s.prefill(ids)
-        t1 = time.perf_counter()
-        n0 = s.decode_calls
-        gen = s.generate_text(sampling, stop=())
-        return t1 - t0, gen.seconds, s.decode_calls - n0
+        prefill_s, decode_s, _tokens, decodes = session_greedy_run(dec, ids, sampling)
+        return prefill_s, decode_s, decodes
 
     return run, dec
 
