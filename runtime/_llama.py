@@ -355,35 +355,116 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
+_GGML_BASE = None
+
+
+def _ggml_base() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base (ggml's GGUF reader and row converters), signatures set once."""
+    global _GGML_BASE
+    if _GGML_BASE is None:
+        import llama_cpp
+        import llama_cpp._ctypes_extensions as ext
+
+        base = ext.load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        for name, args, res in (
+            ("gguf_init_from_file", [ctypes.c_char_p, _GgufInitParams], vp),
+            ("gguf_get_n_tensors", [vp], i64),
+            ("gguf_get_tensor_name", [vp, i64], ctypes.c_char_p),
+            ("gguf_find_tensor", [vp, ctypes.c_char_p], i64),
+            ("gguf_get_data_offset", [vp], ctypes.c_size_t),
+            ("gguf_get_tensor_offset", [vp, i64], ctypes.c_size_t),
+            ("ggml_get_tensor", [vp, ctypes.c_char_p], vp),
+            ("ggml_type_name", [ctypes.c_int], ctypes.c_char_p),
+            ("ggml_row_size", [ctypes.c_int, i64], ctypes.c_size_t),
+            ("gguf_free", [vp], None),
+            ("ggml_free", [vp], None),
+        ):
+            fn = getattr(base, name)
+            fn.argtypes, fn.restype = args, res
+        _GGML_BASE = base
+    return _GGML_BASE
+
+
+class _GgufHeader:
+    """A GGUF file's header read by ggml (no tensor data): `with _GgufHeader(path) as h:`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self.base = _ggml_base()
+        self.meta = ctypes.c_void_p()
+        self.gctx = self.base.gguf_init_from_file(str(path).encode("utf-8"), _GgufInitParams(True, ctypes.pointer(self.meta)))
+        if not self.gctx:
+            raise BackendError(f"{path}: not a readable GGUF file (gguf_init_from_file failed)")
+
+    def __enter__(self) -> _GgufHeader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.base.gguf_free(self.gctx)
+        if self.meta:
+            self.base.ggml_free(self.meta)
+
+    def tensor(self, name: str) -> tuple[int, tuple[int, ...]] | None:
+        """(ggml type id, ne) of tensor `name`, or None if the file has none of that name."""
+        t = self.base.ggml_get_tensor(self.meta, name.encode())
+        if not t:
+            return None
+        head = _TensorPrefix.from_address(t)
+        return int(head.type), tuple(int(x) for x in head.ne)
+
+
 def gguf_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int, ...]]]:
     """Tensor name -> (ggml type id, ne) of a GGUF file, from its header (ggml's own gguf reader)."""
-    import llama_cpp
-    import llama_cpp._ctypes_extensions as ext
-
-    base = ext.load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
-    vp = ctypes.c_void_p
-    base.gguf_init_from_file.argtypes, base.gguf_init_from_file.restype = [ctypes.c_char_p, _GgufInitParams], vp
-    base.gguf_get_n_tensors.argtypes, base.gguf_get_n_tensors.restype = [vp], ctypes.c_int64
-    base.gguf_get_tensor_name.argtypes, base.gguf_get_tensor_name.restype = [vp, ctypes.c_int64], ctypes.c_char_p
-    base.ggml_get_tensor.argtypes, base.ggml_get_tensor.restype = [vp, ctypes.c_char_p], vp
-    base.gguf_free.argtypes, base.gguf_free.restype = [vp], None
-    base.ggml_free.argtypes, base.ggml_free.restype = [vp], None
-    meta = ctypes.c_void_p()
-    gctx = base.gguf_init_from_file(str(path).encode("utf-8"), _GgufInitParams(True, ctypes.pointer(meta)))
-    if not gctx:
-        raise BackendError(f"{path}: not a readable GGUF file (gguf_init_from_file failed)")
     out: dict[str, tuple[int, tuple[int, ...]]] = {}
-    try:
-        for i in range(base.gguf_get_n_tensors(gctx)):
-            name = base.gguf_get_tensor_name(gctx, i)
-            t = base.ggml_get_tensor(meta, name)
-            if t:
-                head = _TensorPrefix.from_address(t)
-                out[name.decode()] = (int(head.type), tuple(int(x) for x in head.ne))
-    finally:
-        base.gguf_free(gctx)
-        if meta:
-            base.ggml_free(meta)
+    with _GgufHeader(path) as h:
+        for i in range(h.base.gguf_get_n_tensors(h.gctx)):
+            name = h.base.gguf_get_tensor_name(h.gctx, i).decode()
+            found = h.tensor(name)
+            if found is not None:
+                out[name] = found
+    return out
+
+
+def token_embedding_rows(path: str | os.PathLike, ids: Sequence[int]) -> np.ndarray | None:
+    """Rows `ids` of a GGUF's `token_embd.weight` as float32 [len(ids), n_embd], or None.
+
+    Read from the file and converted by ggml's own row converter for the tensor's type
+    (`dequantize_row_q4_K` and the like), the function llama.cpp's row lookup runs, so a
+    row fed as an embedding equals the token's. None where the file has no such tensor or
+    ggml exports no converter for its type (the caller then decodes the token instead).
+    """
+    ids = [int(t) for t in ids]
+    with _GgufHeader(path) as h:
+        found = h.tensor("token_embd.weight")
+        if found is None:
+            return None
+        ggml_type, ne = found
+        n_embd, n_vocab = ne[0], ne[1]
+        if any(not 0 <= t < n_vocab for t in ids):
+            raise ValueError(f"token ids must lie in [0, {n_vocab})")
+        tid = h.base.gguf_find_tensor(h.gctx, b"token_embd.weight")
+        start = h.base.gguf_get_data_offset(h.gctx) + h.base.gguf_get_tensor_offset(h.gctx, tid)
+        row_bytes = h.base.ggml_row_size(ggml_type, n_embd)
+        type_name = h.base.ggml_type_name(ggml_type).decode()
+    fn_name = {"f16": "ggml_fp16_to_fp32_row", "bf16": "ggml_bf16_to_fp32_row"}.get(type_name, f"dequantize_row_{type_name}")
+    convert = None if type_name == "f32" else getattr(_ggml_base(), fn_name, None)
+    if type_name != "f32" and convert is None:
+        return None
+    if convert is not None:
+        convert.argtypes, convert.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    out = np.empty((len(ids), n_embd), dtype=np.float32)
+    with open(path, "rb") as f:
+        for i, t in enumerate(ids):
+            f.seek(start + t * row_bytes)
+            raw = f.read(row_bytes)
+            if len(raw) != row_bytes:
+                raise BackendError(f"{path}: token_embd.weight is cut short (row {t})")
+            if convert is None:
+                out[i] = np.frombuffer(raw, dtype="<f4")
+            else:
+                src = ctypes.create_string_buffer(raw, row_bytes)
+                convert(ctypes.addressof(src), out[i].ctypes.data, n_embd)
     return out
 
 
@@ -517,6 +598,25 @@ class LlamaModel(_Owner):
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self._pieces: list[bytes] | None = None
         self._eog: frozenset[int] | None = None
+        self._rows: dict[int, np.ndarray | None] = {}
+
+    def token_row(self, token: int) -> np.ndarray | None:
+        """Token `token`'s input embedding ([1, n_embd] float32, read-only), or None where the
+        file's type has no converter: the row a prompt can send in an embedding batch beside
+        encoder rows, so BOS needs no graph of its own (one graph is a full pass over the weights)."""
+        token = int(token)
+        if token not in self._rows:
+            try:
+                row = token_embedding_rows(self.path, [token])
+            except (OSError, BackendError, ValueError) as exc:
+                log.info("%s: no embedding row for token %d (%s); it is decoded as a token", self.path, token, exc)
+                row = None
+            if row is not None and row.shape[1] != self.n_embd:
+                row = None
+            if row is not None:
+                row.setflags(write=False)
+            self._rows[token] = row
+        return self._rows[token]
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

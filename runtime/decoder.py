@@ -277,17 +277,22 @@ class Session:
             return np.concatenate(out)
         return out[-1] if out else None
 
-    def _decode_block(self, block: np.ndarray, digest: str, logits: str) -> np.ndarray | None:
+    def _decode_block(self, block: np.ndarray, digest: str, logits: str, lead: int | None = None) -> np.ndarray | None:
+        """Decode `block`'s rows; `lead`: a token whose embedding row goes first in the same batch."""
         ctx, batch = self._ctx(), self._dec._batch
         n_rows = block.shape[0]
         if n_rows > ctx.n_batch:
             raise InputError("embedding block", f"at most {ctx.n_batch} rows (n_batch)", f"{n_rows}")
-        ctx.decode(batch.embd_view(block, self.n_past, logits))
+        rows = block if lead is None else np.concatenate([self._dec._model.token_row(lead), block])
+        ctx.decode(batch.embd_view(rows, self.n_past, logits))
+        if lead is not None:
+            self._items.append(lead)
+            self.tokens_prefilled += 1
         self._items.extend((digest, r) for r in range(n_rows))
         self.decode_calls += 1
         self.rows_injected += n_rows
         if logits == "all":
-            return ctx.logits_all(n_rows)
+            return ctx.logits_all(rows.shape[0])
         if logits == "last":
             return ctx.logits_ith(-1)[None]
         return None
@@ -364,11 +369,13 @@ class Session:
         if not n_rows:  # text only: BOS goes with the rest (a graph of its own costs a full pass over the weights)
             segments.append(("tok", tokens[keep:]))
         else:
-            if keep == 0:
-                segments.append(("tok", [tokens[0]]))
             r0 = max(0, keep - 1)
+            # BOS's embedding row rides with the block where the file gives it (one graph, not two)
+            lead = keep == 0 and n_rows < self._ctx().n_batch and self._dec._model.token_row(tokens[0]) is not None
+            if keep == 0 and not lead:
+                segments.append(("tok", [tokens[0]]))
             if r0 < n_rows:
-                segments.append(("blk", r0))
+                segments.append(("lblk" if lead else "blk", r0))
             t0 = max(1, keep - n_rows)
             if t0 < len(tokens):
                 segments.append(("tok", tokens[t0:]))
@@ -382,7 +389,7 @@ class Session:
                     out = self._decode_tokens(what, want)
                 else:
                     rows = block if what == 0 else block[what:]  # a row slice stays C-contiguous
-                    out = self._decode_block(rows, digest, want)
+                    out = self._decode_block(rows, digest, want, lead=tokens[0] if kind == "lblk" else None)
                 if out is not None:
                     pieces.append(out)
         except BaseException:

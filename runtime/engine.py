@@ -258,7 +258,7 @@ class _Slot:
         self.seq = seq
         self.items: list = []  # per cached position: a token id or (block digest, row)
         self.job: _Job | None = None
-        self.segments: list[tuple[str, Any]] = []  # prefill still to do: ("tok", ids) / ("blk", rows)
+        self.segments: list[tuple[str, Any]] = []  # prefill still to do: ("tok", ids) / ("blk", rows) / ("lblk", BOS row + rows)
         self.next_tok: int | None = None  # sampled, to be decoded next step
         self.sampler: _llama.LlamaSampler | None = None
         self.stream: _TextStream | None = None
@@ -835,9 +835,14 @@ class Engine:
         s = req.sampling
         ids, n_rows = job.ids, (0 if job.block is None else job.block.shape[0])
         segments: list[tuple[str, Any]] = []
-        if keep == 0:
+        # BOS's embedding row rides with the block where the file gives it: one graph, not two
+        # (a graph is a full pass over the weights, whatever its size)
+        lead = (self.model.token_row(ids[0]) if keep == 0 and n_rows and n_rows < self.batch.capacity else None)
+        if keep == 0 and lead is None:
             segments.append(("tok", [ids[0]]))
-        if n_rows and max(0, keep - 1) < n_rows:
+        if lead is not None:
+            segments.append(("lblk", np.concatenate([lead, job.block])))
+        elif n_rows and max(0, keep - 1) < n_rows:
             r0 = max(0, keep - 1)
             segments.append(("blk", job.block if r0 == 0 else job.block[r0:]))
         t0 = max(1, keep - n_rows)
@@ -878,16 +883,21 @@ class Engine:
         """One scheduler step: embeddings calls for slots at their block, then ONE token batch."""
         ctx = self.ctx
         for s in self.slots:
-            if s.busy and s.segments and s.segments[0][0] == "blk":
-                rows = s.segments[0][1]
+            if s.busy and s.segments and s.segments[0][0] in ("blk", "lblk"):
+                kind, rows = s.segments[0]
                 try:
                     ctx.decode(self.batch.embd_view(rows, len(s.items), "none", seq_id=s.seq))
                 except BaseException as exc:  # noqa: BLE001 - the request's error (its caller re-raises it)
                     self._fail_slot(s, exc)
                     continue
                 self.counters["decode_calls"] += 1
-                self.counters["rows_injected"] += rows.shape[0]
-                s.items.extend((s.job.digest, r) for r in range(self.n_inserted - rows.shape[0], self.n_inserted))
+                n_block = rows.shape[0]
+                if kind == "lblk":  # BOS's row first
+                    s.items.append(s.job.ids[0])
+                    self.counters["tokens_prefilled"] += 1
+                    n_block -= 1
+                self.counters["rows_injected"] += n_block
+                s.items.extend((s.job.digest, r) for r in range(self.n_inserted - n_block, self.n_inserted))
                 s.segments.pop(0)
         ids: list[int] = []
         pos: list[int] = []

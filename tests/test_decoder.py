@@ -62,7 +62,7 @@ def test_injected_block_equals_torch(dec, tiny_model, tiny_config, tok, block):
     ref = _ref_logits(tiny_model, tiny_config, ids, block)
     assert got.shape == ref.shape == (len(ids) + 32, tiny_config.decoder.vocab_size)
     assert np.abs(got - ref).max() / ref.std() < 0.02
-    assert (s.tokens_prefilled, s.rows_injected, s.decode_calls) == (len(ids), 32, 3)  # BOS, rows, text
+    assert (s.tokens_prefilled, s.rows_injected, s.decode_calls) == (len(ids), 32, 2)  # BOS + rows, text
     # the rows matter: other rows give other logits after BOS
     other = dec.session().prefill(ids, np.ascontiguousarray(block[::-1]), logits="all")
     assert np.abs(other[1:] - got[1:]).max() > 100 * np.abs(got - ref).max()
@@ -148,6 +148,41 @@ def test_text_only_prefill_is_one_decode_with_the_same_logits(dec, tok):
     want = two.prefill(ids)  # BOS reused, the rest decoded on its own
     assert two.decode_calls == 2
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_bos_row_goes_with_the_block_in_one_decode_with_the_same_logits(quant, tiny_gguf, tok, block, monkeypatch):
+    """With an input block, BOS's embedding row (read from the GGUF) leads the block's batch:
+    one llama_decode where BOS took one of its own (a full pass over the weights). Logits equal
+    those of BOS decoded as a token: rtol 1e-4 of the largest (measured: float32 noise)."""
+    ids = tok.encode(render_prompt("Describe the scene."))
+    with Decoder(tiny_gguf(quant), n_ctx=256) as d:
+        s = d.session()
+        got = s.prefill(ids, block, logits="all")
+        assert (s.decode_calls, s.tokens_prefilled, s.rows_injected, s.n_past) == (2, len(ids), 32, len(ids) + 32)
+        monkeypatch.setattr(d._model, "token_row", lambda t: None)  # the old path: BOS as a token
+        two = d.session()
+        want = two.prefill(ids, block, logits="all")
+        assert two.decode_calls == 3
+    assert got.shape == want.shape == (len(ids) + 32, 512)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_bos_row_is_the_files_row_dequantized(tiny_gguf):
+    """`token_embedding_rows` (ggml's converters over the file) equals gguf-py's dequantizer."""
+    gguf = pytest.importorskip("gguf")
+    from onellm.runtime._llama import token_embedding_rows
+
+    for quant in ("f32", "f16", "q8_0", "q4_0"):
+        path = tiny_gguf(quant)
+        t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+        ref = gguf.quants.dequantize(t.data, t.tensor_type)
+        ids = [1, 0, 7, ref.shape[0] - 1]
+        got = token_embedding_rows(path, ids)
+        assert got.dtype == np.float32 and got.shape == (4, ref.shape[1])
+        np.testing.assert_array_equal(got, ref[ids], err_msg=quant)
+    with pytest.raises(ValueError, match="token ids"):
+        token_embedding_rows(tiny_gguf("f32"), [100000])
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(dec, tok, block):

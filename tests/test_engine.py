@@ -65,6 +65,26 @@ def _render(q):
     return render_prompt(q)
 
 
+def test_bos_row_goes_with_the_block_and_changes_no_answer(tiny_bundle, monkeypatch):
+    """A new conversation's BOS row leads its block's embedding batch (one llama_decode, not a
+    one-token graph of its own); the greedy answer equals the one with BOS decoded as a token."""
+    def run(split: bool):
+        eng = Engine.load(tiny_bundle, parallel=1)
+        try:
+            if split:
+                monkeypatch.setattr(eng.model, "token_row", lambda t: None)
+            res = _ask(eng, QUESTIONS[1], n=16).wait(120)
+            return res.tokens, dict(eng.counters)
+        finally:
+            eng.close()
+
+    merged, c1 = run(False)
+    split, c2 = run(True)
+    assert merged == split and len(merged) == 16
+    assert c2["decode_calls"] - c1["decode_calls"] == 1
+    assert c1["tokens_prefilled"] == c2["tokens_prefilled"] and c1["rows_injected"] == c2["rows_injected"] == 32
+
+
 def test_concurrent_requests_equal_the_same_requests_alone(engine, tiny_pipeline):
     block = np.array(tiny_pipeline.encode("imu", WALK)[0], copy=True)
     alone = {q: tiny_pipeline.ask(q, imu=WALK, sampling=Sampling.greedy(24)).token_ids for q in QUESTIONS}
