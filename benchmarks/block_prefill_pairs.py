@@ -1,11 +1,11 @@
-"""The first question's prefill with an input block: BOS's row with the block (as shipped)
-against BOS decoded as a token of its own (before), in ABBA-ordered paired rounds.
+"""The first question's prefill with an input block: the whole prompt as one embedding batch
+(as shipped) against BOS, block and text as three batches (before), in ABBA-ordered paired rounds.
 
 A `llama_batch` holds tokens or embeddings. Before, a first question with an input cost three
-llama_decode calls: BOS alone, the block's rows, the text. A one-token graph is still a full
-pass over the weights, which at 7B is a noticeable slice of the time to first token. The
-runtime now reads BOS's embedding row from the GGUF and sends it at the head of the block's
-batch (`LlamaModel.token_row`), two calls in all.
+llama_decode calls: BOS alone, the block's rows, the text. Each graph is a pass over the
+weights, and ggml's kernels handle rows in groups (4 with repacked 4-bit weights), so the
+rows left over in each graph cost extra. The runtime now reads BOS's and the text's embedding
+rows from the GGUF (`LlamaModel.embedding_rows`) and sends one batch.
 
 Both sides use one `Decoder` (one model in memory, the registry's settings for the type) and
 prefill from an empty cache: the bench's first image question, with random rows standing in
@@ -40,8 +40,8 @@ SIDES = ("merged", "split")
 def _prefill(dec, ids: list[int], block: np.ndarray, split: bool) -> tuple[float, int]:
     """(seconds, llama_decode calls) of one first-question prefill from an empty cache."""
     model = dec._model
-    if split:  # the path before: BOS's row unavailable, so BOS goes as a token on its own
-        model.token_row = lambda _token: None
+    if split:  # the path before: no embedding rows, so BOS and the text go as tokens
+        model.embedding_rows = lambda: None
     try:
         s = dec.session()
         t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def _prefill(dec, ids: list[int], block: np.ndarray, split: bool) -> tuple[float
         dt = time.perf_counter() - t0
     finally:
         if split:
-            del model.token_row  # back to the class's method
+            del model.embedding_rows  # back to the class's method
     return dt, s.decode_calls
 
 
@@ -75,8 +75,8 @@ def run_pairs(bundle: Path, quant: str, rounds: int, threads: int, n_ctx: int) -
     runs: dict[str, list[tuple[float, int]]] = {side: [] for side in SIDES}
     with Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=decoder_quant(quant).use_extra_bufts(),
                  **context_settings_for(quant)) as dec:
-        if dec._model.token_row(ids[0]) is None:
-            raise RuntimeError(f"{path}: no embedding row for BOS (its type has no ggml converter)")
+        if dec._model.embedding_rows() is None:
+            raise RuntimeError(f"{path}: no token embedding rows (its type has no ggml converter)")
         load_start = list(os.getloadavg())
         for side in SIDES:  # warm-up: page in the weights, build the graphs
             _prefill(dec, ids, block, side == "split")
@@ -104,9 +104,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"(BOS, {result['rows']} rows, {result['prompt_tokens'] - 1} text tokens), {result['rounds']} ABBA rounds, "
         f"{result['threads']} threads, load average {result['load_average_start'][0]:.2f} -> "
         f"{result['load_average_end'][0]:.2f}\n\n"
-        "| BOS | llama_decode calls | prefill s, median (min-max) |\n|---|---|---|\n"
+        "| prompt | llama_decode calls | prefill s, median (min-max) |\n|---|---|---|\n"
         f"| with the block (shipped) | {result['decode_calls']['merged']} | {m['median']:.3f} ({m['min']:.3f}-{m['max']:.3f}) |\n"
-        f"| its own graph (before) | {result['decode_calls']['split']} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) |\n\n"
+        f"| BOS, block, text apart (before) | {result['decode_calls']['split']} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) |\n\n"
         f"Per round, split / merged: median {r['median']:.3f} (quartiles {r['q1']:.3f}-{r['q3']:.3f}); "
         f"saved {saved['median'] * 1e3:.0f} ms (quartiles {saved['q1'] * 1e3:.0f}-{saved['q3'] * 1e3:.0f}).\n"
     )

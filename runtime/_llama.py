@@ -426,46 +426,71 @@ def gguf_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, tuple[in
     return out
 
 
-def token_embedding_rows(path: str | os.PathLike, ids: Sequence[int]) -> np.ndarray | None:
-    """Rows `ids` of a GGUF's `token_embd.weight` as float32 [len(ids), n_embd], or None.
+class EmbeddingRows:
+    """Rows of a GGUF's `token_embd.weight` as float32, read from the file on demand.
 
-    Read from the file and converted by ggml's own row converter for the tensor's type
-    (`dequantize_row_q4_K` and the like), the function llama.cpp's row lookup runs, so a
-    row fed as an embedding equals the token's. None where the file has no such tensor or
-    ggml exports no converter for its type (the caller then decodes the token instead).
+    Each row is converted by ggml's own converter for the tensor's type
+    (`dequantize_row_q4_K` and the like), the function llama.cpp's row lookup runs, so a row
+    fed as an embedding equals the token's. `EmbeddingRows.open(path)` is None where the file
+    has no such tensor or ggml exports no converter for its type (callers then feed tokens).
+    The header is parsed once; each call reads only the rows asked for (os.pread, thread-safe).
     """
-    ids = [int(t) for t in ids]
-    with _GgufHeader(path) as h:
-        found = h.tensor("token_embd.weight")
-        if found is None:
-            return None
-        ggml_type, ne = found
-        n_embd, n_vocab = ne[0], ne[1]
-        if any(not 0 <= t < n_vocab for t in ids):
-            raise ValueError(f"token ids must lie in [0, {n_vocab})")
-        tid = h.base.gguf_find_tensor(h.gctx, b"token_embd.weight")
-        start = h.base.gguf_get_data_offset(h.gctx) + h.base.gguf_get_tensor_offset(h.gctx, tid)
-        row_bytes = h.base.ggml_row_size(ggml_type, n_embd)
-        type_name = h.base.ggml_type_name(ggml_type).decode()
-    fn_name = {"f16": "ggml_fp16_to_fp32_row", "bf16": "ggml_bf16_to_fp32_row"}.get(type_name, f"dequantize_row_{type_name}")
-    convert = None if type_name == "f32" else getattr(_ggml_base(), fn_name, None)
-    if type_name != "f32" and convert is None:
-        return None
-    if convert is not None:
-        convert.argtypes, convert.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    out = np.empty((len(ids), n_embd), dtype=np.float32)
-    with open(path, "rb") as f:
-        for i, t in enumerate(ids):
-            f.seek(start + t * row_bytes)
-            raw = f.read(row_bytes)
-            if len(raw) != row_bytes:
-                raise BackendError(f"{path}: token_embd.weight is cut short (row {t})")
+
+    def __init__(self, path: Path, start: int, row_bytes: int, n_embd: int, n_vocab: int, convert) -> None:
+        self.path, self.start, self.row_bytes = path, start, row_bytes
+        self.n_embd, self.n_vocab, self._convert = n_embd, n_vocab, convert
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> EmbeddingRows | None:
+        with _GgufHeader(path) as h:
+            found = h.tensor("token_embd.weight")
+            if found is None:
+                return None
+            ggml_type, ne = found
+            tid = h.base.gguf_find_tensor(h.gctx, b"token_embd.weight")
+            start = h.base.gguf_get_data_offset(h.gctx) + h.base.gguf_get_tensor_offset(h.gctx, tid)
+            row_bytes = h.base.ggml_row_size(ggml_type, ne[0])
+            type_name = h.base.ggml_type_name(ggml_type).decode()
+        convert = None
+        if type_name != "f32":
+            fn = {"f16": "ggml_fp16_to_fp32_row", "bf16": "ggml_bf16_to_fp32_row"}.get(type_name, f"dequantize_row_{type_name}")
+            convert = getattr(_ggml_base(), fn, None)
             if convert is None:
-                out[i] = np.frombuffer(raw, dtype="<f4")
-            else:
-                src = ctypes.create_string_buffer(raw, row_bytes)
-                convert(ctypes.addressof(src), out[i].ctypes.data, n_embd)
-    return out
+                return None
+            convert.argtypes, convert.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+        return cls(Path(path), int(start), int(row_bytes), int(ne[0]), int(ne[1]), convert)
+
+    def rows(self, ids: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `ids` as float32 [len(ids), n_embd], written into `out` when given."""
+        ids = [int(t) for t in ids]
+        if any(not 0 <= t < self.n_vocab for t in ids):
+            raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
+        if out is None:
+            out = np.empty((len(ids), self.n_embd), dtype=np.float32)
+        elif out.shape != (len(ids), self.n_embd) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array [{len(ids)}, {self.n_embd}]")
+        if not ids:
+            return out
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, t in enumerate(ids):
+                raw = os.pread(fd, self.row_bytes, self.start + t * self.row_bytes)
+                if len(raw) != self.row_bytes:
+                    raise BackendError(f"{self.path}: token_embd.weight is cut short (row {t})")
+                if self._convert is None:
+                    out[i] = np.frombuffer(raw, dtype="<f4")
+                else:
+                    self._convert(raw, out[i].ctypes.data, self.n_embd)
+        finally:
+            os.close(fd)
+        return out
+
+
+def token_embedding_rows(path: str | os.PathLike, ids: Sequence[int]) -> np.ndarray | None:
+    """Rows `ids` of a GGUF's `token_embd.weight` as float32 [len(ids), n_embd], or None
+    (see `EmbeddingRows`)."""
+    reader = EmbeddingRows.open(path)
+    return None if reader is None else reader.rows(ids)
 
 
 def repackable_tensors(path: str | os.PathLike) -> list[str]:
@@ -598,25 +623,23 @@ class LlamaModel(_Owner):
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self._pieces: list[bytes] | None = None
         self._eog: frozenset[int] | None = None
-        self._rows: dict[int, np.ndarray | None] = {}
+        self._rows: EmbeddingRows | None | bool = False  # False: not looked at yet
 
-    def token_row(self, token: int) -> np.ndarray | None:
-        """Token `token`'s input embedding ([1, n_embd] float32, read-only), or None where the
-        file's type has no converter: the row a prompt can send in an embedding batch beside
-        encoder rows, so BOS needs no graph of its own (one graph is a full pass over the weights)."""
-        token = int(token)
-        if token not in self._rows:
+    def embedding_rows(self) -> EmbeddingRows | None:
+        """The file's token-embedding rows (`EmbeddingRows`), or None where its type has no
+        converter. A prompt with an input block goes to llama.cpp as one embedding batch, BOS
+        and text rows around the block's: a `llama_batch` holds tokens or embeddings, and each
+        extra graph is a pass over the weights (plus, with repacked 4-bit weights, one more
+        per row left over from the kernels' groups of 4)."""
+        if self._rows is False:
             try:
-                row = token_embedding_rows(self.path, [token])
-            except (OSError, BackendError, ValueError) as exc:
-                log.info("%s: no embedding row for token %d (%s); it is decoded as a token", self.path, token, exc)
-                row = None
-            if row is not None and row.shape[1] != self.n_embd:
-                row = None
-            if row is not None:
-                row.setflags(write=False)
-            self._rows[token] = row
-        return self._rows[token]
+                self._rows = EmbeddingRows.open(self.path)
+            except (OSError, BackendError) as exc:
+                log.info("%s: token embedding rows unreadable (%s); prompts go as tokens", self.path, exc)
+                self._rows = None
+            if self._rows is not None and self._rows.n_embd != self.n_embd:
+                self._rows = None
+        return self._rows
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

@@ -277,25 +277,52 @@ class Session:
             return np.concatenate(out)
         return out[-1] if out else None
 
-    def _decode_block(self, block: np.ndarray, digest: str, logits: str, lead: int | None = None) -> np.ndarray | None:
-        """Decode `block`'s rows; `lead`: a token whose embedding row goes first in the same batch."""
+    def _decode_block(self, block: np.ndarray, digest: str, logits: str) -> np.ndarray | None:
         ctx, batch = self._ctx(), self._dec._batch
         n_rows = block.shape[0]
         if n_rows > ctx.n_batch:
             raise InputError("embedding block", f"at most {ctx.n_batch} rows (n_batch)", f"{n_rows}")
-        rows = block if lead is None else np.concatenate([self._dec._model.token_row(lead), block])
-        ctx.decode(batch.embd_view(rows, self.n_past, logits))
-        if lead is not None:
-            self._items.append(lead)
-            self.tokens_prefilled += 1
+        ctx.decode(batch.embd_view(block, self.n_past, logits))
         self._items.extend((digest, r) for r in range(n_rows))
         self.decode_calls += 1
         self.rows_injected += n_rows
         if logits == "all":
-            return ctx.logits_all(rows.shape[0])
+            return ctx.logits_all(n_rows)
         if logits == "last":
             return ctx.logits_ith(-1)[None]
         return None
+
+    def _decode_as_rows(self, target: list, block: np.ndarray, reader, logits: str,
+                        cancel: threading.Event | None) -> np.ndarray | None | bool:
+        """Decode `target` (BOS, the block's rows, text) from an empty cache as embedding rows,
+        the tokens' rows read from the GGUF: one graph per n_batch positions. False if cancelled."""
+        ctx, batch = self._ctx(), self._dec._batch
+        n_rows = block.shape[0]
+        rows = np.empty((len(target), block.shape[1]), dtype=np.float32)
+        reader.rows(target[:1], out=rows[:1])
+        rows[1:1 + n_rows] = block
+        reader.rows(target[1 + n_rows:], out=rows[1 + n_rows:])
+        out = []
+        step = ctx.n_batch
+        for c0 in range(0, len(target), step):
+            if c0 and cancel is not None and cancel.is_set():
+                return False
+            items = target[c0:c0 + step]
+            last = c0 + step >= len(target)
+            want = logits if (logits == "all" or last) else "none"
+            ctx.decode(batch.embd_view(rows[c0:c0 + len(items)], self.n_past, want))
+            self._items.extend(items)
+            self.decode_calls += 1
+            n_tok = sum(isinstance(x, int) for x in items)
+            self.tokens_prefilled += n_tok
+            self.rows_injected += len(items) - n_tok
+            if want == "all":
+                out.append(ctx.logits_all(len(items)))
+            elif want == "last":
+                out.append(ctx.logits_ith(-1)[None])
+        if logits == "all":
+            return np.concatenate(out)
+        return out[-1] if out else None
 
     def _check_block(self, block: np.ndarray | None) -> np.ndarray | None:
         if block is None:
@@ -369,16 +396,18 @@ class Session:
         if not n_rows:  # text only: BOS goes with the rest (a graph of its own costs a full pass over the weights)
             segments.append(("tok", tokens[keep:]))
         else:
-            r0 = max(0, keep - 1)
-            # BOS's embedding row rides with the block where the file gives it (one graph, not two)
-            lead = keep == 0 and n_rows < self._ctx().n_batch and self._dec._model.token_row(tokens[0]) is not None
-            if keep == 0 and not lead:
-                segments.append(("tok", [tokens[0]]))
-            if r0 < n_rows:
-                segments.append(("lblk" if lead else "blk", r0))
-            t0 = max(1, keep - n_rows)
-            if t0 < len(tokens):
-                segments.append(("tok", tokens[t0:]))
+            reader = self._dec._model.embedding_rows() if keep == 0 else None
+            if reader is not None:  # the whole prompt as embedding rows: BOS, block, text in one graph
+                segments.append(("rows", reader))
+            else:
+                if keep == 0:
+                    segments.append(("tok", [tokens[0]]))
+                r0 = max(0, keep - 1)
+                if r0 < n_rows:
+                    segments.append(("blk", r0))
+                t0 = max(1, keep - n_rows)
+                if t0 < len(tokens):
+                    segments.append(("tok", tokens[t0:]))
         try:
             for i, (kind, what) in enumerate(segments):
                 if cancel is not None and cancel.is_set():
@@ -387,9 +416,14 @@ class Session:
                 want = logits if (logits == "all" or i == len(segments) - 1) else "none"
                 if kind == "tok":
                     out = self._decode_tokens(what, want)
+                elif kind == "rows":
+                    out = self._decode_as_rows(target, block, what, want, cancel)
+                    if out is False:
+                        log.info("prefill cancelled after %d of %d positions", self.n_past, len(target))
+                        return None
                 else:
                     rows = block if what == 0 else block[what:]  # a row slice stays C-contiguous
-                    out = self._decode_block(rows, digest, want, lead=tokens[0] if kind == "lblk" else None)
+                    out = self._decode_block(rows, digest, want)
                 if out is not None:
                     pieces.append(out)
         except BaseException:

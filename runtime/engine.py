@@ -258,7 +258,7 @@ class _Slot:
         self.seq = seq
         self.items: list = []  # per cached position: a token id or (block digest, row)
         self.job: _Job | None = None
-        self.segments: list[tuple[str, Any]] = []  # prefill still to do: ("tok", ids) / ("blk", rows) / ("lblk", BOS row + rows)
+        self.segments: list[tuple[str, Any]] = []  # prefill still to do: ("tok", ids) / ("blk", rows) / ("rows", BOS + block + text rows)
         self.next_tok: int | None = None  # sampled, to be decoded next step
         self.sampler: _llama.LlamaSampler | None = None
         self.stream: _TextStream | None = None
@@ -835,22 +835,22 @@ class Engine:
         s = req.sampling
         ids, n_rows = job.ids, (0 if job.block is None else job.block.shape[0])
         segments: list[tuple[str, Any]] = []
-        # BOS's embedding row rides with the block where the file gives it: one graph, not two
-        # (a graph is a full pass over the weights, whatever its size)
-        lead = (self.model.token_row(ids[0]) if keep == 0 and n_rows and n_rows < self.batch.capacity else None)
-        if keep == 0 and lead is None:
-            segments.append(("tok", [ids[0]]))
-        if lead is not None:
-            segments.append(("lblk", np.concatenate([lead, job.block])))
-        elif n_rows and max(0, keep - 1) < n_rows:
-            r0 = max(0, keep - 1)
-            segments.append(("blk", job.block if r0 == 0 else job.block[r0:]))
-        t0 = max(1, keep - n_rows)
+        rows = self._prompt_rows(ids, job.block) if keep == 0 and n_rows else None
+        if rows is not None:  # BOS, the block and the text (or its head) as one embedding batch
+            segments.append(("rows", rows))
+            t0 = rows.shape[0] - n_rows
+        else:
+            if keep == 0:
+                segments.append(("tok", [ids[0]]))
+            if n_rows and max(0, keep - 1) < n_rows:
+                r0 = max(0, keep - 1)
+                segments.append(("blk", job.block if r0 == 0 else job.block[r0:]))
+            t0 = max(1, keep - n_rows)
         if t0 < len(ids):
             segments.append(("tok", list(ids[t0:])))
         if len(segments) == 2 and segments[0][0] == segments[1][0] == "tok":  # no block: one prefill run
             segments = [("tok", segments[0][1] + segments[1][1])]
-        assert segments and segments[-1][0] == "tok", "a prompt ends with text tokens"
+        assert segments and segments[-1][0] in ("tok", "rows"), "a prompt ends with text"
         now = time.perf_counter()
         slot.job, slot.segments, slot.next_tok = job, segments, None
         slot.sampler = _llama.LlamaSampler(
@@ -870,6 +870,32 @@ class Engine:
             self.counters["tokens_reused"] += keep
         log.debug("slot %d: %d prompt positions, %d reused", slot.seq, len(target), keep)
 
+    def _prompt_rows(self, ids: list[int], block: np.ndarray) -> np.ndarray | None:
+        """A new conversation's prompt as embedding rows, [BOS, block, text...], or None (tokens then).
+
+        A llama_batch holds tokens or embeddings, so BOS, block and text went as three graphs, each
+        a pass over the weights, and with repacked 4-bit weights every graph's rows beyond a
+        multiple of 4 cost one more (ggml's repack kernels work in groups of 4). At most
+        prefill_chunk text tokens ride along (the rest go in the shared token batches, as before),
+        and then the batch is cut to a multiple of 4 rows.
+        """
+        reader = self.model.embedding_rows()
+        n_rows = block.shape[0]
+        if reader is None or 1 + n_rows > self.batch.capacity:
+            return None
+        n_text = min(len(ids) - 1, min(self.batch.capacity, 1 + n_rows + self.prefill_chunk) - 1 - n_rows)
+        if n_text < len(ids) - 1:
+            n_text = max(0, (1 + n_rows + n_text) // 4 * 4 - 1 - n_rows)
+        rows = np.empty((1 + n_rows + n_text, block.shape[1]), dtype=np.float32)
+        try:
+            reader.rows(ids[:1], out=rows[:1])
+            reader.rows(ids[1:1 + n_text], out=rows[1 + n_rows:])
+        except (OSError, BackendError, ValueError) as exc:
+            log.warning("prompt rows unreadable (%s): the prompt goes as tokens", exc)
+            return None
+        rows[1:1 + n_rows] = block
+        return rows
+
     def _reap_cancelled(self) -> None:
         for s in self.slots:
             if s.busy and s.job.request.cancel.is_set():
@@ -883,22 +909,31 @@ class Engine:
         """One scheduler step: embeddings calls for slots at their block, then ONE token batch."""
         ctx = self.ctx
         for s in self.slots:
-            if s.busy and s.segments and s.segments[0][0] in ("blk", "lblk"):
+            if s.busy and s.segments and s.segments[0][0] in ("blk", "rows"):
                 kind, rows = s.segments[0]
+                last = len(s.segments) == 1  # the whole prompt: its last row's logits give the first token
                 try:
-                    ctx.decode(self.batch.embd_view(rows, len(s.items), "none", seq_id=s.seq))
+                    ctx.decode(self.batch.embd_view(rows, len(s.items), "last" if last else "none", seq_id=s.seq))
                 except BaseException as exc:  # noqa: BLE001 - the request's error (its caller re-raises it)
                     self._fail_slot(s, exc)
                     continue
                 self.counters["decode_calls"] += 1
-                n_block = rows.shape[0]
-                if kind == "lblk":  # BOS's row first
+                if kind == "rows":  # BOS, the block's rows, then text tokens
+                    n_text = rows.shape[0] - 1 - self.n_inserted
                     s.items.append(s.job.ids[0])
-                    self.counters["tokens_prefilled"] += 1
-                    n_block -= 1
-                self.counters["rows_injected"] += n_block
-                s.items.extend((s.job.digest, r) for r in range(self.n_inserted - n_block, self.n_inserted))
+                    s.items.extend((s.job.digest, r) for r in range(self.n_inserted))
+                    s.items.extend(s.job.ids[1:1 + n_text])
+                    self.counters["tokens_prefilled"] += 1 + n_text
+                    self.counters["rows_injected"] += self.n_inserted
+                else:
+                    self.counters["rows_injected"] += rows.shape[0]
+                    s.items.extend((s.job.digest, r) for r in range(self.n_inserted - rows.shape[0], self.n_inserted))
                 s.segments.pop(0)
+                if last:
+                    try:
+                        self._sample(s, rows.shape[0] - 1)
+                    except BaseException as exc:  # noqa: BLE001 - a failed draw ends this request only
+                        self._fail_slot(s, exc)
         ids: list[int] = []
         pos: list[int] = []
         seqs: list[int] = []

@@ -65,24 +65,34 @@ def _render(q):
     return render_prompt(q)
 
 
-def test_bos_row_goes_with_the_block_and_changes_no_answer(tiny_bundle, monkeypatch):
-    """A new conversation's BOS row leads its block's embedding batch (one llama_decode, not a
-    one-token graph of its own); the greedy answer equals the one with BOS decoded as a token."""
-    def run(split: bool):
-        eng = Engine.load(tiny_bundle, parallel=1)
+@pytest.mark.parametrize("chunk", [256, 8])
+def test_a_new_prompt_goes_as_one_embedding_batch_and_changes_no_answer(tiny_bundle, monkeypatch, chunk):
+    """A new conversation's BOS, block and text go to llama.cpp as one embedding batch (one
+    graph where they took three); with more text than prefill_chunk the batch is cut to a
+    multiple of 4 rows and the rest goes as tokens. The greedy answer equals the token path's."""
+    sizes = []
+
+    def run(tokens_only: bool):
+        eng = Engine.load(tiny_bundle, parallel=1, prefill_chunk=chunk)
         try:
-            if split:
-                monkeypatch.setattr(eng.model, "token_row", lambda t: None)
+            if tokens_only:
+                monkeypatch.setattr(eng.model, "embedding_rows", lambda: None)
+            else:
+                real = eng.batch.embd_view
+                monkeypatch.setattr(eng.batch, "embd_view", lambda rows, *a, **k: sizes.append(rows.shape[0]) or real(rows, *a, **k))
             res = _ask(eng, QUESTIONS[1], n=16).wait(120)
-            return res.tokens, dict(eng.counters)
+            return res.tokens, dict(eng.counters), res.prompt_tokens
         finally:
             eng.close()
 
-    merged, c1 = run(False)
-    split, c2 = run(True)
-    assert merged == split and len(merged) == 16
-    assert c2["decode_calls"] - c1["decode_calls"] == 1
+    rows_path, c1, n_prompt = run(False)
+    tokens_path, c2, _ = run(True)
+    assert rows_path == tokens_path and len(rows_path) == 16
     assert c1["tokens_prefilled"] == c2["tokens_prefilled"] and c1["rows_injected"] == c2["rows_injected"] == 32
+    if chunk == 256:  # everything in one graph: BOS, block, text (3 graphs before)
+        assert sizes == [n_prompt] and c2["decode_calls"] - c1["decode_calls"] == 2
+    else:  # more text than the chunk: a multiple of 4 rows, then tokens
+        assert n_prompt > 1 + chunk + 32 and sizes == [(1 + chunk + 32) // 4 * 4]
 
 
 def test_concurrent_requests_equal_the_same_requests_alone(engine, tiny_pipeline):
