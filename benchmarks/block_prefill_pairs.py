@@ -105,7 +105,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['threads']} threads, load average {result['load_average_start'][0]:.2f} -> "
         f"{result['load_average_end'][0]:.2f}\n\n"
         "| prompt | llama_decode calls | prefill s, median (min-max) |\n|---|---|---|\n"
-        f"| with the block (shipped) | {result['decode_calls']['merged']} | {m['median']:.3f} ({m['min']:.3f}-{m['max']:.3f}) |\n"
+        f"| one embedding batch (shipped) | {result['decode_calls']['merged']} | {m['median']:.3f} ({m['min']:.3f}-{m['max']:.3f}) |\n"
         f"| BOS, block, text apart (before) | {result['decode_calls']['split']} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) |\n\n"
         f"Per round, split / merged: median {r['median']:.3f} (quartiles {r['q1']:.3f}-{r['q3']:.3f}); "
         f"saved {saved['median'] * 1e3:.0f} ms (quartiles {saved['q1'] * 1e3:.0f}-{saved['q3'] * 1e3:.0f}).\n"

@@ -16,8 +16,12 @@ Decode rates are llama_decode calls per second of decode time: ours decodes ever
 returns (the last one goes into the cache), plain's span from its first token holds n-1.
 Prefill ratio: plain's prefill seconds / ours (above 1: ours faster).
 
+Both models live in one process, so the one loaded second may get other memory (pages,
+placement) than the first: `--plain-first` loads plain llama-cpp-python before ours (default:
+ours first), and a run of each order tells a load-order effect from a real difference.
+
 Run: `python -m onellm.benchmarks.decode_pairs --bundle DIR --quant q4_0 [--variants shipped]
-[--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--out decode-pairs.json]`.
+[--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--plain-first] [--out decode-pairs.json]`.
 At 7B a round of one variant takes about 20 s.
 """
 
@@ -78,7 +82,7 @@ def _stat(xs: Sequence[float]) -> dict[str, float]:
 
 
 def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
-              n_ctx: int) -> dict[str, Any]:
+              n_ctx: int, plain_first: bool = False) -> dict[str, Any]:
     from onellm.runtime.registry import decoder_quant
 
     from .bench import machine_info
@@ -94,12 +98,17 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
     runners: dict[str, Callable[[], Run]] = {}
     owned = []
     try:
+        if plain_first:
+            plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
+            owned.append(obj)
         for v in variants:
             extra = {"shipped": shipped, "on": True, "off": False}[v]
             runners[f"ours_{v}"], obj = _ours(path, ids, extra, quant, n_ctx, threads, new_tokens)
             owned.append(obj)
-        runners["plain"], obj = _plain(path, ids, n_ctx, threads, new_tokens)
-        owned.append(obj)
+        if not plain_first:
+            plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
+            owned.append(obj)
+        runners["plain"] = plain_run  # last in each round's order either way: only the load order changes
         load_start = list(os.getloadavg())
         names = list(runners)
         for name in names:  # warm-up: page in the weights, build the graphs
@@ -116,6 +125,7 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
         "schema": SCHEMA, "version": VERSION, "machine": machine_info(), "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()), "gguf": str(path), "quant": quant, "shipped_extra_bufts": shipped,
         "rounds": rounds, "new_tokens": new_tokens, "prompt_tokens": len(ids), "threads": threads, "n_ctx": n_ctx,
+        "loaded_first": "plain" if plain_first else "ours",
         "runs": {k: [list(r) for r in v] for k, v in runs.items()}, "vs_plain": {}}
     plain = runs["plain"]
     for name in names[:-1]:
@@ -134,7 +144,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     la = result["load_average_start"][0]
     lines = [f"Decode pairs, {result['quant']} ({Path(result['gguf']).name}): {result['rounds']} ABBA rounds of "
              f"{result['prompt_tokens']} prompt tokens + {result['new_tokens']} greedy tokens, {result['threads']} "
-             f"threads, n_ctx {result['n_ctx']}, load average {la:.2f} -> {result['load_average_end'][0]:.2f}", "",
+             f"threads, n_ctx {result['n_ctx']}, {result.get('loaded_first', 'ours')} loaded first, load average "
+             f"{la:.2f} -> {result['load_average_end'][0]:.2f}", "",
              "| ours | decode tok/s | plain tok/s | decode ours/plain, median (quartiles) | prefill s | plain s "
              "| prefill speed ours/plain |", "|---|---|---|---|---|---|---|"]
     p = result["plain"]
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="Default: physical cores.")
     ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--plain-first", action="store_true",
+                    help="Load plain llama-cpp-python's model before ours (default: ours first).")
     ap.add_argument("--out", type=Path, default=Path("decode-pairs.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not variants:
         ap.error(f"--variants takes shipped, on, off (got {args.variants!r})")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
-                       args.threads or physical_cores(), args.n_ctx)
+                       args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = to_markdown(result)
     args.out.with_suffix(".md").write_text(md)

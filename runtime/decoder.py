@@ -4,11 +4,15 @@ In:  a GGUF written by `onellm.export.gguf`, token ids of a `v1` prompt (BOS fir
      the encoder's [32, n_embd] float32 block.
 Out: logits, or a stream of answer text.
 
-Prefill order (spec section 1): BOS as a token, then the 32 rows through
-`llama_batch.embd`, then the prompt tokens after BOS, at contiguous positions 0, 1, ...
-The rows go in by pointer: the batch's `embd` field points at the caller's contiguous
-float32 array (llama.cpp copies them once into its own ubatch buffer inside
-llama_decode; nothing is copied on our side).
+Prefill order (spec section 1): BOS, then the 32 rows, then the prompt tokens after BOS,
+at contiguous positions 0, 1, ... From an empty cache the whole prompt goes through
+`llama_batch.embd` in one batch (per n_batch positions): BOS's and the text's rows are
+read from the GGUF and converted by ggml's own dequantizer (`EmbeddingRows`), since a
+batch holds ids or embeddings, not both, and three graphs (BOS, rows, text) cost a pass
+over the weights each. Where the file's type has no converter, or part of the prompt is
+already cached, BOS and text go as tokens and the rows by pointer (the batch's `embd`
+field points at the caller's contiguous float32 array; llama.cpp copies them once into
+its own ubatch buffer inside llama_decode).
 
 A `Session` keeps the KV cache across turns. Each turn passes its whole sequence (the
 conversation so far, re-rendered); the session keeps the longest prefix it has already

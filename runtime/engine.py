@@ -19,8 +19,11 @@ Shape (llama.cpp's server and vLLM's engine are the models; this is our own):
   of new prompts (prefill, at most `prefill_chunk` tokens per step in all) into ONE
   `llama_decode` batch, so a new request's prefill is interleaved with running decodes
   instead of stalling them. The encoder's rows cannot share a token batch (a
-  `llama_batch` carries ids or embeddings, not both): a slot's 32 rows go in one
-  embeddings call of their own in the step it reaches them.
+  `llama_batch` carries ids or embeddings, not both), so a new conversation with an input
+  goes as one embeddings call: BOS's row, the 32 rows and the text's rows (read from the
+  GGUF, `LlamaModel.embedding_rows`; at most `prefill_chunk` text tokens, the rest as
+  tokens), which at 7B prefilled 3-8 % faster than BOS, rows and text as three graphs.
+  A follow-up that reuses BOS but not the rows sends the rows alone.
 - The encoder runs in its own worker thread (reader + onnxruntime), so a slow file
   never blocks the decode loop. It takes every queued input (up to `encode_batch`) and
   encodes each modality's new ones in one batched run (`Encoder.encode_many`).

@@ -50,3 +50,26 @@ def test_a_real_run_on_the_tiny_bundle(tiny_bundle, tmp_path):
     assert out_file.with_suffix(".md").read_text().startswith("Decode pairs, f32")
     with pytest.raises(SystemExit):
         dp.main(["--bundle", str(tiny_bundle), "--quant", "f32", "--variants", "fast", "--out", str(out_file)])
+
+
+@pytest.mark.parametrize("plain_first", [False, True])
+def test_load_order_changes_only_which_model_is_loaded_first(tiny_bundle, monkeypatch, plain_first):
+    loads, calls = [], []
+
+    def loader(name):
+        def load(*a, **k):
+            loads.append(name)
+
+            def run():
+                calls.append(name)
+                return (1.0, 1.0, 4)
+            return run, None
+        return load
+
+    monkeypatch.setattr(dp, "_ours", loader("ours"))
+    monkeypatch.setattr(dp, "_plain", loader("plain"))
+    out = dp.run_pairs(tiny_bundle, "f32", ["shipped"], rounds=2, new_tokens=4, threads=1, n_ctx=256,
+                       plain_first=plain_first)
+    assert loads == (["plain", "ours"] if plain_first else ["ours", "plain"])
+    assert calls == ["ours", "plain", "ours", "plain", "plain", "ours"]  # rounds alternate as before
+    assert out["loaded_first"] == loads[0] and f"{loads[0]} loaded first" in dp.to_markdown(out)
