@@ -281,13 +281,14 @@ class Session:
             return np.concatenate(out)
         return out[-1] if out else None
 
-    def _decode_block(self, block: np.ndarray, digest: str, logits: str) -> np.ndarray | None:
+    def _decode_block(self, block: np.ndarray, digest: str, logits: str, r0: int = 0) -> np.ndarray | None:
+        """Decode `block` (the input's rows r0.., as a C-contiguous slice) at the next positions."""
         ctx, batch = self._ctx(), self._dec._batch
         n_rows = block.shape[0]
         if n_rows > ctx.n_batch:
             raise InputError("embedding block", f"at most {ctx.n_batch} rows (n_batch)", f"{n_rows}")
         ctx.decode(batch.embd_view(block, self.n_past, logits))
-        self._items.extend((digest, r) for r in range(n_rows))
+        self._items.extend((digest, r0 + r) for r in range(n_rows))
         self.decode_calls += 1
         self.rows_injected += n_rows
         if logits == "all":
@@ -427,7 +428,7 @@ class Session:
                         return None
                 else:
                     rows = block if what == 0 else block[what:]  # a row slice stays C-contiguous
-                    out = self._decode_block(rows, digest, want)
+                    out = self._decode_block(rows, digest, want, r0=what)
                 if out is not None:
                     pieces.append(out)
         except BaseException:

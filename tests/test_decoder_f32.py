@@ -7,7 +7,8 @@ with flash attention on; f16 -> llama.cpp's defaults (f16 cache, flash attention
 
 Measured on the tiny f32 bundle (BOS + the bundle's own 32 imu rows + 40 text tokens,
 logit std ~0.22), max|logit diff| / logit std against the torch reference:
-2.4e-6 with the pipeline's settings (max|diff| 5.4e-7), 5.5e-3 with llama.cpp's defaults.
+2.4e-6 with the pipeline's settings (max|diff| 5.4e-7), 8.7e-4 with llama.cpp's defaults
+(5.5e-3 when BOS, rows and text went to llama.cpp as three batches, not one).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def test_pipeline_runs_the_f32_bundle_exactly(tiny_pipeline, parity):
 
 
 def test_llama_cpp_defaults_miss_that_tolerance(tiny_pipeline, parity):
-    """Negative control: the same GGUF with the default context is over 10x outside that tolerance."""
+    """Negative control: the same GGUF with the default context is over 5x outside that tolerance."""
     from onellm.export.gguf import compare_logits
 
     block, text, ref = parity
@@ -74,7 +75,7 @@ def test_llama_cpp_defaults_miss_that_tolerance(tiny_pipeline, parity):
         assert (dec.kv_type, dec.flash_attn) == ("f16", None)
         fig = compare_logits(ref, dec.logits_for(block, text))
     print(f"f32 bundle, llama.cpp defaults: max|diff|/std {fig['rel']:.3g}, max|diff| {fig['max_abs']:.3g}")
-    assert 10 * EXACT_REL < fig["rel"] <= DEFAULTS_REL
+    assert 5 * EXACT_REL < fig["rel"] <= DEFAULTS_REL
 
 
 @pytest.mark.parametrize("quant,settings", [("f16", ("f16", None)), ("q8_0", ("f16", True)),

@@ -197,7 +197,9 @@ def test_decoder_session_survives_a_fault_at_every_decode_call(tiny_gguf, tok_id
         s.prefill(ids, rows)
         s.generate_text(_greedy(8), stop=())
         n_calls = inj.calls
-        assert n_calls >= 1 + 1 + 2 + 7, n_calls  # BOS, the 32 rows, the text in >= 2 batches, 7 generated
+        # one embedding batch per 32 positions (BOS, the 32 rows, the text), then 7 generated: a
+        # fault between chunks leaves the cache mid-block or mid-text, and the retry resumes there
+        assert n_calls >= 3 + 7, n_calls
         for mode, exc in (("interrupt", KeyboardInterrupt), ("error", BackendError), ("before", Fault)):
             for k in range(1, n_calls + 1):
                 s = dec.session()
