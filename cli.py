@@ -447,7 +447,8 @@ def _echo_random_notice(manifest) -> None:
 
 
 # `onellm export`'s decoder when --decoder-quant is not given: q4_0 with llama.cpp's CPU_REPACK
-# weights measured the fastest prefill and decode of the 4-bit types here (prefill_sweep).
+# weights measured the fastest prefill of the 4-bit types (prefill_sweep; at 7B on Zen 4, paired
+# with q4_k_m: 0.6 s sooner to the first token, 6 % slower per token, even over 256 tokens).
 DEFAULT_EXPORT_QUANT = "q4_0"
 
 
@@ -465,8 +466,9 @@ DEFAULT_EXPORT_QUANT = "q4_0"
                    + ". The runtime picks per device.")
 @click.option("--decoder-quant", default=None,
               help="Comma-separated GGUF types: " + ", ".join(DECODER_QUANTS)
-                   + "; the first is the bundle's default [default: q4_0, the fastest to first token and per "
-                   "token on AVX-512 CPUs (benchmarks/RESULTS.md); q8_0 for near-lossless; f32 for --demo].")
+                   + "; the first is the bundle's default [default: q4_0, the fastest to first token on AVX-512 "
+                   "CPUs (benchmarks/RESULTS.md); q4_k_m decodes about 6 % faster per token; q8_0 for "
+                   "near-lossless; f32 for --demo].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
