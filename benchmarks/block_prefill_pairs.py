@@ -20,15 +20,15 @@ Run: `python -m onellm.benchmarks.block_prefill_pairs --bundle DIR --quant q4_0 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._pairs import quartile_stat, write_result
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ def _prefill(dec, ids: list[int], block: np.ndarray, split: bool) -> tuple[float
             del model.embedding_rows  # back to the class's method
     return dt, s.decode_calls
 
-
-def _stat(xs: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def run_pairs(bundle: Path, quant: str, rounds: int, threads: int, n_ctx: int) -> dict[str, Any]:
@@ -91,9 +87,9 @@ def run_pairs(bundle: Path, quant: str, rounds: int, threads: int, n_ctx: int) -
         "positions": len(ids) + n_rows, "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
         "runs": {side: [list(x) for x in v] for side, v in runs.items()},
         "decode_calls": {side: runs[side][0][1] for side in SIDES},
-        "merged_s": _stat([m[0] for m in merged]), "split_s": _stat([s[0] for s in split]),
-        "split_over_merged": _stat([s[0] / m[0] for m, s in zip(merged, split, strict=True)]),
-        "saved_s": _stat([s[0] - m[0] for m, s in zip(merged, split, strict=True)]),
+        "merged_s": quartile_stat([m[0] for m in merged]), "split_s": quartile_stat([s[0] for s in split]),
+        "split_over_merged": quartile_stat([s[0] / m[0] for m, s in zip(merged, split, strict=True)]),
+        "saved_s": quartile_stat([s[0] - m[0] for m, s in zip(merged, split, strict=True)]),
     }
 
 
@@ -126,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from onellm.runtime.encoder import physical_cores
 
     result = run_pairs(args.bundle, args.quant, args.rounds, args.threads or physical_cores(), args.n_ctx)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_result(args.out, result, to_markdown(result))
     return 0
 
 

@@ -28,13 +28,14 @@ At 7B a round of one variant takes about 20 s.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ._pairs import quartile_stat, write_result
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int
 
     return run, llm
 
-
-def _stat(xs: Sequence[float]) -> dict[str, float]:
-    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0], xs[0], xs[0]]
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
@@ -131,8 +128,8 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
     for name in names[:-1]:
         mine = runs[name]
         out["vs_plain"][name] = {
-            "decode_ratio": _stat([(a[2] / a[1]) / (b[2] / b[1]) for a, b in zip(mine, plain, strict=True)]),
-            "prefill_speed_ratio": _stat([b[0] / a[0] for a, b in zip(mine, plain, strict=True)]),
+            "decode_ratio": quartile_stat([(a[2] / a[1]) / (b[2] / b[1]) for a, b in zip(mine, plain, strict=True)]),
+            "prefill_speed_ratio": quartile_stat([b[0] / a[0] for a, b in zip(mine, plain, strict=True)]),
             "decode_tokens_per_s": statistics.median(a[2] / a[1] for a in mine),
             "prefill_s": statistics.median(a[0] for a in mine)}
     out["plain"] = {"decode_tokens_per_s": statistics.median(b[2] / b[1] for b in plain),
@@ -180,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants takes shipped, on, off (got {args.variants!r})")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
                        args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_result(args.out, result, to_markdown(result))
     return 0
 
 

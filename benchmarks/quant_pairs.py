@@ -18,7 +18,6 @@ Run: `python -m onellm.benchmarks.quant_pairs --bundle DIR [--quants q4_0,q4_k_m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -27,15 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from ._pairs import quartile_stat, write_result
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "onellm-quant-pairs"
 VERSION = 1
 
-
-def _stat(xs: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def run_pairs(bundle: Path, quants: list[str], rounds: int, new_tokens: int, threads: int, n_ctx: int) -> dict[str, Any]:
@@ -84,8 +81,8 @@ def run_pairs(bundle: Path, quants: list[str], rounds: int, new_tokens: int, thr
         out["types"][q] = {
             "prefill_s": statistics.median(x[0] for x in mine),
             "decode_tokens_per_s": statistics.median(x[2] / x[1] for x in mine),
-            "prefill_over_first": _stat([a[0] / b[0] for a, b in zip(mine, first, strict=True)]),
-            "decode_over_first": _stat([(a[2] / a[1]) / (b[2] / b[1]) for a, b in zip(mine, first, strict=True)]),
+            "prefill_over_first": quartile_stat([a[0] / b[0] for a, b in zip(mine, first, strict=True)]),
+            "decode_over_first": quartile_stat([(a[2] / a[1]) / (b[2] / b[1]) for a, b in zip(mine, first, strict=True)]),
         }
     return out
 
@@ -119,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quants = [q.strip() for q in args.quants.split(",") if q.strip()]
     result = run_pairs(args.bundle, quants, args.rounds, args.new_tokens, args.threads or physical_cores(), args.n_ctx)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_result(args.out, result, to_markdown(result))
     return 0
 
 
