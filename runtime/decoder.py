@@ -131,6 +131,26 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def prompt_rows(model: _llama.LlamaModel, ids: Sequence[int], block: np.ndarray, n_text: int | None = None) -> np.ndarray | None:
+    """A new conversation's prompt as one float32 array of embedding rows: BOS's, the block's,
+    then the first `n_text` text tokens' (default all), the tokens' rows read from the GGUF
+    (`LlamaModel.embedding_rows`). None where the file gives no rows: the prompt then goes as tokens."""
+    reader = model.embedding_rows()
+    if reader is None:
+        return None
+    n_rows = block.shape[0]
+    n_text = len(ids) - 1 if n_text is None else n_text
+    rows = np.empty((1 + n_rows + n_text, block.shape[1]), dtype=np.float32)
+    try:
+        reader.rows(ids[:1], out=rows[:1])
+        reader.rows(ids[1:1 + n_text], out=rows[1 + n_rows:])
+    except (OSError, BackendError, ValueError) as exc:
+        log.warning("%s: prompt rows unreadable (%s); the prompt goes as tokens", model.path, exc)
+        return None
+    rows[1:1 + n_rows] = block
+    return rows
+
+
 class _TextStream:
     """Bytes of sampled tokens -> answer text, released only when it cannot change.
 
@@ -297,16 +317,11 @@ class Session:
             return ctx.logits_ith(-1)[None]
         return None
 
-    def _decode_as_rows(self, target: list, block: np.ndarray, reader, logits: str,
+    def _decode_as_rows(self, target: list, rows: np.ndarray, logits: str,
                         cancel: threading.Event | None) -> np.ndarray | None | bool:
-        """Decode `target` (BOS, the block's rows, text) from an empty cache as embedding rows,
-        the tokens' rows read from the GGUF: one graph per n_batch positions. False if cancelled."""
+        """Decode `target` (BOS, the block's rows, text) from an empty cache from `rows`, its
+        embedding rows (`prompt_rows`): one graph per n_batch positions. False if cancelled."""
         ctx, batch = self._ctx(), self._dec._batch
-        n_rows = block.shape[0]
-        rows = np.empty((len(target), block.shape[1]), dtype=np.float32)
-        reader.rows(target[:1], out=rows[:1])
-        rows[1:1 + n_rows] = block
-        reader.rows(target[1 + n_rows:], out=rows[1 + n_rows:])
         out = []
         step = ctx.n_batch
         for c0 in range(0, len(target), step):
@@ -401,9 +416,9 @@ class Session:
         if not n_rows:  # text only: BOS goes with the rest (a graph of its own costs a full pass over the weights)
             segments.append(("tok", tokens[keep:]))
         else:
-            reader = self._dec._model.embedding_rows() if keep == 0 else None
-            if reader is not None:  # the whole prompt as embedding rows: BOS, block, text in one graph
-                segments.append(("rows", reader))
+            rows = prompt_rows(self._dec._model, tokens, block) if keep == 0 else None
+            if rows is not None:  # the whole prompt as embedding rows: BOS, block, text in one graph
+                segments.append(("rows", rows))
             else:
                 if keep == 0:
                     segments.append(("tok", [tokens[0]]))
@@ -422,7 +437,7 @@ class Session:
                 if kind == "tok":
                     out = self._decode_tokens(what, want)
                 elif kind == "rows":
-                    out = self._decode_as_rows(target, block, what, want, cancel)
+                    out = self._decode_as_rows(target, what, want, cancel)
                     if out is False:
                         log.info("prefill cancelled after %d of %d positions", self.n_past, len(target))
                         return None
