@@ -186,6 +186,23 @@ def test_a_prompt_with_a_block_is_one_embedding_decode_with_the_same_logits(quan
     assert clear.mean() > 0.5 and (got.argmax(1) == want.argmax(1))[clear].all()
 
 
+def test_unreadable_prompt_rows_fall_back_to_tokens(dec, tok, block, monkeypatch, caplog):
+    """A GGUF whose rows cannot be read (gone, cut short) costs the one batch, not the answer."""
+    ids = tok.encode(render_prompt("Describe the scene."))
+    want = dec.session().prefill(ids, block)
+    reader = dec._model.embedding_rows()
+
+    def broken(*a, **k):
+        raise OSError("the file went away")
+
+    monkeypatch.setattr(reader, "rows", broken)
+    s = dec.session()
+    with caplog.at_level("WARNING"):
+        got = s.prefill(ids, block)
+    assert s.decode_calls == 3 and "prompt rows unreadable" in caplog.text  # BOS, block, text as before
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.01 * float(want.std()))
+
+
 def test_a_prompt_longer_than_n_batch_goes_in_n_batch_chunks(tiny_gguf, tok, block, monkeypatch):
     """Embedding rows are decoded n_batch at a time; the logits equal the token path's; a cancel
     between chunks leaves the cache at a chunk boundary."""
