@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._pairs import quartile_stat, write_result
+from ._pairs import first_question_with_block, quartile_stat, shipped_decoder, write_result
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +55,17 @@ def _prefill(dec, ids: list[int], block: np.ndarray, split: bool) -> tuple[float
 
 
 def run_pairs(bundle: Path, quant: str, rounds: int, threads: int, n_ctx: int) -> dict[str, Any]:
-    from onellm.runtime.decoder import Decoder, context_settings_for
-    from onellm.runtime.registry import decoder_quant
-
     from .bench import machine_info
-    from .prefill_sweep import first_question
 
     if rounds < 1:
         raise ValueError(f"need --rounds >= 1 (got {rounds})")
     path = bundle / f"decoder-{quant}.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the bundle has no {quant} GGUF")
-    ids, n_rows, n_embd = first_question(bundle)
-    block = np.ascontiguousarray(np.random.default_rng(0).standard_normal((n_rows, n_embd)).astype(np.float32) * 0.02)
+    ids, block = first_question_with_block(bundle)
+    n_rows = block.shape[0]
     runs: dict[str, list[tuple[float, int]]] = {side: [] for side in SIDES}
-    with Decoder(path, n_ctx=n_ctx, n_threads=threads, use_extra_bufts=decoder_quant(quant).use_extra_bufts(),
-                 **context_settings_for(quant)) as dec:
+    with shipped_decoder(path, quant, n_ctx, threads) as dec:
         if dec._model.embedding_rows() is None:
             raise RuntimeError(f"{path}: no token embedding rows (its type has no ggml converter)")
         load_start = list(os.getloadavg())

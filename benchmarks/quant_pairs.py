@@ -24,9 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ._pairs import quartile_stat, write_result
+from ._pairs import first_question_with_block, quartile_stat, shipped_decoder, write_result
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +34,9 @@ VERSION = 1
 
 
 def run_pairs(bundle: Path, quants: list[str], rounds: int, new_tokens: int, threads: int, n_ctx: int) -> dict[str, Any]:
-    from onellm.runtime.decoder import Decoder, Sampling, context_settings_for
-    from onellm.runtime.registry import decoder_quant
+    from onellm.runtime.decoder import Sampling
 
     from .bench import machine_info, session_greedy_run
-    from .prefill_sweep import first_question
 
     if len(quants) < 2 or len(set(quants)) != len(quants) or rounds < 1 or new_tokens < 2:
         raise ValueError(f"need two or more distinct types, --rounds >= 1, --new-tokens >= 2 (got {quants}, "
@@ -49,15 +45,14 @@ def run_pairs(bundle: Path, quants: list[str], rounds: int, new_tokens: int, thr
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{', '.join(missing)}: not in the bundle")
-    ids, n_rows, n_embd = first_question(bundle)
-    block = np.ascontiguousarray(np.random.default_rng(0).standard_normal((n_rows, n_embd)).astype(np.float32) * 0.02)
+    ids, block = first_question_with_block(bundle)
+    n_rows = block.shape[0]
     sampling = Sampling.greedy(new_tokens)
     decoders: dict[str, Any] = {}
     runs: dict[str, list[tuple[float, float, int]]] = {q: [] for q in quants}
     try:
         for q in quants:
-            decoders[q] = Decoder(paths[q], n_ctx=n_ctx, n_threads=threads,
-                                  use_extra_bufts=decoder_quant(q).use_extra_bufts(), **context_settings_for(q))
+            decoders[q] = shipped_decoder(paths[q], q, n_ctx, threads)
         load_start = list(os.getloadavg())
         for q in quants:  # warm-up: page in the weights, build the graphs
             session_greedy_run(decoders[q], ids, sampling, block)

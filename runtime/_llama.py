@@ -486,13 +486,6 @@ class EmbeddingRows:
         return out
 
 
-def token_embedding_rows(path: str | os.PathLike, ids: Sequence[int]) -> np.ndarray | None:
-    """Rows `ids` of a GGUF's `token_embd.weight` as float32 [len(ids), n_embd], or None
-    (see `EmbeddingRows`)."""
-    reader = EmbeddingRows.open(path)
-    return None if reader is None else reader.rows(ids)
-
-
 def repackable_tensors(path: str | os.PathLike) -> list[str]:
     """The weight matrices of a GGUF that CPU_REPACK takes (type and row count), in file order.
 

@@ -231,20 +231,20 @@ def test_a_prompt_longer_than_n_batch_goes_in_n_batch_chunks(tiny_gguf, tok, blo
 
 
 def test_bos_row_is_the_files_row_dequantized(tiny_gguf):
-    """`token_embedding_rows` (ggml's converters over the file) equals gguf-py's dequantizer."""
+    """`EmbeddingRows` (ggml's converters over the file) equals gguf-py's dequantizer."""
     gguf = pytest.importorskip("gguf")
-    from onellm.runtime._llama import token_embedding_rows
+    from onellm.runtime._llama import EmbeddingRows
 
     for quant in ("f32", "f16", "q8_0", "q4_0"):
         path = tiny_gguf(quant)
         t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
         ref = gguf.quants.dequantize(t.data, t.tensor_type)
         ids = [1, 0, 7, ref.shape[0] - 1]
-        got = token_embedding_rows(path, ids)
+        got = EmbeddingRows.open(path).rows(ids)
         assert got.dtype == np.float32 and got.shape == (4, ref.shape[1])
         np.testing.assert_array_equal(got, ref[ids], err_msg=quant)
     with pytest.raises(ValueError, match="token ids"):
-        token_embedding_rows(tiny_gguf("f32"), [100000])
+        EmbeddingRows.open(tiny_gguf("f32")).rows([100000])
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(dec, tok, block):
