@@ -247,8 +247,8 @@ def test_chat_turn_stopped_by_its_consumer(exact_pipe, block, how, after, monkey
     """The consumer stops the stream after `after` chunks (0: before the first): close(), an
     exception in its loop (then the `with` closes it), KeyboardInterrupt thrown in at the
     yield, or cancel(). Every token's text is its own chunk here: with the pipeline's 4 ms
-    flush the tiny model's 60 tokens came in 1-3 chunks depending on the machine's speed, and
-    the stream could end before the consumer's third."""
+    flush how many chunks the tiny model's 60 tokens make depends on the machine's speed, and
+    the stream sometimes ended (max_new_tokens) before the consumer's third."""
     from onellm.runtime import pipeline
 
     monkeypatch.setattr(pipeline, "STREAM_FLUSH_S", 0.0)
