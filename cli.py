@@ -469,12 +469,18 @@ DEFAULT_EXPORT_QUANT = "q4_0"
                    + "; the first is the bundle's default [default: q4_0, the fastest to first token on AVX-512 "
                    "CPUs (benchmarks/RESULTS.md); q4_k_m decodes about 6 % faster per token; q8_0 for "
                    "near-lossless; f32 for --demo].")
+@click.option("--calibrate", "calibrate", multiple=True, metavar="MODALITY=PATH",
+              help="ov-int8 only: calibrate the static int8 encoder on these recordings too (a file, or a "
+                   "directory of files, read by the modality's reader as `ask` reads them; a .npy holds an "
+                   "already preprocessed array). Repeatable. Always used: seeded random inputs of each "
+                   "modality and, in a source checkout, examples/; recordings like the ones you will ask "
+                   "about give better scales.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT fp16 engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--demo", is_flag=True, help="Build the tiny RANDOM-weight demo bundle (no checkpoint needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
 @handle_errors
 def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
-               encoder_precision, decoder_quant, trt, demo, force) -> None:
+               encoder_precision, decoder_quant, calibrate, trt, demo, force) -> None:
     """Export a OneLLM checkpoint into a bundle the runtime runs without torch.
 
     Writes staged ONNX encoder graphs (per-modality tokenizers, one shared CLIP trunk,
@@ -486,10 +492,11 @@ def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, con
 
     _require_extra("export")
     check_out_dir(out_dir)
+    calibration = _calibration_inputs(calibrate, encoder_precision)
     progress = _Progress("export")
     try:
         manifest = _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
-                           encoder_precision, decoder_quant, trt, demo, force, progress)
+                           encoder_precision, decoder_quant, trt, demo, force, progress, calibration)
     except OSError as exc:
         from onellm.runtime.errors import os_error
 
@@ -499,8 +506,50 @@ def export_cmd(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, con
     _echo_random_notice(manifest)
 
 
+def _calibration_inputs(items, encoder_precision: str) -> dict:
+    """--calibrate MODALITY=PATH values -> {modality: [preprocessed arrays]}, read before the export starts."""
+    import numpy as np
+
+    from onellm.runtime.errors import ConfigError
+    from onellm.runtime.modalities import MODALITY_ORDER, get_modality
+    from onellm.runtime.pipeline import read_input
+
+    if not items:
+        return {}
+    if "ov-int8" not in [p.strip() for p in encoder_precision.split(",")]:
+        raise ConfigError("--calibrate calibrates the ov-int8 encoder; add ov-int8 to --encoder-precision")
+    out: dict[str, list] = {}
+    for item in items:
+        modality, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--calibrate {item!r}: expected MODALITY=PATH (e.g. imu=recordings/)")
+        if modality not in MODALITY_ORDER:
+            raise ConfigError(f"--calibrate {item!r}: unknown modality {modality!r} "
+                              f"(known: {', '.join(MODALITY_ORDER)})")
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"--calibrate {item!r}: {p} does not exist")
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        if not files:
+            raise ConfigError(f"--calibrate {item!r}: {p} holds no files")
+        shape = tuple(get_modality(modality).input_shape)
+        for f in files:
+            if f.suffix == ".npy":
+                arr = np.load(f, allow_pickle=False)
+                if arr.shape != shape:
+                    raise ConfigError(f"{f}: a preprocessed {modality} array must have shape {list(shape)}, "
+                                      f"found {list(arr.shape)}")
+            elif get_modality(modality).requires_image:
+                raise ConfigError(f"{f}: {modality} calibration needs preprocessed .npy arrays of shape {list(shape)} "
+                                  f"(its reader also needs the RGB photo)")
+            else:
+                arr = read_input(modality, str(f)).array
+            out.setdefault(modality, []).append(np.asarray(arr, np.float32))
+    return out
+
+
 def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config_path, modalities,
-            encoder_precision, decoder_quant, trt, demo, force, progress) -> dict:
+            encoder_precision, decoder_quant, trt, demo, force, progress, calibration=None) -> dict:
     from onellm.export.bundle import build_bundle, build_demo_bundle
     from onellm.runtime.errors import ConfigError
 
@@ -508,7 +557,7 @@ def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config
         if checkpoint or tokenizer_path:
             raise ConfigError("--demo builds a random-weight model; do not pass --checkpoint/--tokenizer with it")
         manifest = build_demo_bundle(out_dir, force=force, progress=progress, decoder_quant=decoder_quant or "f32",
-                                     encoder_precision=encoder_precision)
+                                     encoder_precision=encoder_precision, calibration=calibration)
     else:
         if not checkpoint or not tokenizer_path:
             raise ConfigError("pass --checkpoint and --tokenizer (or --demo for the random-weight demo bundle)")
@@ -517,7 +566,8 @@ def _export(checkpoint, tokenizer_path, clip_checkpoint, out_dir, preset, config
         cfg = resolve_config(preset, config_path)
         manifest = build_bundle(out_dir, cfg, checkpoint, tokenizer_path, clip_checkpoint=clip_checkpoint,
                                 modalities=modalities, encoder_precision=encoder_precision,
-                                decoder_quant=decoder_quant or DEFAULT_EXPORT_QUANT, trt=trt, force=force, progress=progress)
+                                decoder_quant=decoder_quant or DEFAULT_EXPORT_QUANT, trt=trt, force=force, progress=progress,
+                                calibration=calibration)
     return manifest
 
 

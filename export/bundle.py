@@ -26,7 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,8 @@ RANDOM_WEIGHTS_NOTICE = (
 
 def _tool_versions() -> dict[str, str]:
     out = {"onellm": __version__, "python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "gguf", "llama-cpp-python", "sentencepiece", "tensorrt"):
+    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "gguf", "llama-cpp-python", "sentencepiece",
+                 "tensorrt", "openvino", "nncf"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -119,6 +120,7 @@ def build_bundle(
     progress: Progress | None = None,
     gguf_tolerances: dict[str, dict[str, float]] | None = None,
     low_memory: bool | None = None,
+    calibration: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> Manifest:
     """Export encoder graphs and decoder GGUF(s), validate each, write the manifest; return it.
 
@@ -132,6 +134,8 @@ def build_bundle(
     time (`onellm.ref.lowmem`), so the validation is the full one, only slower. Default
     (None): on when the model in fp32 would take over half of this machine's RAM
     (`fp32_exceeds_half_ram`), e.g. the 7B release on 24 GiB.
+    `calibration`: per modality, preprocessed arrays (each of the modality's input shape) that
+    calibrate the ov-int8 encoder beside the seeded random inputs (`export_encoder_variants`).
     """
     from onellm.ref.checkpoint import load_model
 
@@ -166,7 +170,8 @@ def build_bundle(
         src_digest = _checkpoint_digest(report.files)
 
         enc = export_encoder_variants(model, cfg, stage / "encoder", mods, precisions,
-                              progress=lambda w, d, t: step(f"encoder: {w}", d, t), relative_to=stage)
+                                      progress=lambda w, d, t: step(f"encoder: {w}", d, t), relative_to=stage,
+                                      calibration=calibration)
 
         shutil.copyfile(tokenizer, stage / "tokenizer.model")
         decoders = export_decoders(model, cfg, checkpoint, stage, quants, probe=mods[0], tolerances=gguf_tolerances,
@@ -284,7 +289,8 @@ def _install(stage: Path, out_dir: Path) -> None:
 
 def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progress: Progress | None = None,
                       decoder_quant: str | Sequence[str] = "f32",
-                      encoder_precision: str | Sequence[str] = "fp32,int8") -> Manifest:
+                      encoder_precision: str | Sequence[str] = "fp32,int8",
+                      calibration: Mapping[str, Sequence[np.ndarray]] | None = None) -> Manifest:
     """The `tiny` random-weight demo bundle (seeded, so every machine builds the same one)."""
     from onellm.ref.config import load_preset
     from onellm.ref.testing import save_random_checkpoint, train_tiny_tokenizer
@@ -301,7 +307,7 @@ def build_demo_bundle(out_dir: str | os.PathLike, *, force: bool = False, progre
             progress("random tiny checkpoint", 1, 1)
         return build_bundle(out_dir, cfg, ckpt, tok, encoder_precision=encoder_precision,
                             decoder_quant=decoder_quant, force=force, random_weights=True, random_seed=DEMO_SEED,
-                            progress=progress)
+                            progress=progress, calibration=calibration)
 
 
 def ensure_demo_bundle(path: str | os.PathLike, *, progress: Progress | None = None,

@@ -48,7 +48,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,18 @@ from onellm.runtime.encoder import session_kwargs
 from onellm.runtime.errors import ConfigError, ParityError
 from onellm.runtime.manifest import Chain, EncoderVariant, Graph, PointGrouping, TensorSpec, chain_stages
 from onellm.runtime.modalities import get_modality
-from onellm.runtime.registry import ENCODER_PRECISIONS
+from onellm.runtime.point_grouping import group_points
+from onellm.runtime.registry import ENCODER_PRECISIONS, OPENVINO_HINT
 
-from .quantize import DEFAULT_INT8_RECIPE, convert_fp16, optimize_graph, quantize_int8, unfuse_skip_layer_norm_file
+from .quantize import (
+    DEFAULT_INT8_RECIPE,
+    STATIC_OV_PRECISIONS,
+    convert_fp16,
+    optimize_graph,
+    quantize_int8,
+    quantize_static_qdq,
+    unfuse_skip_layer_norm_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +406,7 @@ def export_encoders(
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
     int8_recipe: str = DEFAULT_INT8_RECIPE,
+    calibration: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Like `export_encoder` for several precisions at once: {precision: entries} (dicts).
 
@@ -404,7 +414,7 @@ def export_encoders(
     """
     variants = export_encoder_variants(model, cfg, out_dir, modalities, precisions, progress, optimize=optimize,
                                        batched_experts=batched_experts, relative_to=relative_to, seed=seed,
-                                       int8_recipe=int8_recipe)
+                                       int8_recipe=int8_recipe, calibration=calibration)
     return {p: v.to_dict() for p, v in variants.items()}
 
 
@@ -421,6 +431,7 @@ def export_encoder_variants(
     relative_to: str | os.PathLike | None = None,
     seed: int = 0,
     int8_recipe: str = DEFAULT_INT8_RECIPE,
+    calibration: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> dict[str, EncoderVariant]:
     """The graphs of `modalities` at each precision, validated: {precision: EncoderVariant}.
 
@@ -429,10 +440,22 @@ def export_encoder_variants(
     fusions on the trunk and the UPM; `batched_experts` exports the UPM with the three
     experts stacked into batched MatMuls instead of three chains. `int8_recipe` picks how
     the int8 graphs are quantised (`export.quantize.INT8_RECIPES`; calibration-free ones only).
+    ov-int8 quantises the plain trunk and UPM statically (`quantize_static_qdq`), calibrated
+    on `CALIBRATION_PER_MODALITY` seeded inputs of every exported modality, its example from
+    examples/ (source checkouts) and its arrays in `calibration` (preprocessed, each of the
+    modality's input shape: real recordings make better scales than random ones); its other
+    graphs stay fp32.
     """
     for p in precisions:
         if p not in ENCODER_PRECISIONS:
             raise ConfigError(f"unknown encoder precision {p!r}; known: {', '.join(ENCODER_PRECISIONS)}")
+    if any(p in STATIC_OV_PRECISIONS for p in precisions):
+        import importlib.util
+
+        missing = [n for n in ("nncf", "openvino") if importlib.util.find_spec(n) is None]
+        if missing:
+            raise ConfigError(f"encoder precision ov-int8 needs {' and '.join(missing)} at export (NNCF quantises, "
+                              f"OpenVINO validates the chains): {OPENVINO_HINT}")
     modalities = list(cfg.modalities if modalities is None else modalities)
     for m in modalities:
         if m not in cfg.modalities:
@@ -445,12 +468,16 @@ def export_encoder_variants(
     total = len(jobs) + len(modalities) * len(precisions)
     graphs: dict[str, dict[str, Graph]] = {p: {} for p in precisions}
     started = time.perf_counter()
+    feeds = held_out = None
+    if any(p in STATIC_OV_PRECISIONS for p in precisions):
+        feeds = calibration_feeds(ref, cfg, jobs, modalities, seed, calibration or {})
+        held_out = calibration_feeds(ref, cfg, jobs, modalities, seed, {}, holdout=True)
     with tempfile.TemporaryDirectory(prefix="onellm-onnx-") as tmp:
         for i, job in enumerate(jobs):
             if progress:
                 progress(f"graph {job.name}", i, total)
             for p, entry in _export_one(job, out_dir, Path(tmp), precisions, optimize, root, seed,
-                                        int8_recipe).items():
+                                        int8_recipe, feeds, held_out).items():
                 graphs[p][job.name] = entry
     results = {}
     references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # modality -> (input, torch output)
@@ -501,8 +528,75 @@ def _is_decoder_key(name: str) -> bool:
     return name.split(".", 1)[0] in ("tok_embeddings", "layers", "norm", "output")
 
 
+CALIBRATION_PER_MODALITY = 4  # seeded random inputs per modality that calibrate the static int8 graphs
+
+
+def calibration_feeds(ref: OneLLM, cfg: ModelConfig, jobs: Sequence[GraphJob], modalities: Sequence[str], seed: int,
+                      extra: Mapping[str, Sequence[np.ndarray]],
+                      holdout: bool = False) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The trunk's and the UPM's feeds on the calibration inputs of every modality: {graph: [feeds]}.
+
+    Each input goes through the exported modules themselves (tokenizer, trunk, pre-UPM), so the
+    feeds are exactly what those graphs receive in the chain. `holdout`: instead, one seeded
+    input per modality that does not calibrate (what a static graph is validated on: random
+    tokens, the other precisions' check, lie outside any calibrated range).
+    """
+    for m in extra:
+        if m not in modalities:
+            raise ConfigError(f"calibration inputs for {m!r}, which is not exported "
+                              f"(exporting {', '.join(modalities)})")
+    by_name = {j.name: j for j in jobs}
+    if "trunk" not in by_name or "upm" not in by_name:
+        return {}
+    out: dict[str, list[dict[str, np.ndarray]]] = {"trunk": [], "upm": []}
+    trunk, upm_inputs = by_name["trunk"].module, by_name["upm"].input_names
+    with torch.no_grad():
+        for i, m in enumerate(modalities):
+            spec = get_modality(m)
+            tok, pre = by_name[tokenizer_graph_name(m)].module, by_name[f"pre.{m}"].module
+            routing = ref.routing_weights(m).detach().float().numpy()
+            if holdout:
+                xs = [chain_input(m, [seed, 2000 + i])]
+            else:
+                xs = [chain_input(m, [seed, 1000 + i, k]) for k in range(CALIBRATION_PER_MODALITY)]
+                xs += _example_arrays(m)
+            for k, x in enumerate(() if holdout else extra.get(m, ())):
+                x = np.asarray(x, np.float32)
+                if x.shape != tuple(spec.input_shape):
+                    raise ConfigError(f"calibration input {k} of {m!r}: expected shape {list(spec.input_shape)}, "
+                                      f"found {list(x.shape)}")
+                xs.append(x)
+            for x in xs:
+                if spec.tokenizer_kind == "point_patch":
+                    t = cfg.tokenizers
+                    x = group_points(x, t.point_groups, t.point_k, getattr(ref.conv1[m], "tie_break", "cuda"))[None]
+                tokens = tok(torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *tokenizer_input_shape(m, cfg)))
+                u = pre(trunk(tokens))
+                out["trunk"].append({by_name["trunk"].input_names[0]: tokens.numpy()})
+                out["upm"].append(dict(zip(upm_inputs, (u.numpy(), routing))))
+    return out
+
+
+def _example_arrays(modality: str) -> list[np.ndarray]:
+    """The modality's example from examples/ (a source checkout), read as `ask` reads it; [] elsewhere."""
+    from onellm.runtime.modalities import example_inputs
+    from onellm.runtime.pipeline import read_input
+
+    found = example_inputs(modality)
+    name = get_modality(modality).input_name
+    if not found or name not in found:
+        return []
+    logging.disable(logging.WARNING)  # the reader's notes on the example (e.g. the IMU window) are not news here
+    try:
+        return [np.asarray(read_input(modality, found[name], image=found.get("image")).array, np.float32)]
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[str], optimize: bool, root: Path,
-                seed: int, int8_recipe: str = DEFAULT_INT8_RECIPE) -> dict[str, Graph]:
+                seed: int, int8_recipe: str = DEFAULT_INT8_RECIPE,
+                calibration: Mapping[str, list[dict[str, np.ndarray]]] | None = None,
+                held_out: Mapping[str, list[dict[str, np.ndarray]]] | None = None) -> dict[str, Graph]:
     """Trace one graph, fuse it, derive each precision, validate each right after writing it."""
     started = time.perf_counter()
     raw = tmp / f"{job.name}.raw.onnx"
@@ -519,8 +613,15 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
         t0 = time.perf_counter()
         dst = out_dir / f"{job.name}.{precision}.onnx"
         effective = "fp32" if (precision == "fp16" and job.keep_fp32) else precision
+        static = precision in STATIC_OV_PRECISIONS
+        if static and job.name not in (calibration or {}):
+            effective = "fp32"  # the small graphs of an OpenVINO chain: plain fp32
         with _quiet_loggers():
-            if effective == "fp32":
+            if static and effective == "fp32":
+                shutil.copyfile(raw, dst)  # OpenVINO reads plain ONNX ops, not onnxruntime's fused ones
+            elif static:
+                quantization = quantize_static_qdq(raw, dst, calibration[job.name])
+            elif effective == "fp32":
                 shutil.copyfile(src, dst)
             elif effective == "fp16":
                 convert_fp16(src, dst)
@@ -528,13 +629,16 @@ def _export_one(job: GraphJob, out_dir: Path, tmp: Path, precisions: Sequence[st
                 quantization = quantize_int8(src, dst, recipe=int8_recipe)
         # int8 runs on CPUs only, where onnxruntime's fused SkipLayerNormalization kernel is slow
         split = effective == "int8" and fused.get("SkipLayerNormalization")  # no reload of graphs without any
-        graph_fused = unfuse_skip_layer_norm_file(dst, fused) if split else fused
-        parity = _validate_graph(job, dst, effective, seed)
+        graph_fused = {} if static else unfuse_skip_layer_norm_file(dst, fused) if split else fused
+        if static and effective != "fp32":
+            parity = _validate_static_graph(job, dst, effective, held_out[job.name])
+        else:
+            parity = _validate_graph(job, dst, effective, seed)
         entry = graph_entry(dst, root,
                             used_by=tuple(job.used_by),
                             fused_ops=graph_fused,
                             precision=effective,
-                            quantization=quantization if effective == "int8" else None,
+                            quantization=quantization if effective in ("int8", *STATIC_OV_PRECISIONS) else None,
                             parity=parity,
                             export_seconds=round(base_seconds + time.perf_counter() - t0, 2))
         log.info("%s: %.1f MB, cos %.7f, max-abs %.3g", dst.name, entry.bytes / 1e6, parity["min_cosine"],
@@ -679,6 +783,34 @@ def _validate_graph(job: GraphJob, path: Path, precision: str, seed: int) -> dic
             f"(max-abs error {max_abs:.3g})"
         )
     return {"against": "torch export module", "min_cosine": min_cos, "max_abs": max_abs, "outputs": per_output}
+
+
+def _validate_static_graph(job: GraphJob, path: Path, precision: str,
+                           feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """A static int8 graph, run by OpenVINO as the runtime runs it, vs the torch module on
+    held-out feeds (one input per modality, none of them calibrated on); the worst one counts."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU")
+    worst: dict[str, dict[str, float]] = {}
+    for feed in feeds:
+        with torch.no_grad():
+            expected = job.module(*[torch.from_numpy(feed[n]) for n in job.input_names])
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = {port.get_any_name(): value for port, value in compiled.create_infer_request().infer(feed).items()}
+        for n, e in zip(job.output_names, expected):
+            fig = compare(e.numpy(), np.asarray(got[n]))
+            if n not in worst or fig["cosine"] < worst[n]["cosine"]:
+                worst[n] = fig
+    min_cos = min(v["cosine"] for v in worst.values())
+    max_abs = max(v["max_abs"] for v in worst.values())
+    floor = PARITY_MIN_COSINE[precision]
+    if not min_cos >= floor:
+        raise ParityError(f"{path.name}: OpenVINO vs torch cosine {min_cos:.7f} on held-out inputs is below the "
+                          f"{precision} floor {floor} (max-abs error {max_abs:.3g})")
+    return {"against": "torch export module", "inputs": f"{len(feeds)} held-out (one per modality), OpenVINO",
+            "min_cosine": min_cos, "max_abs": max_abs, "outputs": worst}
 
 
 def _modality_entry(ref: OneLLM, cfg: ModelConfig, m: str, graphs: dict[str, Graph]) -> Chain:

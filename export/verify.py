@@ -57,6 +57,7 @@ def _verify_against(bundle_dir: Path, manifest, checkpoint, clip_checkpoint, pro
     from onellm.ref.checkpoint import find_checkpoint_files, load_model
     from onellm.ref.config import ModelConfig
     from onellm.runtime.encoder import Encoder
+    from onellm.runtime.registry import ENCODER_PRECISIONS, OPENVINO_HINT
 
     from .bundle import _checkpoint_digest
     from .gguf import validate_gguf
@@ -78,6 +79,11 @@ def _verify_against(bundle_dir: Path, manifest, checkpoint, clip_checkpoint, pro
     step = 0
     for prec, entries in manifest.encoder.precisions.items():
         floor = PARITY_MIN_COSINE[prec]
+        if not ENCODER_PRECISIONS[prec].is_available():
+            step += len(mods)
+            lines.append(f"skip encoder {prec}: {ENCODER_PRECISIONS[prec].runtime} is not installed here "
+                         f"({OPENVINO_HINT})")
+            continue
         with Encoder(entries, bundle_dir, device="cpu", verify=False) as enc:
             for i, m in enumerate(mods):
                 if progress:

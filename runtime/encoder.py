@@ -20,6 +20,11 @@ A GPU device that is not available raises BackendError; nothing GPU-specific is
 imported or touched on CPU. CPU sessions use one
 intra-op thread per physical core of the cores this process may run on.
 
+Precisions whose registry entry says `runtime="openvino"` (ov-int8: static int8 QDQ graphs)
+run on OpenVINO's CPU plugin instead: the same chain and buffers, each graph compiled for
+the modality's recorded shapes (static shapes are ~10 % faster there than dynamic ones;
+benchmarks/openvino_encoder.py), its infer request's tensors wrapping our numpy buffers.
+
 The returned array is overwritten by the next `encode` call: copy it to keep it.
 """
 
@@ -42,7 +47,7 @@ import numpy as np
 from .errors import BackendError, BundleError, InputError
 from .manifest import Chain, EncoderVariant, Graph
 from .point_grouping import group_points
-from .registry import DEVICES, resolve_device
+from .registry import DEVICES, ENCODER_PRECISIONS, OPENVINO_HINT, openvino_available, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,57 @@ class _Stage:
         self.binding.synchronize_outputs()
 
 
+class _OvRunner:
+    """`session.run(names, feeds)` over a graph compiled by OpenVINO with its dynamic axes
+    (encode_many's batches), compiled on the first batch: `ask` never pays for it."""
+
+    def __init__(self, compile_dynamic: Callable[[], Any]) -> None:
+        self.compile_dynamic = compile_dynamic
+
+    def run(self, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.compile_dynamic().create_infer_request().infer(dict(feeds))
+        by_name = {port.get_any_name(): value for port, value in result.items()}
+        return [np.asarray(by_name[n]) for n in names]
+
+
+class _OvStage:
+    """One graph run inside one modality's chain on OpenVINO: an infer request over shared buffers."""
+
+    def __init__(self, name: str, compiled, compile_dynamic: Callable[[], Any], entry: Graph) -> None:
+        self.name = name
+        self.entry = entry
+        self.request = compiled.create_infer_request()
+        self.session = _OvRunner(compile_dynamic)  # for encode_many's batches of any size
+        self.tensors: list[Any] = []
+
+    def bind(self, name: str, array: np.ndarray, output: bool = False) -> None:
+        """Let the request read (or write) `array` in place: an ov.Tensor over its memory."""
+        import openvino as ov
+
+        tensor = ov.Tensor(array, shared_memory=True)
+        self.tensors.append(tensor)
+        if output:
+            self.request.set_output_tensor(_ov_port_index(self.request.model_outputs, name), tensor)
+        else:
+            self.request.set_input_tensor(_ov_port_index(self.request.model_inputs, name), tensor)
+
+    def run(self) -> None:
+        self.request.infer()
+
+
+# OpenVINO pins its threads to cores by default on Linux. Measured with one busy process on the
+# 2 cores (benchmarks/RESULTS.md) before turning it off.
+OV_CPU_PINNING = False
+
+
+def _ov_port_index(ports, name: str) -> int:
+    for i, port in enumerate(ports):
+        if name in port.get_names():
+            return i
+    raise BundleError(f"encoder graph: no OpenVINO port named {name!r} (it has "
+                      f"{', '.join(sorted(n for port in ports for n in port.get_names()))})")
+
+
 # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _LOAD_MMAP_THRESHOLD = 1 << 20  # while onnxruntime loads a graph: blocks of 1 MiB and more are mmap'd
@@ -152,18 +208,42 @@ def _glibc_mallopt():
     return fn
 
 
+def _chain_of(enc: Encoder, modality: str) -> Chain:
+    """A modality's manifest chain, checked to have at least two stages."""
+    entry: Chain = enc.modalities[modality]
+    if len(entry.stages) < 2:
+        raise BundleError(f"encoder modality {modality!r}: chain {list(entry.chain)} is too short")
+    return entry
+
+
+def _produced(modality: str, stage: str, name: str, produced: Mapping[str, Any]) -> Any:
+    """The buffer an earlier stage writes (or the routing constant) that `stage` reads as `name`."""
+    if name not in produced:
+        raise BundleError(f"encoder chain of {modality!r}: input {name!r} of graph {stage!r} is not an output "
+                          f"of an earlier graph ({', '.join(produced) or 'none'})")
+    return produced[name]
+
+
+def _final_output(enc: Encoder, modality: str, entry: Chain) -> str:
+    """The last stage's one output's name, checked to be the encoder buffer's float32 shape."""
+    out_spec = entry.stages[-1].outputs
+    out = enc.buffer
+    if len(out_spec) != 1 or out_spec[0].dtype != "float32" or tuple(out_spec[0].shape) != out.shape:
+        raise BundleError(f"encoder chain of {modality!r}: the last graph must have one float32 output of "
+                          f"shape {list(out.shape)} (the manifest records {[s.to_dict() for s in out_spec]})")
+    return out_spec[0].name
+
+
 class _Plan:
     """A modality's chain with every buffer allocated once: stages, intermediate OrtValues, input staging."""
 
     def __init__(self, enc: Encoder, modality: str) -> None:
         import onnxruntime as ort
 
-        entry: Chain = enc.modalities[modality]
+        entry = _chain_of(enc, modality)
         self.modality = modality
         self.input_shape = tuple(entry.input_shape)
         self.grouping = entry.point_grouping
-        if len(entry.stages) < 2:
-            raise BundleError(f"encoder modality {modality!r}: chain {list(entry.chain)} is too short")
         self.stages = [_Stage(st.graph, enc.session(st.graph), enc.graph(st.graph)) for st in entry.stages]
         self.values: list[Any] = []  # keeps the preallocated OrtValues alive
 
@@ -190,14 +270,8 @@ class _Plan:
             self.values.append(produced["routing"])
         for k, (stage, recorded) in enumerate(zip(self.stages, entry.stages)):
             for spec in recorded.inputs:
-                if k == 0:
-                    continue
-                if spec.name not in produced:
-                    raise BundleError(
-                        f"encoder chain of {modality!r}: input {spec.name!r} of graph {stage.name!r} is not an output "
-                        f"of an earlier graph ({', '.join(produced) or 'none'})"
-                    )
-                stage.binding.bind_ortvalue_input(spec.name, produced[spec.name])
+                if k > 0:
+                    stage.binding.bind_ortvalue_input(spec.name, _produced(modality, stage.name, spec.name, produced))
             if k == len(self.stages) - 1:
                 continue
             for spec in recorded.outputs:
@@ -208,12 +282,8 @@ class _Plan:
                 produced[spec.name] = value
                 self.values.append(value)
         # the final block goes straight into the encoder's one host buffer
-        out_spec = entry.stages[-1].outputs
         out = enc.buffer
-        if len(out_spec) != 1 or out_spec[0].dtype != "float32" or tuple(out_spec[0].shape) != out.shape:
-            raise BundleError(f"encoder chain of {modality!r}: the last graph must have one float32 output of "
-                              f"shape {list(out.shape)} (the manifest records {[s.to_dict() for s in out_spec]})")
-        self.stages[-1].binding.bind_output(out_spec[0].name, "cpu", 0, np.float32, list(out.shape),
+        self.stages[-1].binding.bind_output(_final_output(enc, modality, entry), "cpu", 0, np.float32, list(out.shape),
                                             out.ctypes.data)
 
     def feed(self, array: np.ndarray) -> None:
@@ -236,6 +306,41 @@ class _Plan:
             hook(self.modality, stage.name, time.perf_counter() - t0)
 
 
+class _OvPlan(_Plan):
+    """A modality's chain on OpenVINO: the same buffers as numpy arrays shared with the requests."""
+
+    def __init__(self, enc: Encoder, modality: str) -> None:  # noqa: D107 - the base class's, on OpenVINO
+        entry = _chain_of(enc, modality)
+        self.modality = modality
+        self.input_shape = tuple(entry.input_shape)
+        self.grouping = entry.point_grouping
+        self.stages = [_OvStage(st.graph, enc.ov_compiled(st.graph, st), functools.partial(enc.ov_compiled, st.graph),
+                                enc.graph(st.graph)) for st in entry.stages]
+        self.values = []
+        (inp,) = entry.stages[0].inputs
+        self.feed_shape = tuple(int(d) for d in inp.shape)
+        self.feed_name = inp.name
+        self.staging = np.empty(self.feed_shape, dtype=_NP_DTYPES[inp.dtype])
+        self.device_feed = None
+        self.stages[0].bind(self.feed_name, self.staging)
+        produced: dict[str, np.ndarray] = {}
+        if entry.routing_weights:
+            self.routing = np.ascontiguousarray(entry.routing_weights, dtype=np.float32)
+            produced["routing"] = self.routing
+        for k, (stage, recorded) in enumerate(zip(self.stages, entry.stages)):
+            for spec in recorded.inputs:
+                if k > 0:
+                    stage.bind(spec.name, _produced(modality, stage.name, spec.name, produced))
+            if k == len(self.stages) - 1:
+                continue
+            for spec in recorded.outputs:
+                value = np.zeros([int(d) for d in spec.shape], _NP_DTYPES[spec.dtype])
+                stage.bind(spec.name, value, output=True)
+                produced[spec.name] = value
+                self.values.append(value)
+        self.stages[-1].bind(_final_output(enc, modality, entry), enc.buffer, output=True)
+
+
 def _checked_input(plan: _Plan, array: Any, where: str) -> np.ndarray:
     """The reader's array as the chain takes it: the modality's input shape, floating point."""
     arr = np.asarray(array)
@@ -247,7 +352,7 @@ def _checked_input(plan: _Plan, array: Any, where: str) -> np.ndarray:
 
 
 class Encoder:
-    """Runs exported encoder chains with onnxruntime; one reused output buffer.
+    """Runs exported encoder chains with onnxruntime (or OpenVINO for ov-int8); one reused output buffer.
 
     `entries`: the manifest's `EncoderVariant` (or its dict form, parsed strictly).
     `bundle_dir`: where the entries' relative file paths start.
@@ -284,6 +389,16 @@ class Encoder:
         self.precision = entries.precision
         self.bundle_dir = Path(bundle_dir)
         self.device = device
+        self.runtime = ENCODER_PRECISIONS[self.precision].runtime if self.precision in ENCODER_PRECISIONS \
+            else "onnxruntime"
+        if self.runtime == "openvino":
+            if not openvino_available():
+                raise BackendError(f"encoder precision {self.precision!r} runs on OpenVINO, which is not "
+                                   f"installed ({OPENVINO_HINT}); or pick another precision with --precision")
+            if device.partition(":")[0] not in ("cpu", "auto"):
+                raise BackendError(f"encoder precision {self.precision!r} runs on the CPU only (OpenVINO); "
+                                   f"found --device {device}")
+            device = "cpu"
         self.providers, self.device_type, self.device_id = select_providers(device, provider_options)
         self.threads = threads or physical_cores()
         self.verify = verify
@@ -291,6 +406,8 @@ class Encoder:
         # THE output buffer: onnxruntime writes every block here; encode returns a view of it.
         self.buffer = np.zeros((1, self.n_inserted, self.n_embd), dtype=np.float32)
         self._sessions: dict[str, Any] = {}
+        self._ov: dict[tuple, Any] = {}
+        self._verified: set[str] = set()  # (graph, input shapes or None) -> OpenVINO compiled model
         self._plans: dict[str, _Plan] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -302,22 +419,52 @@ class Encoder:
         except KeyError:
             raise BundleError(f"encoder: graph {name!r} is not in the bundle (it has {', '.join(self.graphs)})") from None
 
+    def _graph_file(self, name: str) -> Path:
+        """A graph's file, checked to exist (and its sha256 when `verify`)."""
+        entry = self.graph(name)
+        path = self.bundle_dir / entry.file
+        if not path.is_file():
+            raise BundleError(f"{path}: encoder graph {name!r} is missing from the bundle")
+        if self.verify and entry.sha256 and name not in self._verified:
+            from .bundle import sha256_file
+
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                raise BundleError(f"{path}: expected sha256 {entry.sha256}, found {digest}")
+            self._verified.add(name)
+        return path
+
+    def ov_compiled(self, name: str, stage=None):
+        """A graph compiled by OpenVINO's CPU plugin: for the shapes of `stage` (a manifest
+        `Stage`), or with the graph's dynamic axes when `stage` is None. Cached per shapes."""
+        shapes = None if stage is None else tuple((t.name, tuple(int(d) for d in t.shape)) for t in stage.inputs)
+        key = (name, shapes)
+        if key in self._ov:
+            return self._ov[key]
+        import openvino as ov
+
+        path = self._graph_file(name)
+        try:
+            core = ov.Core()
+            model = core.read_model(str(path))
+            if shapes is not None:
+                model.reshape({n: ov.PartialShape(list(shape)) for n, shape in shapes})
+            compiled = core.compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                # like onnxruntime's threads, OpenVINO's may move off a core another process keeps busy
+                "ENABLE_CPU_PINNING": OV_CPU_PINNING})
+        except Exception as exc:  # OpenVINO raises its own exception types
+            raise BackendError(f"{path}: OpenVINO could not load encoder graph {name!r} ({exc})") from None
+        self._ov[key] = compiled
+        return compiled
+
     def session(self, name: str):
         """The onnxruntime session of a graph, created on first use and shared by every chain."""
         if name in self._sessions:
             return self._sessions[name]
         import onnxruntime as ort
 
-        entry = self.graph(name)
-        path = self.bundle_dir / entry.file
-        if not path.is_file():
-            raise BundleError(f"{path}: encoder graph {name!r} is missing from the bundle")
-        if self.verify and entry.sha256:
-            from .bundle import sha256_file
-
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                raise BundleError(f"{path}: expected sha256 {entry.sha256}, found {digest}")
+        path = self._graph_file(name)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -365,7 +512,7 @@ class Encoder:
                 raise InputError(
                     "encoder", f"one of the bundle's modalities ({', '.join(self.modalities)})", repr(modality)
                 )
-            plan = self._plans[modality] = _Plan(self, modality)
+            plan = self._plans[modality] = (_OvPlan if self.runtime == "openvino" else _Plan)(self, modality)
         return plan
 
     def encode(self, modality: str, array: np.ndarray, stage_hook: StageHook | None = None) -> np.ndarray:
@@ -381,8 +528,8 @@ class Encoder:
             plan.feed(arr)
             try:
                 plan.run(stage_hook)
-            except Exception as exc:  # onnxruntime's own error types
-                raise BackendError(f"encoder ({modality}): onnxruntime failed ({exc})") from None
+            except Exception as exc:  # onnxruntime's (or OpenVINO's) own error types
+                raise BackendError(f"encoder ({modality}): {self.runtime} failed ({exc})") from None
         return self.buffer[0]
 
     def encode_many(self, modality: str, arrays: list[np.ndarray], stage_hook: StageHook | None = None) -> np.ndarray:
@@ -423,8 +570,9 @@ class Encoder:
                     values.update(zip(names, stage.session.run(names, feeds)))
                     if stage_hook is not None:
                         stage_hook(modality, stage.name, time.perf_counter() - t0)
-            except Exception as exc:  # onnxruntime's own error types
-                raise BackendError(f"encoder ({modality}): onnxruntime failed on a batch of {len(arrays)} ({exc})") from None
+            except Exception as exc:  # onnxruntime's (or OpenVINO's) own error types
+                raise BackendError(f"encoder ({modality}): {self.runtime} failed on a batch of {len(arrays)} "
+                                   f"({exc})") from None
         out = values[chain.stages[-1].outputs[0].name]
         want = (len(arrays), self.n_inserted, self.n_embd)
         if out.shape != want:
@@ -447,6 +595,7 @@ class Encoder:
         """Release sessions, bindings and buffers' OrtValues."""
         self._plans.clear()
         self._sessions.clear()
+        self._ov.clear()
         self._closed = True
 
     def __enter__(self) -> Encoder:

@@ -174,12 +174,31 @@ class EncoderPrecision:
     name: str  # the CLI and manifest name
     min_cosine: float  # parity floor vs the torch fp32 reference, per graph and per chain
     help: str  # one line for --help
+    runtime: str = "onnxruntime"  # what runs its graphs: onnxruntime (any device) or openvino (CPU only)
 
+    def is_available(self) -> bool:
+        """Whether the library that runs this precision's graphs is importable here."""
+        if self.runtime == "openvino":
+            return openvino_available()
+        return True
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO's Python package (the `openvino` extra) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+OPENVINO_HINT = "install the `openvino` extra: pip install 'onellm[openvino]'"
 
 ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
     EncoderPrecision("fp32", 0.99999, "32-bit floats (reference)"),
     EncoderPrecision("fp16", 0.999, "16-bit floats, fp32 inputs/outputs (GPUs)"),
-    EncoderPrecision("int8", 0.99, "dynamic int8 MatMul weights (CPUs)"),
+    EncoderPrecision("int8", 0.99, "dynamic int8 MatMul weights, onnxruntime (CPUs)"),
+    # benchmarks/RESULTS.md: 1.23x (image) / 1.39x (IMU) onnxruntime int8's speed on trunk + UPM
+    EncoderPrecision("ov-int8", 0.99, "static int8 weights and activations, calibrated at export, run by "
+                     "OpenVINO (CPUs; the fastest CPU encoder; needs the openvino extra)", runtime="openvino"),
 )}
 
 
@@ -239,12 +258,13 @@ class ExecutionProvider:
         return out
 
     def pick_precision(self, exported: Mapping[str, Any] | tuple[str, ...], default: str) -> str:
-        """The precision to run: the first preferred one the bundle has, else its default."""
-        return next((p for p in self.precisions if p in exported), default)
+        """The precision to run: the first preferred one the bundle has and this machine can run,
+        else its default."""
+        return next((p for p in self.precisions if p in exported and ENCODER_PRECISIONS[p].is_available()), default)
 
 
 EXECUTION_PROVIDERS: dict[str, ExecutionProvider] = {e.device: e for e in (
-    ExecutionProvider("cpu", "CPUExecutionProvider", "cpu", (), {}, ("int8", "fp32"),
+    ExecutionProvider("cpu", "CPUExecutionProvider", "cpu", (), {}, ("ov-int8", "int8", "fp32"),
                       "any onnxruntime has it", "onnxruntime on the CPU"),
     ExecutionProvider("cuda", "CUDAExecutionProvider", "cuda", ("cpu",), {}, ("fp16",),
                       "install the `gpu` extra: onnxruntime-gpu", "onnxruntime's CUDA provider"),
