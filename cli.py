@@ -1283,7 +1283,9 @@ def batch_cmd(jobs_file, out_path, inputs_dir, question, modality, bundle, devic
               help="tiny (seconds, CI), bench (release encoder + ~1B decoder) or 7b (needs --checkpoint).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Model config JSON instead of --preset.")
 @click.option("--modalities", default=None, help="Comma list (default image,imu).")
-@click.option("--encoder-precisions", default=None, help="Comma list of fp32,int8,fp16 (default fp32,int8; +fp16 on a GPU).")
+@click.option("--encoder-precisions", default=None,
+              help="Comma list of fp32,int8,ov-int8,fp16 (default fp32,int8; +fp16 on a GPU; ov-int8 needs the "
+                   "openvino extra).")
 @click.option("--decoder-quants", default=None,
               help=f"Comma list of {','.join(DECODER_QUANTS)} (default f16,q8_0,q4_k_m; 7b: q8_0,q4_k_m,q4_0).")
 @click.option("--repeats", type=int, default=None, help="Timed runs per measurement (preset default).")

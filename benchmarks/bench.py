@@ -210,7 +210,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "llama-cpp-python", "torch", "numpy", "onnx", "gguf"):
+    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino", "llama-cpp-python", "torch", "numpy", "onnx", "gguf"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -747,7 +747,7 @@ def bench_runtime_encoder(manifest, bundle: Path, precision: str, device: str, c
             runs = [s + [w] for s, (w, _) in zip(staged, pairs)]
             cos = cosine(block, blocks[m]) if m in blocks else None
             rows.append(_encoder_row(
-                m, "onnxruntime", precision, device, cfg, runs, cos, load_s=load_s, resident_mib=resident,
+                m, enc.runtime, precision, device, cfg, runs, cos, load_s=load_s, resident_mib=resident,
                 plain_sessions_encode_s=summarize([p for _, p in pairs]) if plain else None))
     finally:
         enc.close()
@@ -772,7 +772,12 @@ def _plain_chain(enc, modality: str, arr: np.ndarray) -> np.ndarray:
     for stage in chain.stages:
         feeds = {i.name: values[i.name] for i in stage.inputs}
         names = [o.name for o in stage.outputs]
-        results = enc.session(stage.graph).run(names, feeds)
+        if enc.runtime == "openvino":  # the compiled model for these shapes, called with numpy
+            got = enc.ov_compiled(stage.graph, stage)(feeds)
+            by_name = {port.get_any_name(): value for port, value in got.items()}
+            results = [by_name[n] for n in names]
+        else:
+            results = enc.session(stage.graph).run(names, feeds)
         values.update(zip(names, results))
         out = results[0]
     return out
@@ -1324,7 +1329,7 @@ def _attach_peak_fractions(rows: Sequence[EncoderRow], gemm: GemmCeilings) -> li
 def _attach_ttft(enc_rows: Sequence[EncoderRow], dec_rows: Sequence[DecoderRow]) -> list[DecoderRow]:
     """Each decoder row with its time to first token with the matching encoder (sum of stage medians)."""
     enc = {(r.modality, r.backend, r.precision): r for r in enc_rows if r.device == "cpu"}
-    runtime = [r for r in enc_rows if r.backend == "onnxruntime" and r.device == "cpu"]
+    runtime = [r for r in enc_rows if r.backend in ("onnxruntime", "openvino") and r.device == "cpu"]
     out = []
     for d in dec_rows:
         if d.backend == "torch":
@@ -1343,6 +1348,6 @@ def _best_runtime_precision(rows: Sequence[EncoderRow]) -> str | None:
     """The CPU encoder precision with the lowest median over modalities, cosine >= 0.99."""
     by_p: dict[str, list[float]] = {}
     for r in rows:
-        if r.backend == "onnxruntime" and r.device == "cpu" and (r.cosine_vs_torch_fp32 or 1.0) >= 0.99:
+        if r.backend in ("onnxruntime", "openvino") and r.device == "cpu" and (r.cosine_vs_torch_fp32 or 1.0) >= 0.99:
             by_p.setdefault(r.precision, []).append(r.encode_s.median)
     return min(by_p, key=lambda p: sum(by_p[p])) if by_p else None

@@ -43,6 +43,15 @@ def _rows(rows, **match):
     return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
 
 
+RUNTIME_BACKENDS = ("onnxruntime", "openvino")  # what the runtime's encoder runs on (ov-int8: OpenVINO)
+
+
+def _runtime_cpu_encoders(encoder, m: str) -> list:
+    """The runtime's CPU encoder rows of one modality at a cosine of 0.99 or more."""
+    return [r for r in encoder if r.modality == m and r.device == "cpu" and r.backend in RUNTIME_BACKENDS
+            and (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
+
+
 # issue 13's targets (7B and bench preset): runtime vs torch's fastest precision on this CPU (bf16
 # where the CPU has bf16 arithmetic, which the issue names; else fp32: the bench runs no emulated
 # bf16), our own share of the time to first token, our decode loop vs plain llama-cpp-python, and
@@ -95,8 +104,7 @@ def _vs_torch_targets(m: str, encoder: Sequence[EncoderRow], decoder: Sequence[D
     decode; and how much of the runtime's best time to first token is our own code (reader +
     chain overhead)."""
     out = []
-    ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
-                if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
+    ort_rows = _runtime_cpu_encoders(encoder, m)
     ob = min(ort_rows, key=lambda r: r.encode_s.median) if ort_rows else None
     te = _rows(encoder, modality=m, backend="torch", device="cpu")
     if te and ob:
@@ -135,8 +143,7 @@ def _targets_v1(modalities: Sequence[str], encoder: Sequence[EncoderRow], decode
     out = []
     for m in modalities:
         torch_rows = _rows(encoder, modality=m, backend="torch", device="cpu")
-        ort_rows = [r for r in _rows(encoder, modality=m, backend="onnxruntime", device="cpu")
-                    if (r.cosine_vs_torch_fp32 if r.cosine_vs_torch_fp32 is not None else 1.0) >= 0.99]
+        ort_rows = _runtime_cpu_encoders(encoder, m)
         if torch_rows and ort_rows:
             tb = min(torch_rows, key=lambda r: r.encode_s.median)
             ob = min(ort_rows, key=lambda r: r.encode_s.median)

@@ -148,8 +148,10 @@ class _OvStage:
         self.request.infer()
 
 
-# OpenVINO pins its threads to cores by default on Linux. Measured with one busy process on the
-# 2 cores (benchmarks/RESULTS.md) before turning it off.
+# OpenVINO pins its threads to cores by default on Linux; onnxruntime's threads are not pinned.
+# Off, like theirs: on the bench preset's trunk + UPM (2 threads) pinned and unpinned measured
+# alike, quiet (1.10x vs 1.13x onnxruntime int8) and beside a process spinning on one of the
+# two cores (1.14x vs 1.14x); benchmarks/results/openvino-pinning-*.json.
 OV_CPU_PINNING = False
 
 
