@@ -684,9 +684,10 @@ def _runtime_options(func):
                      help="Where the encoder runs (auto: the bundle's TensorRT engines, else CUDA, else CPU); "
                           "llama.cpp offloads to the GPU when built with CUDA."),
         click.option("--precision", type=click.Choice(list(ENCODER_PRECISIONS)), default=None,
-                     help="Encoder precision to run (default per device, when exported: "
+                     help="Encoder precision to run (default per device, the first exported one this machine "
+                          "can run: "
                           + ", ".join(f"{e.device} {'/'.join(e.precisions)}" for e in EXECUTION_PROVIDERS.values())
-                          + "; else the bundle's)."),
+                          + "; else the bundle's. ov-int8 runs on OpenVINO: the openvino extra)."),
         click.option("--quant", type=click.Choice(list(DECODER_QUANTS)), default=None,
                      help="Which exported GGUF to run (default: the bundle's)."),
         click.option("--threads", type=int, default=None,

@@ -248,14 +248,29 @@ def run(cfg, modality: str, recipes: list[str], repeats: int, threads: int, n_ca
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    from onellm.export.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES
-    from onellm.ref.config import resolve_config
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_encoder_model_args(ap: argparse.ArgumentParser) -> None:
+    """--preset, --config, --layers: the model whose encoder an encoder benchmark builds."""
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--config")
     ap.add_argument("--layers", type=int, help="trunk depth override (same width), for a quick look")
+
+
+def encoder_model_config(args: argparse.Namespace):
+    """The config of `add_encoder_model_args`' options, its decoder cut to no layers (its width
+    stays: the encoder's last projection writes it)."""
+    from onellm.ref.config import resolve_config
+
+    cfg = resolve_config(None if args.config else args.preset, args.config)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, layers=args.layers))
+    return dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, n_layers=0, vocab_size=8))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from onellm.export.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_encoder_model_args(ap)
     ap.add_argument("--modality", default="image", help="whose tokenizer feeds the trunk (image, imu, ...)")
     ap.add_argument("--recipes", default="fp32,dynamic,dynamic_per_tensor,static_qoperator",
                     help=f"comma list of fp32 and int8 recipes ({', '.join(INT8_RECIPES)}; the export's "
@@ -265,10 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration", type=int, default=4, help="how many of the 8 random inputs calibrate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = resolve_config(None if args.config else args.preset, args.config)
-    if args.layers:
-        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, layers=args.layers))
-    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, n_layers=0, vocab_size=8))
+    cfg = encoder_model_config(args)
     result = run(cfg, args.modality, args.recipes.split(","), args.repeats, args.threads, args.calibration)
     print(json.dumps(result, indent=1))
 

@@ -32,7 +32,6 @@ JSON object (load average at start and end included); `--out` writes it too.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -43,15 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
+from onellm.benchmarks.int8_profile import add_encoder_model_args, encoder_model_config
+from onellm.benchmarks.int8_profile import cosine as _cosine
+
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("torch_bf16", "ort_int8", "ov_bf16", "ov_w8", "ov_int8", "ov_int8_f32")
 MORE = ("ov_int8_dyn", "ov_int8_nopin", "ov_qdq", "ov_qdq_dyn")
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _quartiles(xs: list[float]) -> list[float]:
@@ -59,6 +56,15 @@ def _quartiles(xs: list[float]) -> list[float]:
         return [xs[0], xs[0]] if xs else []
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return [q[0], q[2]]
+
+
+def _speedups(times: dict[str, list[float]], base: str) -> dict[str, dict]:
+    """Per candidate, the median and quartiles of its per-round speed-up over `base` (same round)."""
+    out = {}
+    for c, ts in times.items():
+        ratios = [a / b for a, b in zip(times[base], ts)]
+        out[c] = {"median": statistics.median(ratios), "quartiles": _quartiles(ratios)}
+    return out
 
 
 def build(cfg, tmp: Path, modality: str, n_inputs: int):
@@ -236,18 +242,9 @@ def run(cfg, modalities: list[str], rounds: int, threads: int, n_calib: int, n_t
                 info["busy_process"] = "one process spinning on the CPU during the timed rounds"
             info["ms"] = {c: {"median": statistics.median(ts) * 1e3, "min": min(ts) * 1e3, "max": max(ts) * 1e3}
                           for c, ts in times.items()}
-            if "torch_bf16" in times:
-                info["speedup_vs_torch_bf16"] = {}
-                for c, ts in times.items():
-                    ratios = [a / b for a, b in zip(times["torch_bf16"], ts)]
-                    info["speedup_vs_torch_bf16"][c] = {"median": statistics.median(ratios),
-                                                        "quartiles": _quartiles(ratios)}
-            if "ort_int8" in times:
-                info["speedup_vs_ort_int8"] = {}
-                for c, ts in times.items():
-                    ratios = [a / b for a, b in zip(times["ort_int8"], ts)]
-                    info["speedup_vs_ort_int8"][c] = {"median": statistics.median(ratios),
-                                                      "quartiles": _quartiles(ratios)}
+            for base in ("torch_bf16", "ort_int8"):
+                if base in times:
+                    info[f"speedup_vs_{base}"] = _speedups(times, base)
             del runners, mods
     result["load_average_end"] = list(os.getloadavg())
     return result
@@ -313,11 +310,7 @@ def run_chain(cfg, modalities: list[str], rounds: int, threads: int) -> dict:
             info["ms"] = {c: {"median": statistics.median(ts) * 1e3, "min": min(ts) * 1e3, "max": max(ts) * 1e3}
                           for c, ts in times.items()}
             for base in ("torch_bf16", "int8"):
-                info[f"speedup_vs_{base}"] = {}
-                for c, ts in times.items():
-                    ratios = [a / b for a, b in zip(times[base], ts)]
-                    info[f"speedup_vs_{base}"][c] = {"median": statistics.median(ratios),
-                                                     "quartiles": _quartiles(ratios)}
+                info[f"speedup_vs_{base}"] = _speedups(times, base)
         for e in encoders.values():
             e.close()
     result["load_average_end"] = list(os.getloadavg())
@@ -325,12 +318,8 @@ def run_chain(cfg, modalities: list[str], rounds: int, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from onellm.ref.config import resolve_config
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--config")
-    ap.add_argument("--layers", type=int, help="trunk depth override (same width), for a quick look")
+    add_encoder_model_args(ap)
     ap.add_argument("--modalities", default="image,imu")
     ap.add_argument("--candidates", default=",".join(CANDIDATES),
                     help=f"comma list of {', '.join(CANDIDATES + MORE)}")
@@ -344,11 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = resolve_config(None if args.config else args.preset, args.config)
-    if args.layers:
-        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, layers=args.layers))
-    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, n_layers=0, vocab_size=8))
-    if args.chain:  # the decoder's width stays (the last projection writes it); its layers are not needed
+    cfg = encoder_model_config(args)
+    if args.chain:
         result = run_chain(cfg, args.modalities.split(","), args.rounds, args.threads)
     else:
         result = run(cfg, args.modalities.split(","), args.rounds, args.threads, args.calibration, args.test,
