@@ -196,9 +196,11 @@ ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
     EncoderPrecision("fp32", 0.99999, "32-bit floats (reference)"),
     EncoderPrecision("fp16", 0.999, "16-bit floats, fp32 inputs/outputs (GPUs)"),
     EncoderPrecision("int8", 0.99, "dynamic int8 MatMul weights, onnxruntime (CPUs)"),
-    # benchmarks/RESULTS.md: 1.23x (image) / 1.39x (IMU) onnxruntime int8's speed on trunk + UPM
+    # benchmarks/RESULTS.md: at 7B 1.27x (image) / 1.35x (IMU) onnxruntime int8's speed, but OpenVINO
+    # holds ~1.1 GiB more (the int8 weights ~2.5x over): the CPU runs int8 when both are exported
     EncoderPrecision("ov-int8", 0.99, "static int8 weights and activations, calibrated at export, run by "
-                     "OpenVINO (CPUs; the fastest CPU encoder; needs the openvino extra)", runtime="openvino"),
+                     "OpenVINO (CPUs; the fastest CPU encoder, ~1.1 GiB more memory than int8; the openvino "
+                     "extra; run it with --precision ov-int8)", runtime="openvino"),
 )}
 
 
@@ -264,7 +266,7 @@ class ExecutionProvider:
 
 
 EXECUTION_PROVIDERS: dict[str, ExecutionProvider] = {e.device: e for e in (
-    ExecutionProvider("cpu", "CPUExecutionProvider", "cpu", (), {}, ("ov-int8", "int8", "fp32"),
+    ExecutionProvider("cpu", "CPUExecutionProvider", "cpu", (), {}, ("int8", "ov-int8", "fp32"),
                       "any onnxruntime has it", "onnxruntime on the CPU"),
     ExecutionProvider("cuda", "CUDAExecutionProvider", "cuda", ("cpu",), {}, ("fp16",),
                       "install the `gpu` extra: onnxruntime-gpu", "onnxruntime's CUDA provider"),
