@@ -409,6 +409,7 @@ class Encoder:
         self.buffer = np.zeros((1, self.n_inserted, self.n_embd), dtype=np.float32)
         self._sessions: dict[str, Any] = {}
         self._ov: dict[tuple, Any] = {}
+        self._ov_core = None  # one OpenVINO Core for every graph, created on the first compile
         self._verified: set[str] = set()  # (graph, input shapes or None) -> OpenVINO compiled model
         self._plans: dict[str, _Plan] = {}
         self._lock = threading.Lock()
@@ -447,7 +448,9 @@ class Encoder:
 
         path = self._graph_file(name)
         try:
-            core = ov.Core()
+            if self._ov_core is None:
+                self._ov_core = ov.Core()
+            core = self._ov_core
             model = core.read_model(str(path))
             if shapes is not None:
                 model.reshape({n: ov.PartialShape(list(shape)) for n, shape in shapes})
