@@ -172,7 +172,7 @@ def test_calibrate_option_reads_recordings_and_refuses_misuse(tmp_path):
     for items, (prec, message) in cases.items():
         with pytest.raises(ConfigError, match=message):
             cli._calibration_inputs(items, prec)
-    # on the command line: one line, exit code 2-ish, no traceback, nothing written
+    # on the command line: a non-zero exit, the message, no traceback, nothing written
     result = CliRunner().invoke(cli.main, ["export", "--demo", "--out", str(tmp_path / "b"), "--calibrate",
                                            f"imu={walk}"])
     assert result.exit_code != 0 and "Traceback" not in result.output
