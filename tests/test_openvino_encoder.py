@@ -153,7 +153,7 @@ def test_calibration_arrays_join_the_seeded_ones_and_are_checked(tiny_model, tin
 
 
 def test_calibrate_option_reads_recordings_and_refuses_misuse(tmp_path):
-    import cli
+    import onellm.cli as cli
     from onellm.runtime.modalities import example_file
 
     walk = example_file("imu")
