@@ -20,7 +20,14 @@ measures the trunk and the UPM (about 97 % of an encode) of the preset, random w
   the rest in fp32), `ov_int8_dyn` (the same compiled for dynamic shapes), `ov_int8_nopin`
   (the same with OpenVINO's thread pinning off, as the runtime compiles it), `ov_qdq` (NNCF's
   ONNX backend, same preset: a QDQ `.onnx` file that OpenVINO reads and runs in int8, the
-  rest bf16) and `ov_qdq_dyn` (that file with its dynamic axes kept).
+  rest bf16), `ov_qdq_dyn` (that file with its dynamic axes kept) and `ov_qdq_attn` (that
+  file with the attention's two activation x activation MatMuls quantized too, which NNCF's
+  transformer preset leaves in float: Q, K and V per tensor in int8 from their calibrated
+  absolute maximum, the softmax output in u8 on [0, 1]).
+
+`--profile` adds OpenVINO's own per-operator times (PERF_COUNT) of the `ov_int8` graphs,
+summed by operator and kernel, to the JSON: how much of the static int8 encoder is its
+int8 GEMMs.
 
 Cosines are against the torch fp32 modules on inputs NOT used for calibration. Timing:
 `--rounds` rounds, each running every candidate once in a rotating order, with a short
@@ -48,7 +55,7 @@ from onellm.benchmarks.int8_profile import cosine as _cosine
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("torch_bf16", "ort_int8", "ov_bf16", "ov_w8", "ov_int8", "ov_int8_f32")
-MORE = ("ov_int8_dyn", "ov_int8_nopin", "ov_qdq", "ov_qdq_dyn")
+MORE = ("ov_int8_dyn", "ov_int8_nopin", "ov_qdq", "ov_qdq_dyn", "ov_qdq_attn")
 
 
 def _quartiles(xs: list[float]) -> list[float]:
@@ -110,6 +117,71 @@ def build(cfg, tmp: Path, modality: str, n_inputs: int):
     return mods, raw, int8, feeds, refs
 
 
+def quantize_attention_inputs(qdq, calib: list[dict]):
+    """`qdq` (an NNCF QDQ ModelProto) with QuantizeLinear/DequantizeLinear pairs inserted on both
+    inputs of every MatMul whose inputs are both activations (the attention's scores and
+    weighted sum): per-tensor int8 from the calibration feeds' absolute maximum, the softmax
+    output u8 with scale 1/255. Returns (model, number of tensors quantized)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    targets = [(n, k, name) for n in qdq.graph.node if n.op_type == "MatMul"
+               and all(i in producer and producer[i].op_type != "DequantizeLinear" for i in n.input)
+               for k, name in enumerate(n.input)]
+    names = sorted({t[2] for t in targets})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq)
+    probe.graph.output.extend(helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, None) for nm in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in sess.get_outputs()]
+    amax = dict.fromkeys(names, 0.0)
+    for feed in calib:
+        got = dict(zip(outputs, sess.run(None, feed)))
+        for nm in names:
+            amax[nm] = max(amax[nm], float(np.abs(got[nm]).max()))
+    del sess, probe
+    after: dict[str, list] = {}
+    for nm in names:
+        softmax = producer[nm].op_type == "Softmax"
+        scale = np.float32(1 / 255) if softmax else np.float32(max(amax[nm], 1e-8) / 127)
+        zero = np.uint8(0) if softmax else np.int8(0)
+        qdq.graph.initializer.extend([numpy_helper.from_array(np.array(scale), nm + "_attn_scale"),
+                                      numpy_helper.from_array(np.array(zero), nm + "_attn_zp")])
+        after[nm] = [helper.make_node("QuantizeLinear", [nm, nm + "_attn_scale", nm + "_attn_zp"], [nm + "_attn_q"]),
+                     helper.make_node("DequantizeLinear", [nm + "_attn_q", nm + "_attn_scale", nm + "_attn_zp"],
+                                      [nm + "_attn_dq"])]
+    for n, k, nm in targets:
+        n.input[k] = nm + "_attn_dq"
+    nodes = []
+    for n in qdq.graph.node:  # each pair right after its producer: the graph stays topologically sorted
+        nodes.append(n)
+        for o in n.output:
+            nodes.extend(after.get(o, []))
+    del qdq.graph.node[:]
+    qdq.graph.node.extend(nodes)
+    return qdq, len(names)
+
+
+def ov_profile(compiled, feed: dict, runs: int = 5) -> dict:
+    """OpenVINO's per-operator times of `compiled` (PERF_COUNT on), mean ms per run by operator/kernel."""
+    import openvino as ov
+
+    req = compiled.create_infer_request()
+    req.infer(feed)
+    acc: dict[str, float] = {}
+    for _ in range(runs):
+        req.infer(feed)
+        for p in req.profiling_info:
+            if p.status == ov.ProfilingInfo.Status.EXECUTED:
+                key = f"{p.node_type} ({p.exec_type})"
+                acc[key] = acc.get(key, 0.0) + p.real_time.total_seconds() * 1e3 / runs
+    total = sum(acc.values())
+    return {"total_ms": total, "ops": {k: {"ms": v, "share": v / total}
+                                       for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}}
+
+
 def ov_models(raw: Path, feed: dict, calib: list[dict], threads: int, wanted: list[str]) -> dict:
     """Compiled OpenVINO models of one graph, by candidate name (those of `wanted`)."""
     import nncf
@@ -124,10 +196,10 @@ def ov_models(raw: Path, feed: dict, calib: list[dict], threads: int, wanted: li
             m.reshape({name: ov.PartialShape(list(a.shape)) for name, a in feed.items()})
         return m
 
-    def compile_(m, precision: str, pinning: bool = True):
+    def compile_(m, precision: str, pinning: bool = True, perf_count: bool = False):
         return core.compile_model(m, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": pinning})
+            "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": pinning, "PERF_COUNT": perf_count})
 
     def static_int8(static=True):
         t = time.perf_counter()
@@ -146,9 +218,11 @@ def ov_models(raw: Path, feed: dict, calib: list[dict], threads: int, wanted: li
         out["ov_int8"] = compile_(q, "bf16")
         out["ov_int8_f32"] = compile_(q, "f32")
         out["ov_int8_nopin"] = compile_(q, "bf16", pinning=False)
+        if "profile" in wanted:
+            out["profile"] = compile_(q, "bf16", perf_count=True)
     if "ov_int8_dyn" in wanted:
         out["ov_int8_dyn"] = compile_(static_int8(static=False), "bf16")
-    if "ov_qdq" in wanted or "ov_qdq_dyn" in wanted:
+    if "ov_qdq" in wanted or "ov_qdq_dyn" in wanted or "ov_qdq_attn" in wanted:
         t = time.perf_counter()
         qdq = nncf.quantize(onnx.load(str(raw)), nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
                             subset_size=len(calib))
@@ -158,11 +232,18 @@ def ov_models(raw: Path, feed: dict, calib: list[dict], threads: int, wanted: li
         log.info("  static int8, ONNX QDQ: %.1fs", time.perf_counter() - t)
         out["ov_qdq"] = compile_(read(path), "bf16")
         out["ov_qdq_dyn"] = compile_(read(path, static=False), "bf16")
+        if "ov_qdq_attn" in wanted:
+            attn, n = quantize_attention_inputs(onnx.load(str(path)), calib)
+            log.info("  attention inputs quantized: %d tensors", n)
+            attn_path = raw.with_suffix(".qdq_attn.onnx")
+            onnx.save(attn, str(attn_path))
+            del attn
+            out["ov_qdq_attn"] = compile_(read(attn_path), "bf16")
     return {k: v for k, v in out.items() if k in wanted}
 
 
 def run(cfg, modalities: list[str], rounds: int, threads: int, n_calib: int, n_test: int,
-        candidates: list[str], busy: bool = False) -> dict:
+        candidates: list[str], busy: bool = False, profile: bool = False) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -207,8 +288,13 @@ def run(cfg, modalities: list[str], rounds: int, threads: int, n_calib: int, n_t
                     runners["ort_int8"][g] = lambda feed, s=sess: s.run(None, feed)[0]
                 if any(c.startswith("ov_") for c in candidates):
                     log.info("%s %s: OpenVINO", modality, g)
-                    for name, cm in ov_models(raw[g], test[0], calib, threads, candidates).items():
-                        if name in candidates:
+                    wanted = candidates + (["profile"] if profile and "ov_int8" in candidates else [])
+                    for name, cm in ov_models(raw[g], test[0], calib, threads, wanted).items():
+                        if name == "profile":
+                            prof = result["modalities"].setdefault(modality, {}).setdefault("ov_int8_profile", {})
+                            prof[g] = ov_profile(cm, test[0])
+                            del cm
+                        elif name in candidates:
                             req = cm.create_infer_request()
 
                             def ov_run(feed, req=req):
@@ -216,7 +302,9 @@ def run(cfg, modalities: list[str], rounds: int, threads: int, n_calib: int, n_t
                                 return req.get_output_tensor(0).data.copy()
 
                             runners[name][g] = ov_run
-                info = result["modalities"].setdefault(modality, {"cosine_vs_fp32": {}, "ms": {}})
+                info = result["modalities"].setdefault(modality, {})
+                info.setdefault("cosine_vs_fp32", {})
+                info.setdefault("ms", {})
                 for c in candidates:
                     outs = [runners[c][g](f) for f in test]
                     info["cosine_vs_fp32"].setdefault(c, {})[g] = min(map(_cosine, refs[g][n_calib:], outs))
@@ -328,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration", type=int, default=4, help="inputs that calibrate the static int8 graphs")
     ap.add_argument("--test", type=int, default=2, help="further inputs the cosines are taken on")
     ap.add_argument("--busy", action="store_true", help="time the rounds beside a process spinning on one core")
+    ap.add_argument("--profile", action="store_true",
+                    help="add OpenVINO's per-operator times of the ov_int8 graphs (needs ov_int8 among the candidates)")
     ap.add_argument("--chain", action="store_true",
                     help="time whole chains through the runtime Encoder (int8 vs ov-int8 exports) instead")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
@@ -338,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_chain(cfg, args.modalities.split(","), args.rounds, args.threads)
     else:
         result = run(cfg, args.modalities.split(","), args.rounds, args.threads, args.calibration, args.test,
-                     args.candidates.split(","), busy=args.busy)
+                     args.candidates.split(","), busy=args.busy, profile=args.profile)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
