@@ -7,7 +7,9 @@ the median and quartiles of the per-round ratios:
 
 - ours: `Decoder` with the registry's settings for the type (buffer-type policy, KV cache,
   flash attention), or each setting named in --variants (`shipped`, `on`, `off`: extra CPU
-  buffer types), driven like the runtime (`Session.prefill`, greedy `generate_text`);
+  buffer types; `adaptive`: shipped, but with no thread count given, so the thread
+  governor decides each decode's threads, as `onellm ask` without --threads does), driven
+  like the runtime (`Session.prefill`, greedy `generate_text`);
 - plain: `llama_cpp.Llama(path, n_batch=512, n_ubatch=512)` with llama.cpp's defaults
   (extra buffer types on, f16 cache) and flash attention on, greedy `generate`.
 
@@ -44,7 +46,7 @@ VERSION = 1
 Run = tuple[float, float, int]  # (prefill s, decode s, llama_decode calls in the decode span)
 
 
-def _ours(path: Path, ids: list[int], extra: bool, quant: str, n_ctx: int, threads: int,
+def _ours(path: Path, ids: list[int], extra: bool, quant: str, n_ctx: int, threads: int | None,
           new_tokens: int) -> tuple[Callable[[], Run], Any]:
     from onellm.runtime.decoder import Decoder, Sampling, context_settings_for
 
@@ -99,8 +101,9 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
             plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
             owned.append(obj)
         for v in variants:
-            extra = {"shipped": shipped, "on": True, "off": False}[v]
-            runners[f"ours_{v}"], obj = _ours(path, ids, extra, quant, n_ctx, threads, new_tokens)
+            extra = {"shipped": shipped, "adaptive": shipped, "on": True, "off": False}[v]
+            runners[f"ours_{v}"], obj = _ours(path, ids, extra, quant, n_ctx, None if v == "adaptive" else threads,
+                                              new_tokens)
             owned.append(obj)
         if not plain_first:
             plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, required=True, help="An exported bundle with the GGUF to measure.")
     ap.add_argument("--quant", required=True, help="Which of its GGUFs (decoder-QUANT.gguf).")
     ap.add_argument("--variants", default="shipped",
-                    help="Our settings, comma-separated: shipped (the registry's), on, off (extra buffer types).")
+                    help="Our settings, comma-separated: shipped (the registry's), adaptive (shipped, threads left "
+                         "to the governor as ask does without --threads), on, off (extra buffer types).")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="Default: physical cores.")
@@ -172,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from onellm.runtime.encoder import physical_cores
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("shipped", "on", "off")]
+    bad = [v for v in variants if v not in ("shipped", "adaptive", "on", "off")]
     if bad or not variants:
-        ap.error(f"--variants takes shipped, on, off (got {args.variants!r})")
+        ap.error(f"--variants takes shipped, adaptive, on, off (got {args.variants!r})")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
                        args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first)
     write_result(args.out, result, to_markdown(result))

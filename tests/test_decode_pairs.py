@@ -73,3 +73,23 @@ def test_load_order_changes_only_which_model_is_loaded_first(tiny_bundle, monkey
     assert loads == (["plain", "ours"] if plain_first else ["ours", "plain"])
     assert calls == ["ours", "plain", "ours", "plain", "plain", "ours"]  # rounds alternate as before
     assert out["loaded_first"] == loads[0] and f"{loads[0]} loaded first" in dp.to_markdown(out)
+
+
+def test_the_adaptive_variant_leaves_threads_to_the_governor(tiny_bundle, monkeypatch):
+    from onellm.runtime import _llama
+
+    made = {}
+    real = dp._ours
+
+    def spy(path, ids, extra, quant, n_ctx, threads, new_tokens):
+        run, dec = real(path, ids, extra, quant, n_ctx, threads, new_tokens)
+        made[threads] = dec._ctx.governor  # before run_pairs closes the decoder
+        return run, dec
+
+    monkeypatch.setattr(dp, "_ours", spy)
+    monkeypatch.delenv(_llama.ADAPTIVE_ENV, raising=False)
+    out = dp.run_pairs(tiny_bundle, "f32", ["shipped", "adaptive"], rounds=1, new_tokens=3, threads=1, n_ctx=256)
+    assert set(out["vs_plain"]) == {"ours_shipped", "ours_adaptive"}
+    # shipped: the fixed count given; adaptive: none given, so the governor picks per decode
+    assert made[1] is None
+    assert made[None] is not None
