@@ -351,12 +351,11 @@ def _ort_gemm(op: str, a: np.ndarray, b: np.ndarray, threads: int) -> Callable[[
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    n = a.shape[0]
     out_type = onnx.TensorProto.INT32 if op == "MatMulInteger" else onnx.TensorProto.FLOAT
     graph = helper.make_graph(
         [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", helper.np_dtype_to_tensor_dtype(a.dtype), [n, n])],
-        [helper.make_tensor_value_info("c", out_type, [n, n])],
+        [helper.make_tensor_value_info("a", helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))],
+        [helper.make_tensor_value_info("c", out_type, [a.shape[0], b.shape[1]])],
         initializer=[numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from onellm.benchmarks.encoder import _median_seconds
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "onellm-limits"
@@ -77,16 +79,6 @@ def encoder_gemms(cfg, rows: int) -> list[tuple[str, int, int, int, int]]:
         ("upm last w2", nq, up, w, experts),
     ]
     return out
-
-
-def _median_time(fn: Callable[[], Any], rounds: int) -> float:
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _torch_linear(m: int, k: int, n: int) -> Callable[[], Any]:
@@ -145,25 +137,12 @@ def _ov_int8_fc(m: int, k: int, n: int, threads: int, core) -> Callable[[], Any]
 
 
 def _ort_int8_gemm(m: int, k: int, n: int, threads: int) -> Callable[[], Any]:
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
+    """onnxruntime's MatMulInteger at m x k x n (7-bit values: exact on every MLAS kernel)."""
+    from onellm.benchmarks.bench import _ort_gemm
 
     rng = np.random.default_rng(1)
-    a = rng.integers(0, 128, (m, k), dtype=np.uint8)  # 7-bit values: exact on every MLAS kernel
-    b = rng.integers(-64, 64, (k, n), dtype=np.int8)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm",
-                              [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("c", onnx.TensorProto.INT32, [m, n])],
-                              initializer=[numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return lambda: sess.run(None, {"a": a})
+    return _ort_gemm("MatMulInteger", rng.integers(0, 128, (m, k), dtype=np.uint8),
+                     rng.integers(-64, 64, (k, n), dtype=np.int8), threads)
 
 
 def gemm_part(cfg, modalities: dict[str, int], rounds: int, threads: int) -> dict[str, Any]:
@@ -190,7 +169,7 @@ def gemm_part(cfg, modalities: dict[str, int], rounds: int, threads: int) -> dic
                 for r in range(rounds):  # engines interleaved, order rotating
                     order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
                     for e in order:
-                        times[e].append(_median_time(engines[e], 5))
+                        times[e].append(_median_seconds(engines[e], 5))
                 cache[key] = {e: statistics.median(ts) for e, ts in times.items()}
             t = cache[key]
             flops = 2.0 * m * k * n
