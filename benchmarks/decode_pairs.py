@@ -18,12 +18,16 @@ Decode rates are llama_decode calls per second of decode time: ours decodes ever
 returns (the last one goes into the cache), plain's span from its first token holds n-1.
 Prefill ratio: plain's prefill seconds / ours (above 1: ours faster).
 
-Both models live in one process, so the one loaded second may get other memory (pages,
-placement) than the first: `--plain-first` loads plain llama-cpp-python before ours (default:
-ours first), and a run of each order tells a load-order effect from a real difference.
+By default both models live in one process, so the one loaded second may get other memory
+(pages, placement) than the first: `--plain-first` loads plain llama-cpp-python before ours
+(default: ours first), and a run of each order tells a load-order effect from a real
+difference. `--processes` gives every model a worker process of its own, as a user's process
+holds one model; the parent holds none and only tells the workers, one at a time and in the
+same ABBA order, to run (stdlib multiprocessing, spawned, one pipe per worker).
 
 Run: `python -m onellm.benchmarks.decode_pairs --bundle DIR --quant q4_0 [--variants shipped]
-[--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--plain-first] [--out decode-pairs.json]`.
+[--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--plain-first] [--processes]
+[--out decode-pairs.json]`.
 At 7B a round of one variant takes about 20 s.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -78,10 +83,73 @@ def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int
 
     return run, llm
 
+def _worker(conn: Any, kind: str, args: tuple) -> None:
+    """A worker process holding one model: answers "run" with (True, Run) and "stop" by closing it."""
+    try:
+        run, obj = (_plain if kind == "plain" else _ours)(*args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send((False, f"{type(e).__name__}: {e}"))
+        return
+    conn.send((True, os.getpid()))
+    try:
+        while conn.recv() == "run":
+            try:
+                conn.send((True, run()))
+            except Exception as e:  # noqa: BLE001 - the parent raises it with the worker's name
+                conn.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        if hasattr(obj, "close"):
+            obj.close()
+
+
+class _Remote:
+    """One model in a worker process of its own; calling it runs one timed round there."""
+
+    def __init__(self, name: str, kind: str, args: tuple) -> None:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the parent's memory
+        self.name = name
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker, args=(child, kind, args), name=f"decode-pairs-{name}", daemon=True)
+        self._proc.start()
+        child.close()
+        self.pid = self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the {self.name} worker exited (code {self._proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"the {self.name} worker failed: {value}")
+        return value
+
+    def __call__(self) -> Run:
+        self._conn.send("run")
+        return tuple(self._answer())
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send("stop")
+            except OSError:
+                pass
+            self._proc.join(60)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+
+def _load(name: str, kind: str, args: tuple, processes: bool) -> tuple[Callable[[], Run], Any]:
+    if processes:
+        remote = _Remote(name, kind, args)
+        return remote, remote
+    return (_plain if kind == "plain" else _ours)(*args)
 
 
 def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
-              n_ctx: int, plain_first: bool = False) -> dict[str, Any]:
+              n_ctx: int, plain_first: bool = False, processes: bool = False) -> dict[str, Any]:
     from onellm.runtime.registry import decoder_quant
 
     from .bench import machine_info
@@ -97,16 +165,17 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
     runners: dict[str, Callable[[], Run]] = {}
     owned = []
     try:
+        plain_args = (path, ids, n_ctx, threads, new_tokens)
         if plain_first:
-            plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
+            plain_run, obj = _load("plain", "plain", plain_args, processes)
             owned.append(obj)
         for v in variants:
             extra = {"shipped": shipped, "adaptive": shipped, "on": True, "off": False}[v]
-            runners[f"ours_{v}"], obj = _ours(path, ids, extra, quant, n_ctx, None if v == "adaptive" else threads,
-                                              new_tokens)
+            ours_args = (path, ids, extra, quant, n_ctx, None if v == "adaptive" else threads, new_tokens)
+            runners[f"ours_{v}"], obj = _load(f"ours_{v}", "ours", ours_args, processes)
             owned.append(obj)
         if not plain_first:
-            plain_run, obj = _plain(path, ids, n_ctx, threads, new_tokens)
+            plain_run, obj = _load("plain", "plain", plain_args, processes)
             owned.append(obj)
         runners["plain"] = plain_run  # last in each round's order either way: only the load order changes
         load_start = list(os.getloadavg())
@@ -126,6 +195,7 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
         "load_average_end": list(os.getloadavg()), "gguf": str(path), "quant": quant, "shipped_extra_bufts": shipped,
         "rounds": rounds, "new_tokens": new_tokens, "prompt_tokens": len(ids), "threads": threads, "n_ctx": n_ctx,
         "loaded_first": "plain" if plain_first else "ours",
+        "processes": {n: r.pid for n, r in runners.items()} if processes else None,
         "runs": {k: [list(r) for r in v] for k, v in runs.items()}, "vs_plain": {}}
     plain = runs["plain"]
     for name in names[:-1]:
@@ -142,9 +212,11 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
 
 def to_markdown(result: dict[str, Any]) -> str:
     la = result["load_average_start"][0]
+    first = f"{result.get('loaded_first', 'ours')} loaded first"
+    where = f"each model in its own process, {first}" if result.get("processes") else f"one process, {first}"
     lines = [f"Decode pairs, {result['quant']} ({Path(result['gguf']).name}): {result['rounds']} ABBA rounds of "
              f"{result['prompt_tokens']} prompt tokens + {result['new_tokens']} greedy tokens, {result['threads']} "
-             f"threads, n_ctx {result['n_ctx']}, {result.get('loaded_first', 'ours')} loaded first, load average "
+             f"threads, n_ctx {result['n_ctx']}, {where}, load average "
              f"{la:.2f} -> {result['load_average_end'][0]:.2f}", "",
              "| ours | decode tok/s | plain tok/s | decode ours/plain, median (quartiles) | prefill s | plain s "
              "| prefill speed ours/plain |", "|---|---|---|---|---|---|---|"]
@@ -170,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ctx", type=int, default=1024)
     ap.add_argument("--plain-first", action="store_true",
                     help="Load plain llama-cpp-python's model before ours (default: ours first).")
+    ap.add_argument("--processes", action="store_true",
+                    help="Give every model a worker process of its own (as a user's process holds one model) "
+                         "instead of loading them all into this one.")
     ap.add_argument("--out", type=Path, default=Path("decode-pairs.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -180,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not variants:
         ap.error(f"--variants takes shipped, adaptive, on, off (got {args.variants!r})")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
-                       args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first)
+                       args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first,
+                       processes=args.processes)
     write_result(args.out, result, to_markdown(result))
     return 0
 

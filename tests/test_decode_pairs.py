@@ -93,3 +93,29 @@ def test_the_adaptive_variant_leaves_threads_to_the_governor(tiny_bundle, monkey
     # shipped: the fixed count given; adaptive: none given, so the governor picks per decode
     assert made[1] is None
     assert made[None] is not None
+
+
+def test_processes_give_every_model_a_worker_of_its_own(tiny_bundle, tmp_path):
+    import os
+
+    out_file = tmp_path / "pairs.json"
+    assert dp.main(["--bundle", str(tiny_bundle), "--quant", "f32", "--variants", "shipped", "--rounds", "2",
+                    "--new-tokens", "4", "--threads", "1", "--n-ctx", "256", "--processes",
+                    "--out", str(out_file)]) == 0
+    out = json.loads(out_file.read_text())
+    pids = out["processes"]
+    assert set(pids) == {"ours_shipped", "plain"}
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    assert all(r[2] == 4 for r in out["runs"]["ours_shipped"]) and all(r[2] == 3 for r in out["runs"]["plain"])
+    assert len(out["runs"]["plain"]) == 2 and out["vs_plain"]["ours_shipped"]["decode_ratio"]["n"] == 2
+    assert "each model in its own process" in out_file.with_suffix(".md").read_text()
+
+
+def test_a_worker_that_cannot_load_its_model_fails_the_run_by_name(tiny_bundle, tmp_path):
+    bad = tmp_path / "decoder-f32.gguf"
+    bad.write_bytes(b"not a gguf")
+    for f in tiny_bundle.iterdir():  # the bundle's other files, so only the GGUF is broken
+        if f.name != bad.name and not (tmp_path / f.name).exists():
+            (tmp_path / f.name).symlink_to(f)
+    with pytest.raises(RuntimeError, match="ours_shipped worker"):
+        dp.run_pairs(tmp_path, "f32", ["shipped"], rounds=1, new_tokens=3, threads=1, n_ctx=256, processes=True)
