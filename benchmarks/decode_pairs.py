@@ -27,7 +27,8 @@ same ABBA order, to run (stdlib multiprocessing, spawned, one pipe per worker).
 
 Run: `python -m onellm.benchmarks.decode_pairs --bundle DIR --quant q4_0 [--variants shipped]
 [--rounds 8] [--new-tokens 32] [--threads 2] [--n-ctx 1024] [--plain-first] [--processes]
-[--out decode-pairs.json]`.
+[--reloads 1] [--out decode-pairs.json]`. `--reloads N` repeats the rounds N times with every
+model loaded afresh, the load order swapped each time, and pools them: the order-balanced figure.
 At 7B a round of one variant takes about 20 s.
 """
 
@@ -148,20 +149,10 @@ def _load(name: str, kind: str, args: tuple, processes: bool) -> tuple[Callable[
     return (_plain if kind == "plain" else _ours)(*args)
 
 
-def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
-              n_ctx: int, plain_first: bool = False, processes: bool = False) -> dict[str, Any]:
-    from onellm.runtime.registry import decoder_quant
-
-    from .bench import machine_info
-    from .prefill_sweep import first_question
-
-    if rounds < 1 or new_tokens < 2:
-        raise ValueError(f"need --rounds >= 1 and --new-tokens >= 2 (got {rounds}, {new_tokens})")
-    path = bundle / f"decoder-{quant}.gguf"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the bundle has no {quant} GGUF")
-    ids, _rows, _embd = first_question(bundle)
-    shipped = decoder_quant(quant).use_extra_bufts()
+def _cycle(path: Path, ids: list[int], quant: str, variants: Sequence[str], shipped: bool, rounds: int,
+           new_tokens: int, threads: int, n_ctx: int, plain_first: bool,
+           processes: bool) -> tuple[dict[str, list[Run]], dict[str, int] | None]:
+    """Load every model (in the given order), warm each up, run the ABBA rounds, close them."""
     runners: dict[str, Callable[[], Run]] = {}
     owned = []
     try:
@@ -178,7 +169,6 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
             plain_run, obj = _load("plain", "plain", plain_args, processes)
             owned.append(obj)
         runners["plain"] = plain_run  # last in each round's order either way: only the load order changes
-        load_start = list(os.getloadavg())
         names = list(runners)
         for name in names:  # warm-up: page in the weights, build the graphs
             runners[name]()
@@ -190,12 +180,43 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
         for obj in owned:
             if hasattr(obj, "close"):
                 obj.close()
+    return runs, ({n: r.pid for n, r in runners.items()} if processes else None)
+
+
+def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, new_tokens: int, threads: int,
+              n_ctx: int, plain_first: bool = False, processes: bool = False, reloads: int = 1) -> dict[str, Any]:
+    """`reloads` > 1 repeats the whole measurement with every model loaded afresh, the load order
+    swapped each time (`plain_first` says who loads first in the first cycle), and pools the rounds."""
+    from onellm.runtime.registry import decoder_quant
+
+    from .bench import machine_info
+    from .prefill_sweep import first_question
+
+    if rounds < 1 or new_tokens < 2 or reloads < 1:
+        raise ValueError(f"need --rounds >= 1, --new-tokens >= 2 and --reloads >= 1 "
+                         f"(got {rounds}, {new_tokens}, {reloads})")
+    path = bundle / f"decoder-{quant}.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the bundle has no {quant} GGUF")
+    ids, _rows, _embd = first_question(bundle)
+    shipped = decoder_quant(quant).use_extra_bufts()
+    load_start = list(os.getloadavg())
+    runs: dict[str, list[Run]] = {}
+    cycles = []
+    for c in range(reloads):
+        first_plain = plain_first != (c % 2 == 1)
+        got, pids = _cycle(path, ids, quant, variants, shipped, rounds, new_tokens, threads, n_ctx, first_plain,
+                           processes)
+        for name, rs in got.items():
+            runs.setdefault(name, []).extend(rs)
+        cycles.append({"loaded_first": "plain" if first_plain else "ours", "rounds": rounds, "processes": pids})
+    names = list(runs)
     out: dict[str, Any] = {
         "schema": SCHEMA, "version": VERSION, "machine": machine_info(), "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()), "gguf": str(path), "quant": quant, "shipped_extra_bufts": shipped,
-        "rounds": rounds, "new_tokens": new_tokens, "prompt_tokens": len(ids), "threads": threads, "n_ctx": n_ctx,
-        "loaded_first": "plain" if plain_first else "ours",
-        "processes": {n: r.pid for n, r in runners.items()} if processes else None,
+        "rounds": rounds * reloads, "new_tokens": new_tokens, "prompt_tokens": len(ids), "threads": threads,
+        "n_ctx": n_ctx, "loaded_first": cycles[0]["loaded_first"] if reloads == 1 else "alternating",
+        "processes": cycles[0]["processes"], "cycles": cycles,
         "runs": {k: [list(r) for r in v] for k, v in runs.items()}, "vs_plain": {}}
     plain = runs["plain"]
     for name in names[:-1]:
@@ -212,7 +233,9 @@ def run_pairs(bundle: Path, quant: str, variants: Sequence[str], rounds: int, ne
 
 def to_markdown(result: dict[str, Any]) -> str:
     la = result["load_average_start"][0]
-    first = f"{result.get('loaded_first', 'ours')} loaded first"
+    first = result.get("loaded_first", "ours")
+    first = (f"load order swapped over {len(result['cycles'])} reloads" if first == "alternating"
+             else f"{first} loaded first")
     where = f"each model in its own process, {first}" if result.get("processes") else f"one process, {first}"
     lines = [f"Decode pairs, {result['quant']} ({Path(result['gguf']).name}): {result['rounds']} ABBA rounds of "
              f"{result['prompt_tokens']} prompt tokens + {result['new_tokens']} greedy tokens, {result['threads']} "
@@ -242,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ctx", type=int, default=1024)
     ap.add_argument("--plain-first", action="store_true",
                     help="Load plain llama-cpp-python's model before ours (default: ours first).")
+    ap.add_argument("--reloads", type=int, default=1,
+                    help="Repeat the rounds with every model loaded afresh this many times, swapping which loads "
+                         "first each time, and pool them (load order balanced; with --processes: new processes).")
     ap.add_argument("--processes", action="store_true",
                     help="Give every model a worker process of its own (as a user's process holds one model) "
                          "instead of loading them all into this one.")
@@ -256,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants takes shipped, adaptive, on, off (got {args.variants!r})")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
                        args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first,
-                       processes=args.processes)
+                       processes=args.processes, reloads=args.reloads)
     write_result(args.out, result, to_markdown(result))
     return 0
 

@@ -119,3 +119,31 @@ def test_a_worker_that_cannot_load_its_model_fails_the_run_by_name(tiny_bundle, 
             (tmp_path / f.name).symlink_to(f)
     with pytest.raises(RuntimeError, match="ours_shipped worker"):
         dp.run_pairs(tmp_path, "f32", ["shipped"], rounds=1, new_tokens=3, threads=1, n_ctx=256, processes=True)
+
+
+def test_reloads_swap_the_load_order_and_pool_the_rounds(tiny_bundle, monkeypatch):
+    loads, calls = [], []
+    rates = {"ours": iter([4.0, 2.0, 2.0, 4.0, 4.0, 2.0]), "plain": iter([4.0, 4.0, 4.0, 4.0, 4.0, 4.0])}
+
+    def loader(name):
+        def load(*a, **k):
+            loads.append(name)
+
+            def run():
+                calls.append(name)
+                return (1.0, 4.0 / next(rates[name]), 4)  # decode s for that rate of 4 decodes
+            return run, None
+        return load
+
+    monkeypatch.setattr(dp, "_ours", loader("ours"))
+    monkeypatch.setattr(dp, "_plain", loader("plain"))
+    out = dp.run_pairs(tiny_bundle, "f32", ["shipped"], rounds=2, new_tokens=4, threads=1, n_ctx=256, reloads=2)
+    # cycle 1: ours loaded first; cycle 2: plain first; each cycle warms both up, then ABBA
+    assert loads == ["ours", "plain", "plain", "ours"]
+    assert calls == ["ours", "plain", "ours", "plain", "plain", "ours"] * 2
+    assert [c["loaded_first"] for c in out["cycles"]] == ["ours", "plain"]
+    assert out["loaded_first"] == "alternating" and out["rounds"] == 4 and len(out["runs"]["plain"]) == 4
+    # timed ours rates (warm-ups dropped): 2, 2 | 4, 2 against plain's 4s -> ratios 0.5, 0.5, 1.0, 0.5
+    d = out["vs_plain"]["ours_shipped"]["decode_ratio"]
+    assert d["n"] == 4 and d["median"] == pytest.approx(0.5) and d["max"] == pytest.approx(1.0)
+    assert "load order swapped over 2 reloads" in dp.to_markdown(out)
