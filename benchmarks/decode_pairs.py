@@ -87,7 +87,7 @@ def _plain(path: Path, ids: list[int], n_ctx: int, threads: int, new_tokens: int
 def _worker(conn: Any, kind: str, args: tuple) -> None:
     """A worker process holding one model: answers "run" with (True, Run) and "stop" by closing it."""
     try:
-        run, obj = (_plain if kind == "plain" else _ours)(*args)
+        run, obj = _load(kind, kind, args, processes=False)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send((False, f"{type(e).__name__}: {e}"))
         return
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [v for v in variants if v not in ("shipped", "adaptive", "on", "off")]
     if bad or not variants:
         ap.error(f"--variants takes shipped, adaptive, on, off (got {args.variants!r})")
+    if args.rounds < 1 or args.new_tokens < 2 or args.reloads < 1:
+        ap.error("need --rounds >= 1, --new-tokens >= 2 and --reloads >= 1")
     result = run_pairs(args.bundle, args.quant, variants, args.rounds, args.new_tokens,
                        args.threads or physical_cores(), args.n_ctx, plain_first=args.plain_first,
                        processes=args.processes, reloads=args.reloads)
